@@ -1,0 +1,23 @@
+# `make test` and `make train` create .venv and install what is missing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DATA   ?= ../shared/data/ham10000_200x150
+ARGS   ?=
+
+.PHONY: test train clean-venv
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+train: $(VENV)/.installed
+	$(PY) -m skincancer train --data $(DATA) $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)
