@@ -1,0 +1,332 @@
+"""HAM10000 metadata, labels, lesion-grouped splits and the fastai DataBlock."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from .errors import SkinCancerError, first_few
+
+Task = Literal["binary", "dx"]
+TASKS: tuple[str, ...] = ("binary", "dx")
+SPLITS: tuple[str, ...] = ("train", "valid", "test")
+
+DX_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+MALIGNANT_DX: frozenset[str] = frozenset({"mel", "bcc", "akiec"})
+BINARY_CLASSES: tuple[str, ...] = ("benign", "malignant")
+DX_NAMES: dict[str, str] = {
+    "akiec": "actinic keratosis / intraepithelial carcinoma",
+    "bcc": "basal cell carcinoma",
+    "bkl": "benign keratosis-like lesion",
+    "df": "dermatofibroma",
+    "mel": "melanoma",
+    "nv": "melanocytic nevus",
+    "vasc": "vascular lesion",
+}
+
+METADATA_CSV = "HAM10000_metadata.csv"
+ISIC_GROUND_TRUTH_CSV = "ISIC2018_Task3_Training_GroundTruth.csv"
+ISIC_GROUPINGS_CSV = "ISIC2018_Task3_Training_LesionGroupings.csv"
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+REQUIRED_COLUMNS = ("image_id", "lesion_id", "dx")
+
+
+# --- files -----------------------------------------------------------------------------------
+
+def index_files(root: str | Path) -> tuple[dict[str, Path], dict[str, Path]]:
+    """Walk `root` once and return ({image stem: path}, {csv name: path}); the first path in sorted order wins."""
+    root = Path(root)
+    if not root.is_dir():
+        raise SkinCancerError(f"{root}: data folder does not exist or is not a folder")
+    images: dict[str, Path] = {}
+    csvs: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()  # deterministic: Kaggle's copy ships each image twice (HAM10000_images_part_1 and ham10000_...)
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            suffix = path.suffix.lower()
+            if suffix in IMAGE_SUFFIXES:
+                images.setdefault(path.stem, path)
+            elif suffix == ".csv":
+                csvs.setdefault(name, path)
+    return images, csvs
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise SkinCancerError(f"{path}: not a readable CSV ({e})") from None
+
+
+def _require_columns(df: pd.DataFrame, columns, source: Path) -> None:
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise SkinCancerError(
+            f"{source}: missing column(s) {', '.join(map(repr, missing))}; found {', '.join(map(repr, df.columns))}")
+
+
+def read_isic_ground_truth(ground_truth: Path, groupings: Path) -> pd.DataFrame:
+    """Turn the ISIC 2018 Task 3 one-hot ground truth plus lesion groupings into HAM10000 metadata columns."""
+    gt = _read_csv(ground_truth)
+    onehot = [c.upper() for c in DX_CLASSES]
+    _require_columns(gt, ["image", *onehot], ground_truth)
+    values = gt[onehot].apply(pd.to_numeric, errors="coerce")
+    bad = gt.loc[values.isna().any(axis=1) | (values.sum(axis=1) != 1), "image"]
+    if len(bad):
+        raise SkinCancerError(f"{ground_truth}: {len(bad)} row(s) are not one-hot over {', '.join(onehot)}: "
+                              f"{first_few(bad)}")
+    gt = pd.DataFrame({"image_id": gt["image"], "dx": values.idxmax(axis=1).str.lower()})
+    groups = _read_csv(groupings)
+    _require_columns(groups, ["image", "lesion_id"], groupings)
+    groups = groups.rename(columns={"image": "image_id"})[["image_id", "lesion_id"]]
+    df = gt.merge(groups, on="image_id", how="left")
+    ungrouped = df.loc[df["lesion_id"].isna(), "image_id"]
+    if len(ungrouped):
+        raise SkinCancerError(f"{groupings}: {len(ungrouped)} image(s) of {ground_truth.name} have no lesion_id: "
+                              f"{first_few(ungrouped)}")
+    return df[["lesion_id", "image_id", "dx"]]
+
+
+def validate_metadata(df: pd.DataFrame, source: str | Path) -> pd.DataFrame:
+    """Check columns, empty fields, diagnoses and duplicate ids; return a cleaned copy or raise SkinCancerError."""
+    _require_columns(df, REQUIRED_COLUMNS, Path(source))
+    df = df.copy()
+    for col in REQUIRED_COLUMNS:
+        df[col] = df[col].astype(str).str.strip()
+    df["dx"] = df["dx"].str.lower()
+    for col in REQUIRED_COLUMNS:
+        empty = df.index[df[col].isin(["", "nan", "None"])]
+        if len(empty):
+            raise SkinCancerError(f"{source}: {len(empty)} row(s) have an empty {col!r}: "
+                                  f"rows {first_few(i + 2 for i in empty)}")  # +2: header line, 1-based
+    unknown = df.loc[~df["dx"].isin(DX_CLASSES)]
+    if len(unknown):
+        offenders = (f"{r.image_id}: {r.dx!r}" for r in unknown.itertuples())
+        raise SkinCancerError(f"{source}: {len(unknown)} row(s) have an unknown dx (expected one of "
+                              f"{', '.join(DX_CLASSES)}): {first_few(offenders)}")
+    dup = df.loc[df["image_id"].duplicated(keep=False), "image_id"].unique()
+    if len(dup):
+        raise SkinCancerError(f"{source}: {len(dup)} image_id(s) appear more than once: {first_few(dup)}")
+    return df.reset_index(drop=True)
+
+
+def attach_paths(df: pd.DataFrame, images: dict[str, Path], root: Path, drop_missing: bool = False) -> pd.DataFrame:
+    """Add a `path` column from the file index; missing images raise, or are dropped with a warning."""
+    df = df.copy()
+    df["path"] = df["image_id"].map(images)
+    missing = df.loc[df["path"].isna(), "image_id"]
+    if len(missing):
+        msg = f"{root}: {len(missing)} of {len(df)} image(s) listed in the metadata are missing: {first_few(missing)}"
+        if not drop_missing:
+            raise SkinCancerError(msg + " (pass drop_missing=True / --drop-missing to train without them)")
+        warnings.warn(msg + "; dropped", stacklevel=2)
+        df = df.loc[df["path"].notna()].reset_index(drop=True)
+        if df.empty:
+            raise SkinCancerError(f"{root}: no image listed in the metadata was found")
+    df["path"] = df["path"].map(str)
+    return df
+
+
+def read_metadata(root: str | Path, drop_missing: bool = False) -> pd.DataFrame:
+    """Load a HAM10000 folder into one row per image: lesion_id, image_id, dx, path (plus any other metadata)."""
+    root = Path(root)
+    images, csvs = index_files(root)
+    if METADATA_CSV in csvs:
+        source = csvs[METADATA_CSV]
+        df = _read_csv(source)
+    elif ISIC_GROUND_TRUTH_CSV in csvs and ISIC_GROUPINGS_CSV in csvs:
+        source = csvs[ISIC_GROUND_TRUTH_CSV]
+        df = read_isic_ground_truth(source, csvs[ISIC_GROUPINGS_CSV])
+    else:
+        raise SkinCancerError(
+            f"{root}: found neither {METADATA_CSV} nor the pair {ISIC_GROUND_TRUTH_CSV} + {ISIC_GROUPINGS_CSV} "
+            "anywhere below this folder; see data/README.md for how to get HAM10000")
+    df = validate_metadata(df, source)
+    return attach_paths(df, images, root, drop_missing=drop_missing)
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+def check_task(task: str) -> str:
+    """Return `task` if it is a known task, else raise SkinCancerError."""
+    if task not in TASKS:
+        raise SkinCancerError(f"task: {task!r} is not one of {', '.join(TASKS)}")
+    return task
+
+
+def classes_for(task: str) -> tuple[str, ...]:
+    """The fixed, ordered vocabulary of a task (malignant is last for `binary`)."""
+    return BINARY_CLASSES if check_task(task) == "binary" else DX_CLASSES
+
+
+def label_of(dx: str, task: str) -> str:
+    """The label of one diagnosis under `task`."""
+    if check_task(task) == "dx":
+        return dx
+    return "malignant" if dx in MALIGNANT_DX else "benign"
+
+
+def add_labels(df: pd.DataFrame, task: str) -> pd.DataFrame:
+    """Return a copy of `df` with a `label` column for `task`."""
+    check_task(task)
+    return df.assign(label=[label_of(dx, task) for dx in df["dx"]])
+
+
+def malignant_probability(probs: np.ndarray, classes) -> np.ndarray:
+    """Probability of malignancy from class probabilities: the malignant class, or the sum of mel, bcc and akiec."""
+    classes = list(classes)
+    cols = [classes.index(c) for c in ("malignant", *sorted(MALIGNANT_DX)) if c in classes]
+    if not cols:
+        raise SkinCancerError(f"classes {classes} name neither 'malignant' nor any of {sorted(MALIGNANT_DX)}")
+    return np.asarray(probs)[..., cols].sum(axis=-1)
+
+
+# --- splits ----------------------------------------------------------------------------------
+
+def lesion_labels(df: pd.DataFrame) -> pd.Series:
+    """Each lesion's label: the most common label among its images (ties broken alphabetically)."""
+    counts = df.groupby(["lesion_id", "label"]).size().rename("n").reset_index()
+    counts = counts.sort_values(["lesion_id", "n", "label"], ascending=[True, False, True])
+    return counts.drop_duplicates("lesion_id").set_index("lesion_id")["label"]
+
+
+def split_by_lesion(df: pd.DataFrame, valid_pct: float = 0.15, test_pct: float = 0.15,
+                    seed: int = 42) -> pd.Series:
+    """Assign each image to train/valid/test, grouped by lesion and stratified by lesion label; deterministic."""
+    if not (0 < valid_pct < 1 and 0 <= test_pct < 1 and valid_pct + test_pct < 1):
+        raise SkinCancerError(f"valid_pct={valid_pct}, test_pct={test_pct}: need 0 < valid, 0 <= test, sum < 1")
+    rng = np.random.default_rng(seed)
+    lesion_split: dict[str, str] = {}
+    by_label = lesion_labels(df)
+    wanted = ("train", "valid", "test") if test_pct > 0 else ("train", "valid")
+    for label in sorted(by_label.unique()):
+        lesions = np.array(sorted(by_label.index[by_label == label]))
+        if len(lesions) < len(wanted):
+            raise SkinCancerError(f"label {label!r} has {len(lesions)} lesion(s); each of {', '.join(wanted)} "
+                                  "needs at least one (use more data or a larger --limit)")
+        lesions = lesions[rng.permutation(len(lesions))]
+        n_test = max(round(len(lesions) * test_pct), 1) if test_pct > 0 else 0
+        n_valid = max(round(len(lesions) * valid_pct), 1)
+        n_valid = min(n_valid, len(lesions) - n_test - 1)  # keep one lesion for training
+        for i, lesion in enumerate(lesions):
+            lesion_split[lesion] = "test" if i < n_test else "valid" if i < n_test + n_valid else "train"
+    return df["lesion_id"].map(lesion_split).rename("split")
+
+
+def sample_by_label(df: pd.DataFrame, n: int, seed: int = 42, min_lesions: int = 3) -> pd.DataFrame:
+    """About `n` images, in whole lesions, with each label in proportion and at least `min_lesions` lesions of it."""
+    if n <= 0:
+        raise SkinCancerError(f"limit: {n} must be a positive number of images")
+    if n >= len(df):
+        return df
+    rng = np.random.default_rng(seed)
+    per_lesion = df.groupby("lesion_id").size()
+    by_label = lesion_labels(df)
+    keep: list[str] = []
+    for label in sorted(by_label.unique()):
+        lesions = np.array(sorted(by_label.index[by_label == label]))
+        lesions = lesions[rng.permutation(len(lesions))]
+        quota = n * (df["label"] == label).mean()
+        taken = np.cumsum(per_lesion[lesions].to_numpy())
+        k = max(int(np.searchsorted(taken, quota)) + 1, min_lesions)
+        keep.extend(lesions[:k])
+    return df[df["lesion_id"].isin(set(keep))].reset_index(drop=True)
+
+
+def prepare(root: str | Path, task: str = "binary", valid_pct: float = 0.15, test_pct: float = 0.15,
+            seed: int = 42, limit: int | None = None, drop_missing: bool = False) -> pd.DataFrame:
+    """Metadata with `label` and `split` columns: read, label, optionally sample, split by lesion."""
+    df = add_labels(read_metadata(root, drop_missing=drop_missing), task)
+    if limit:
+        df = sample_by_label(df, limit, seed=seed)
+    return df.assign(split=split_by_lesion(df, valid_pct, test_pct, seed=seed))
+
+
+def split_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Images per split and label, for the printout and the model card."""
+    return df.groupby(["split", "label"]).size().unstack(fill_value=0).reindex(SPLITS).fillna(0).astype(int)
+
+
+def check_no_lesion_leak(df: pd.DataFrame) -> None:
+    """Raise SkinCancerError if any lesion appears in more than one split."""
+    n_splits = df.groupby("lesion_id")["split"].nunique()
+    leaked = n_splits.index[n_splits > 1]
+    if len(leaked):
+        raise SkinCancerError(f"{len(leaked)} lesion(s) appear in more than one split: {first_few(leaked)}")
+
+
+# --- fastai ----------------------------------------------------------------------------------
+
+def default_presize(size: int) -> int:
+    """Item-transform size for presizing: room for rotation and zoom before the final GPU crop."""
+    return int(round(size * 1.5))
+
+
+def augmentations(size: int, min_scale: float = 0.75):
+    """Batch (GPU) transforms for dermoscopy: any rotation, both flips, zoom, lighting, ImageNet normalisation."""
+    from fastai.vision.all import Normalize, aug_transforms, imagenet_stats
+
+    # A lesion has no up or down: flip both axes and rotate freely (reflection padding fills corners).
+    return [*aug_transforms(size=size, min_scale=min_scale, flip_vert=True, max_rotate=180.0, max_zoom=1.1,
+                            max_lighting=0.2, max_warp=0.1, p_affine=0.9),
+            Normalize.from_stats(*imagenet_stats)]
+
+
+def make_datablock(task: str = "binary", size: int = 224, presize: int | None = None):
+    """DataBlock over a metadata frame with `path`, `label` and `is_valid` columns, using fastai presizing."""
+    from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Resize,
+                                   ResizeMethod)
+
+    # Squish, not crop: a square crop of a 4:3 photo can cut off the lesion border, which carries signal.
+    return DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=list(classes_for(task)))),
+                     get_x=ColReader("path"), get_y=ColReader("label"), splitter=ColSplitter("is_valid"),
+                     item_tfms=Resize(presize or default_presize(size), method=ResizeMethod.Squish),
+                     batch_tfms=augmentations(size))
+
+
+def class_weights(labels, classes) -> "np.ndarray":
+    """Inverse-frequency class weights normalised to mean 1 (classes absent from `labels` get weight 1)."""
+    counts = pd.Series(list(labels)).value_counts().reindex(list(classes)).fillna(0).to_numpy(float)
+    w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(classes), 1.0)
+    return w / w.mean()
+
+
+def make_dataloaders(df: pd.DataFrame, task: str = "binary", size: int = 224, bs: int = 64,
+                     presize: int | None = None, sampler: bool = False, num_workers: int | None = None,
+                     path: str | Path = ".", device=None, seed: int | None = None):
+    """DataLoaders on the train and valid splits of `df`; with `sampler`, training batches are class-balanced."""
+    missing = [c for c in ("path", "label", "split") if c not in df.columns]
+    if missing:
+        raise SkinCancerError(f"metadata frame: missing column(s) {missing}; build it with skincancer.data.prepare")
+    items = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
+    items = items.assign(is_valid=items["split"] == "valid")
+    dblock = make_datablock(task, size, presize)
+    kwargs = dict(bs=bs, path=path, device=device)
+    if num_workers is not None:
+        kwargs["num_workers"] = num_workers
+    if seed is not None:
+        kwargs["seed"] = seed
+    if not sampler:
+        return dblock.dataloaders(items, **kwargs)
+    from fastai.callback.data import weighted_dataloaders  # noqa: F401  (patches DataBlock.weighted_dataloaders)
+
+    classes = classes_for(task)
+    w = class_weights(items.loc[~items["is_valid"], "label"], classes)
+    # one weight per item, valid included: fastai picks the training items' weights by the split indices
+    per_item = w[[classes.index(lbl) for lbl in items["label"]]]
+    return dblock.weighted_dataloaders(items, wgts=per_item, **kwargs)
+
+
+def test_dataloader(dls, df: pd.DataFrame, split: str = "test", bs: int | None = None):
+    """A labelled DataLoader over one split of `df`, with the validation transforms."""
+    rows = df[df["split"] == split].reset_index(drop=True)
+    if rows.empty:
+        raise SkinCancerError(f"split {split!r} is empty")
+    return dls.test_dl(rows, with_labels=True, bs=bs or dls.bs)

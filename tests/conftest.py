@@ -1,0 +1,74 @@
+"""Shared fixtures: the read-only HAM10000 copies in ../shared/data and small folders built from them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SKINCANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        msg = f"{path} is missing (set SKINCANCER_SHARED_DATA to the folder holding ham10000_200x150)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)  # CI always has the shared data: its absence is a broken setup, not a skip
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ham_dir() -> Path:
+    """The complete HAM10000 set at 200x150."""
+    return _need(SHARED / "ham10000_200x150")
+
+
+@pytest.fixture(scope="session")
+def originals_dir() -> Path:
+    """14 full-size 600x450 originals."""
+    return _need(SHARED / "ham10000_originals")
+
+
+@pytest.fixture(scope="session")
+def original_images(originals_dir) -> list[Path]:
+    """Paths of the full-size originals."""
+    return sorted((originals_dir / "images").glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def ham_metadata(ham_dir) -> pd.DataFrame:
+    """The raw metadata CSV of the shared set."""
+    return pd.read_csv(ham_dir / "HAM10000_metadata.csv", dtype=str)
+
+
+@pytest.fixture
+def small_rows(ham_metadata) -> pd.DataFrame:
+    """A few whole lesions of every diagnosis (about 40 images), for folders built in a test."""
+    lesions = ham_metadata.groupby("dx")["lesion_id"].apply(lambda s: sorted(s.unique())[:4]).explode()
+    return ham_metadata[ham_metadata["lesion_id"].isin(set(lesions))].reset_index(drop=True)
+
+
+def copy_images(rows: pd.DataFrame, src: Path, dest: Path) -> None:
+    """Copy the images of `rows` from the shared set into `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for image_id in rows["image_id"]:
+        shutil.copy(src / "images" / f"{image_id}.jpg", dest / f"{image_id}.jpg")
+
+
+@pytest.fixture
+def make_ham(tmp_path, ham_dir, small_rows):
+    """Build a HAM10000-style folder (flat images/ and HAM10000_metadata.csv) and return its path."""
+
+    def make(rows: pd.DataFrame | None = None, metadata: pd.DataFrame | None = None) -> Path:
+        rows = small_rows if rows is None else rows
+        root = tmp_path / "ham"
+        copy_images(rows, ham_dir, root / "images")
+        (rows if metadata is None else metadata).to_csv(root / "HAM10000_metadata.csv", index=False)
+        return root
+
+    return make

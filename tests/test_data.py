@@ -1,0 +1,225 @@
+"""Metadata loading and validation, labels, lesion-grouped splits, the DataBlock."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import copy_images
+from skincancer import SkinCancerError
+from skincancer.data import (BINARY_CLASSES, DX_CLASSES, MALIGNANT_DX, add_labels, check_no_lesion_leak,
+                             class_weights, classes_for, label_of, make_dataloaders, malignant_probability,
+                             prepare, read_metadata, sample_by_label, split_by_lesion)
+
+
+# --- reading the folder layouts ----------------------------------------------------------------
+
+def test_reads_the_complete_shared_set(ham_dir):
+    df = read_metadata(ham_dir)
+    assert len(df) == 10015 and df["lesion_id"].nunique() == 7470
+    assert df["dx"].value_counts().to_dict() == {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514,
+                                                 "akiec": 327, "vasc": 142, "df": 115}
+    assert all(p.endswith(f"{i}.jpg") for p, i in zip(df["path"], df["image_id"]))
+    assert {"age", "sex", "localization"} <= set(df.columns)  # the rest of the metadata is kept
+
+
+def test_kaggle_layout_with_images_in_two_parts_and_a_duplicate_copy(tmp_path, ham_dir, small_rows):
+    root = tmp_path / "kaggle"
+    half = len(small_rows) // 2
+    copy_images(small_rows[:half], ham_dir, root / "HAM10000_images_part_1")
+    copy_images(small_rows[half:], ham_dir, root / "HAM10000_images_part_2")
+    copy_images(small_rows, ham_dir, root / "ham10000_images_part_1")  # Kaggle ships a second copy
+    small_rows.to_csv(root / "HAM10000_metadata.csv", index=False)
+    df = read_metadata(root)
+    assert len(df) == len(small_rows)
+    assert all("HAM10000_images_part_" in p for p in df["path"])  # the first copy in sorted order
+
+
+def test_isic_2018_layout_from_one_hot_ground_truth_and_groupings(tmp_path, ham_dir, small_rows):
+    root = tmp_path / "isic"
+    copy_images(small_rows, ham_dir, root / "ISIC2018_Task3_Training_Input")
+    gt = pd.DataFrame({"image": small_rows["image_id"]})
+    for dx in DX_CLASSES:
+        gt[dx.upper()] = (small_rows["dx"] == dx).astype(float)
+    gt.to_csv(root / "ISIC2018_Task3_Training_GroundTruth.csv", index=False)
+    small_rows.rename(columns={"image_id": "image"})[["image", "lesion_id"]].assign(
+        diagnosis_confirm_type="histopathology").to_csv(root / "ISIC2018_Task3_Training_LesionGroupings.csv",
+                                                        index=False)
+    df = read_metadata(root).set_index("image_id")
+    expected = small_rows.set_index("image_id")
+    assert (df.loc[expected.index, "dx"] == expected["dx"]).all()
+    assert (df.loc[expected.index, "lesion_id"] == expected["lesion_id"]).all()
+
+
+def test_isic_ground_truth_that_is_not_one_hot_is_named(tmp_path, ham_dir, small_rows):
+    root = tmp_path / "isic"
+    copy_images(small_rows, ham_dir, root / "images")
+    gt = pd.DataFrame({"image": small_rows["image_id"], **{dx.upper(): 0.0 for dx in DX_CLASSES}})
+    gt.loc[0, "MEL"] = 1.0  # only the first row is valid
+    gt.to_csv(root / "ISIC2018_Task3_Training_GroundTruth.csv", index=False)
+    small_rows.rename(columns={"image_id": "image"}).to_csv(root / "ISIC2018_Task3_Training_LesionGroupings.csv")
+    with pytest.raises(SkinCancerError, match=rf"{len(gt) - 1} row\(s\) are not one-hot.*{gt.loc[1, 'image']}"):
+        read_metadata(root)
+
+
+# --- validation at the boundary ---------------------------------------------------------------
+
+def test_missing_column_names_the_file_and_the_column(make_ham, small_rows):
+    root = make_ham(metadata=small_rows.drop(columns=["lesion_id"]))
+    with pytest.raises(SkinCancerError, match=r"HAM10000_metadata\.csv: missing column\(s\) 'lesion_id'"):
+        read_metadata(root)
+
+
+def test_unknown_dx_gives_the_count_and_first_offenders(make_ham, small_rows):
+    bad = small_rows.copy()
+    bad.loc[[0, 3, 5], "dx"] = ["melanoma", "nevus", "???"]
+    with pytest.raises(SkinCancerError, match=r"3 row\(s\) have an unknown dx") as e:
+        read_metadata(make_ham(metadata=bad))
+    assert f"{bad.loc[0, 'image_id']}: 'melanoma'" in str(e.value)
+
+
+def test_duplicate_image_ids_are_refused(make_ham, small_rows):
+    bad = pd.concat([small_rows, small_rows.iloc[[2, 7]]], ignore_index=True)
+    with pytest.raises(SkinCancerError, match=r"2 image_id\(s\) appear more than once") as e:
+        read_metadata(make_ham(metadata=bad))
+    assert small_rows.loc[2, "image_id"] in str(e.value)
+
+
+def test_empty_lesion_id_is_refused_with_its_row(make_ham, small_rows):
+    bad = small_rows.copy()
+    bad.loc[4, "lesion_id"] = ""
+    with pytest.raises(SkinCancerError, match=r"1 row\(s\) have an empty 'lesion_id': rows 6"):
+        read_metadata(make_ham(metadata=bad))
+
+
+def test_missing_images_are_an_error_unless_dropped_with_a_warning(make_ham, small_rows):
+    root = make_ham()
+    gone = small_rows["image_id"].iloc[:7].tolist()
+    for image_id in gone:
+        (root / "images" / f"{image_id}.jpg").unlink()
+    with pytest.raises(SkinCancerError, match=rf"7 of {len(small_rows)} image\(s\).*missing: {gone[0]}") as e:
+        read_metadata(root)
+    assert "(2 more)" in str(e.value) and "--drop-missing" in str(e.value)
+    with pytest.warns(UserWarning, match="7 of"):
+        df = read_metadata(root, drop_missing=True)
+    assert len(df) == len(small_rows) - 7 and not set(gone) & set(df["image_id"])
+
+
+def test_a_folder_without_metadata_or_that_does_not_exist(tmp_path):
+    with pytest.raises(SkinCancerError, match="does not exist"):
+        read_metadata(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SkinCancerError, match="found neither HAM10000_metadata.csv"):
+        read_metadata(tmp_path / "empty")
+
+
+# --- labels ------------------------------------------------------------------------------------
+
+def test_malignant_is_mel_bcc_akiec_and_every_other_dx_is_benign():
+    assert {dx for dx in DX_CLASSES if label_of(dx, "binary") == "malignant"} == {"mel", "bcc", "akiec"}
+    assert [label_of(dx, "dx") for dx in DX_CLASSES] == list(DX_CLASSES)
+    assert classes_for("binary") == BINARY_CLASSES == ("benign", "malignant")  # malignant is the positive, last
+    with pytest.raises(SkinCancerError, match="task"):
+        classes_for("melanoma")
+
+
+def test_malignant_probability_sums_the_malignant_diagnoses():
+    probs = np.random.default_rng(0).dirichlet(np.ones(7), size=5)
+    expected = probs[:, [DX_CLASSES.index(d) for d in MALIGNANT_DX]].sum(axis=1)
+    np.testing.assert_allclose(malignant_probability(probs, DX_CLASSES), expected)
+    np.testing.assert_allclose(malignant_probability(probs[:, :2], BINARY_CLASSES), probs[:, 1])
+
+
+def test_class_weights_are_inverse_frequency():
+    w = class_weights(["benign"] * 80 + ["malignant"] * 20, BINARY_CLASSES)
+    assert w[1] / w[0] == pytest.approx(4.0) and w.mean() == pytest.approx(1.0)
+
+
+# --- splits ------------------------------------------------------------------------------------
+
+lesion_sets = st.lists(st.tuples(st.integers(1, 5), st.sampled_from(DX_CLASSES)), min_size=21, max_size=150)
+
+
+def _frame(lesions) -> pd.DataFrame:
+    rows = [(f"L{i}", f"I{i}_{j}", dx) for i, (n, dx) in enumerate(lesions) for j in range(n)]
+    return pd.DataFrame(rows, columns=["lesion_id", "image_id", "dx"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(lesions=lesion_sets, seed=st.integers(0, 2**16), task=st.sampled_from(["binary", "dx"]))
+def test_no_lesion_crosses_splits_and_every_split_has_every_label(lesions, seed, task):
+    df = add_labels(_frame(lesions), task)
+    per_label = df.drop_duplicates("lesion_id")["label"].value_counts()
+    if (per_label < 3).any():
+        with pytest.raises(SkinCancerError, match="needs at least one"):
+            split_by_lesion(df, seed=seed)
+        return
+    split = split_by_lesion(df, seed=seed)
+    df = df.assign(split=split)
+    assert split.notna().all()
+    assert (df.groupby("lesion_id")["split"].nunique() == 1).all()
+    check_no_lesion_leak(df)
+    for name in ("train", "valid", "test"):
+        assert set(df.loc[df["split"] == name, "label"]) == set(df["label"])
+    assert split.equals(split_by_lesion(df, seed=seed))  # deterministic for a seed
+
+
+def test_leak_check_catches_a_lesion_in_two_splits():
+    df = pd.DataFrame({"lesion_id": ["a", "a", "b"], "split": ["train", "test", "valid"]})
+    with pytest.raises(SkinCancerError, match=r"1 lesion\(s\) appear in more than one split: a"):
+        check_no_lesion_leak(df)
+
+
+@pytest.mark.parametrize("task", ["binary", "dx"])
+def test_split_of_the_full_set_is_70_15_15_by_lesion_and_stratified(ham_dir, task):
+    df = prepare(ham_dir, task=task, seed=7)
+    check_no_lesion_leak(df)
+    lesion_share = df.drop_duplicates("lesion_id")["split"].value_counts(normalize=True)
+    assert lesion_share["train"] == pytest.approx(0.70, abs=0.01)
+    assert lesion_share["valid"] == pytest.approx(0.15, abs=0.01)
+    assert lesion_share["test"] == pytest.approx(0.15, abs=0.01)
+    for name in ("train", "valid", "test"):
+        part = df[df["split"] == name]
+        assert set(part["label"]) == set(classes_for(task))
+        # stratified: each label's share of lesions in this split is near its share overall
+        overall = df.drop_duplicates("lesion_id")["label"].value_counts(normalize=True)
+        here = part.drop_duplicates("lesion_id")["label"].value_counts(normalize=True)
+        assert (here - overall).abs().max() < 0.02
+    other = prepare(ham_dir, task=task, seed=8)
+    assert not other["split"].equals(df["split"])  # the seed matters
+
+
+def test_limit_samples_whole_lesions_in_label_proportion(ham_dir):
+    df = add_labels(read_metadata(ham_dir), "dx")
+    small = sample_by_label(df, 300, seed=1)
+    assert 280 <= len(small) <= 360
+    full_lesions = df.groupby("lesion_id").size()
+    taken = small.groupby("lesion_id").size()
+    assert taken.equals(full_lesions[taken.index])  # every image of each sampled lesion
+    assert (small.drop_duplicates("lesion_id")["label"].value_counts() >= 3).all()
+    assert small["label"].value_counts(normalize=True)["nv"] == pytest.approx(0.67, abs=0.08)
+    assert small["image_id"].equals(sample_by_label(df, 300, seed=1)["image_id"])
+
+
+# --- DataBlock ---------------------------------------------------------------------------------
+
+def test_dataloaders_presize_augment_normalise_and_keep_the_vocab(ham_dir):
+    df = prepare(ham_dir, limit=120, seed=3)
+    dls = make_dataloaders(df, "binary", size=48, bs=16, num_workers=0)
+    assert list(dls.vocab) == ["benign", "malignant"]
+    assert len(dls.train_ds) == (df["split"] == "train").sum() and len(dls.valid_ds) == (df["split"] == "valid").sum()
+    assert not set(dls.valid_ds.items["image_id"]) & set(df.loc[df["split"] == "test", "image_id"])
+    x, y = dls.one_batch()
+    assert tuple(x.shape) == (16, 3, 48, 48)
+    assert abs(float(x.mean())) < 1.0 and 0.3 < float(x.std()) < 3.0  # ImageNet-normalised, not 0..1
+    assert set(y.tolist()) <= {0, 1}
+
+
+def test_balanced_sampler_draws_malignant_about_half_the_time(ham_dir):
+    df = prepare(ham_dir, limit=200, seed=3)
+    dls = make_dataloaders(df, "binary", size=32, bs=64, sampler=True, num_workers=0)
+    ys = np.concatenate([y.numpy() for _, y in dls.train])
+    assert 0.35 < ys.mean() < 0.65  # the data are ~20% malignant
