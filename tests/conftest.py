@@ -10,6 +10,8 @@ import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# the smallest real training run: ~300 images, 64 px, one epoch, from scratch
+SMALL = ["--limit", "300", "--size", "64", "--bs", "32", "--epochs", "1", "--no-pretrained", "--workers", "0"]
 SHARED = Path(os.environ.get("SKINCANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 
@@ -72,3 +74,13 @@ def make_ham(tmp_path, ham_dir, small_rows):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, ham_dir) -> Path:
+    """A binary model trained for one epoch on ~300 images by `python -m skincancer train`."""
+    from skincancer import cli
+
+    out = tmp_path_factory.mktemp("models") / "smoke.pkl"
+    assert cli.main(["train", "--data", str(ham_dir), *SMALL, "--out", str(out)]) == 0
+    return out

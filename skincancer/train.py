@@ -1,0 +1,310 @@
+"""Learner, training and export: ResNet50 on HAM10000, fine-tuned from ImageNet or trained from scratch."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import pickle
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from . import __version__
+from .data import (SPLITS, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
+                   make_dataloaders, prepare, split_table, test_dataloader)
+from .errors import SkinCancerError
+from .evaluate import classification_metrics
+from .files import atomic_path, sha256_file, write_json_atomic
+
+IMBALANCE = ("loss", "sampler", "none")
+DEFAULT_EPOCHS = {True: 10, False: 30}  # fine-tuning converges fast; from scratch needs many more passes
+DEFAULT_LR = {True: 2e-3, False: 1e-3}
+
+
+# --- architecture and weights -------------------------------------------------------------------
+
+def resolve_arch(arch: str | Callable) -> str | Callable:
+    """A torchvision model function for a torchvision name (e.g. 'resnet50'), else the name itself for timm."""
+    if callable(arch):
+        return arch
+    import torchvision.models as tvm
+
+    fn = getattr(tvm, arch, None)
+    if callable(fn) and not isinstance(fn, type):
+        return fn
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        raise SkinCancerError(f"arch: {arch!r} is not a torchvision model, and timm (for other names) "
+                              "is not installed (pip install timm)") from None
+    return arch
+
+
+def pretrained_weights_file(arch: str | Callable) -> Path | None:
+    """Where torch caches the ImageNet weights fastai uses for a torchvision `arch` (None for timm names)."""
+    import torch
+    import torchvision.models as tvm
+    from fastai.vision.learner import model_meta
+
+    fn = resolve_arch(arch)
+    if not callable(fn):
+        return None
+    weights = model_meta.get(fn, {}).get("weights", "DEFAULT")
+    enum = tvm.get_model_weights(fn)
+    url = enum[weights].url if weights != "DEFAULT" else enum.DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+def _pretrained_error(arch, cause: BaseException) -> SkinCancerError:
+    path = pretrained_weights_file(arch)
+    name = arch if isinstance(arch, str) else getattr(arch, "__name__", str(arch))
+    if path is None:
+        return SkinCancerError(f"could not load the pretrained weights of {name!r} ({type(cause).__name__}: "
+                               f"{cause}); train with --no-pretrained (pretrained=False) to start from random weights")
+    if path.exists():
+        return SkinCancerError(f"the ImageNet weights at {path} could not be read ({type(cause).__name__}: {cause}); "
+                               "delete the file so it is downloaded again, or train with --no-pretrained")
+    return SkinCancerError(
+        f"the ImageNet weights of {name} are not in the cache and could not be downloaded "
+        f"({type(cause).__name__}: {cause}). Put the file at {path} (set TORCH_HOME to use another cache), "
+        "or train from random weights with --no-pretrained (pretrained=False).")
+
+
+# --- metrics and learner ------------------------------------------------------------------------
+
+def metrics_for(task: str) -> list:
+    """fastai metrics for a task: accuracy, balanced accuracy, AUROC; sensitivity/specificity for `binary`."""
+    import sklearn.metrics as skm
+    from fastai.metrics import ActivationType, accuracy, skm_to_fastai
+
+    ms = [accuracy, skm_to_fastai(skm.balanced_accuracy_score, name="balanced_accuracy")]
+    if check_task(task) == "binary":
+        # classes are (benign, malignant): index 1 is the positive class
+        ms += [skm_to_fastai(skm.roc_auc_score, activation=ActivationType.BinarySoftmax, name="auroc"),
+               skm_to_fastai(skm.recall_score, pos_label=1, name="sensitivity"),
+               skm_to_fastai(skm.recall_score, pos_label=0, name="specificity")]
+    else:
+        ms += [skm_to_fastai(skm.roc_auc_score, activation=ActivationType.Softmax, flatten=False,
+                             multi_class="ovr", average="macro", name="macro_auroc")]
+    return ms
+
+
+def monitor_for(task: str) -> str:
+    """The validation metric that picks the best epoch: AUROC for `binary`, balanced accuracy for `dx`."""
+    return "auroc" if check_task(task) == "binary" else "balanced_accuracy"
+
+
+def make_loss(task: str, train_labels=None, imbalance: str = "loss", label_smoothing: float = 0.0):
+    """Cross-entropy, class-weighted by inverse frequency of `train_labels` when `imbalance == 'loss'`."""
+    import torch
+    from fastai.losses import CrossEntropyLossFlat
+
+    if imbalance not in IMBALANCE:
+        raise SkinCancerError(f"imbalance: {imbalance!r} is not one of {', '.join(IMBALANCE)}")
+    weight = None
+    if imbalance == "loss":
+        if train_labels is None:
+            raise SkinCancerError("imbalance='loss' needs the training labels to weigh the classes")
+        weight = torch.tensor(class_weights(train_labels, classes_for(task)), dtype=torch.float32)
+    return CrossEntropyLossFlat(weight=weight, label_smoothing=label_smoothing)
+
+
+def make_learner(dls, task: str = "binary", arch: str | Callable = "resnet50", pretrained: bool = True,
+                 loss_func=None, path: str | Path | None = None, **kwargs):
+    """A fastai `vision_learner` with the task's metrics; pretrained weights missing raise SkinCancerError."""
+    import torch
+    from fastai.vision.all import vision_learner
+
+    fn = resolve_arch(arch)
+    try:
+        learn = vision_learner(dls, fn, pretrained=pretrained, metrics=metrics_for(task), loss_func=loss_func,
+                               **kwargs)
+    except (OSError, RuntimeError, EOFError, ValueError, ImportError, pickle.UnpicklingError) as e:
+        if not pretrained:
+            raise
+        raise _pretrained_error(arch, e) from e
+    if path is not None:
+        learn.path = Path(path)
+    if torch.cuda.is_available():
+        learn = learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
+    return learn
+
+
+# --- the whole run ------------------------------------------------------------------------------
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; saved in the model card."""
+
+    data: str
+    task: str = "binary"
+    arch: str = "resnet50"
+    pretrained: bool = True
+    epochs: int | None = None          # None: DEFAULT_EPOCHS[pretrained]
+    size: int = 224
+    presize: int | None = None         # None: default_presize(size)
+    bs: int = 64
+    lr: float | None = None            # None: DEFAULT_LR[pretrained]
+    freeze_epochs: int = 1
+    imbalance: str = "loss"
+    label_smoothing: float = 0.0
+    seed: int = 42
+    valid_pct: float = 0.15
+    test_pct: float = 0.15
+    limit: int | None = None
+    drop_missing: bool = False
+    num_workers: int | None = None
+    out: str = "models/skincancer.pkl"
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every None default filled in and the inputs checked."""
+        check_task(self.task)
+        if self.imbalance not in IMBALANCE:
+            raise SkinCancerError(f"imbalance: {self.imbalance!r} is not one of {', '.join(IMBALANCE)}")
+        for name in ("size", "bs"):
+            if getattr(self, name) <= 0:
+                raise SkinCancerError(f"{name}: {getattr(self, name)} must be positive")
+        if self.epochs is not None and self.epochs <= 0:
+            raise SkinCancerError(f"epochs: {self.epochs} must be positive")
+        if not str(self.out).endswith(".pkl"):
+            raise SkinCancerError(f"out: {self.out} must end in .pkl")
+        return dataclasses.replace(
+            self, epochs=self.epochs or DEFAULT_EPOCHS[self.pretrained], lr=self.lr or DEFAULT_LR[self.pretrained],
+            presize=self.presize or default_presize(self.size))
+
+
+@dataclass
+class TrainResult:
+    """What a run produced: the learner, the split metadata, metrics and the files written."""
+
+    learn: Any
+    df: pd.DataFrame
+    card: dict
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def fit(learn, config: TrainConfig, monitor: str) -> int | None:
+    """Fine-tune (pretrained) or fit one cycle (scratch), then restore the best epoch; return its index."""
+    from fastai.callback.tracker import SaveModelCallback
+
+    with tempfile.TemporaryDirectory(prefix="skincancer-fit-") as tmp:
+        # checkpoints go to a scratch folder: the data folder may be read-only and models/ holds only exports
+        old_path, old_dir = learn.path, learn.model_dir
+        learn.path, learn.model_dir = Path(tmp), "checkpoints"
+        best = SaveModelCallback(monitor=monitor, comp=np.greater, fname="best", with_opt=False)
+        try:
+            if config.pretrained:
+                learn.fine_tune(config.epochs, base_lr=config.lr, freeze_epochs=config.freeze_epochs, cbs=best)
+            else:
+                learn.fit_one_cycle(config.epochs, config.lr, cbs=best)
+        finally:
+            learn.path, learn.model_dir = old_path, old_dir
+    names = list(learn.recorder.metric_names[1:-1])  # drop 'epoch' and 'time'
+    if monitor not in names or not learn.recorder.values:
+        return None
+    scores = [row[names.index(monitor)] for row in learn.recorder.values]
+    return int(np.nanargmax(np.asarray(scores, dtype=float)))
+
+
+def predictions(learn, df: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and integer targets of one split, with validation transforms."""
+    dl = test_dataloader(learn.dls, df, split)
+    with learn.no_bar():
+        probs, targets = learn.get_preds(dl=dl)
+    return probs.float().numpy(), targets.numpy()
+
+
+def evaluate_splits(learn, df: pd.DataFrame, classes, splits=("valid", "test")) -> dict[str, dict]:
+    """`classification_metrics` on each named split that has images."""
+    out = {}
+    for split in splits:
+        if (df["split"] == split).any():
+            out[split] = classification_metrics(*predictions(learn, df, split), classes)
+    return out
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that matter for reproducing or loading a model."""
+    import fastai
+    import torch
+    import torchvision
+
+    return {"skincancer": __version__, "fastai": fastai.__version__, "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version()}
+
+
+def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch: int | None) -> dict:
+    """The JSON written beside an exported model."""
+    counts = split_table(df)
+    return {
+        "task": config.task,
+        "classes": list(classes_for(config.task)),
+        "arch": config.arch,
+        "pretrained": config.pretrained,
+        "size": config.size,
+        "presize": config.presize,
+        "seed": config.seed,
+        "threshold": 0.5,
+        "monitor": monitor_for(config.task),
+        "best_epoch": best_epoch,
+        "split_counts": {s: {lbl: int(n) for lbl, n in counts.loc[s].items()} for s in SPLITS if s in counts.index},
+        "split_images": {s: int((df["split"] == s).sum()) for s in SPLITS},
+        "split_lesions": {s: int(df.loc[df["split"] == s, "lesion_id"].nunique()) for s in SPLITS},
+        "metrics": metrics,
+        "config": dataclasses.asdict(config),
+        "versions": library_versions(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "disclaimer": "Research tool, not a medical device: never use it to diagnose or to decide on treatment.",
+    }
+
+
+def sidecar_paths(model_path: str | Path) -> dict[str, Path]:
+    """The files of one exported model: NAME.pkl, NAME.json (card) and NAME.split.csv."""
+    p = Path(model_path)
+    return {"model": p, "card": p.with_suffix(".json"), "split": p.with_suffix(".split.csv")}
+
+
+def export(learn, out: str | Path, card: dict, df: pd.DataFrame) -> dict[str, Path]:
+    """Export the learner, its card and its split atomically; a failure leaves any previous model intact."""
+    paths = sidecar_paths(out)
+    learn = learn.to_fp32() if hasattr(learn, "to_fp32") else learn
+    with atomic_path(paths["model"]) as tmp_model, atomic_path(paths["split"]) as tmp_split:
+        learn.export(tmp_model.resolve())
+        df[["image_id", "lesion_id", "split"]].to_csv(tmp_split, index=False)
+        card = {**card, "sha256": sha256_file(tmp_model), "files": {k: v.name for k, v in paths.items()}}
+        # the card is written last and names the sha256 of the model beside it: a mismatch exposes a torn export
+    write_json_atomic(paths["card"], card)
+    return paths
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Read, split, train, evaluate on valid and test, export; return the learner and what was written."""
+    from fastai.torch_core import set_seed
+
+    config = config.resolved()
+    set_seed(config.seed, reproducible=True)
+    df = prepare(config.data, config.task, config.valid_pct, config.test_pct, config.seed, config.limit,
+                 config.drop_missing)
+    check_no_lesion_leak(df)
+    print(f"{len(df)} images of {df['lesion_id'].nunique()} lesions; split by lesion (seed {config.seed}):")
+    print(split_table(df).to_string())
+    dls = make_dataloaders(df, config.task, config.size, config.bs, config.presize,
+                           sampler=config.imbalance == "sampler", num_workers=config.num_workers)
+    train_labels = df.loc[df["split"] == "train", "label"]
+    loss = make_loss(config.task, train_labels, config.imbalance, config.label_smoothing)
+    learn = make_learner(dls, config.task, config.arch, config.pretrained, loss_func=loss,
+                         path=Path(config.out).parent)
+    best_epoch = fit(learn, config, monitor_for(config.task))
+    metrics = evaluate_splits(learn, df, classes_for(config.task))
+    for split, m in metrics.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "threshold")
+        print(f"{split}: n {m['n']}, {shown}")
+    card = model_card(config, df, metrics, best_epoch)
+    files = export(learn, config.out, card, df)
+    print(f"exported {files['model']} (card {files['card'].name}, split {files['split'].name})")
+    return TrainResult(learn=learn, df=df, card=card, files=files)

@@ -1,0 +1,146 @@
+"""Training through the CLI, the exported files, pretrained weights and the offline error."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+
+import pandas as pd
+import pytest
+import torch
+
+from skincancer import SkinCancerError, cli
+from skincancer.data import prepare
+from skincancer.files import sha256_file
+from conftest import SMALL
+from skincancer.train import TrainConfig, export, make_dataloaders, make_learner, pretrained_weights_file
+
+def test_train_exports_the_learner_its_card_and_its_split(trained):
+    card = json.loads(trained.with_suffix(".json").read_text())
+    assert card["sha256"] == sha256_file(trained)
+    assert card["task"] == "binary" and card["classes"] == ["benign", "malignant"]
+    assert card["arch"] == "resnet50" and card["pretrained"] is False and card["size"] == 64 and card["seed"] == 42
+    assert {"fastai", "torch", "torchvision", "skincancer", "python"} <= set(card["versions"])
+    for split in ("valid", "test"):
+        m = card["metrics"][split]
+        for key in ("accuracy", "balanced_accuracy", "auroc", "sensitivity", "specificity"):
+            assert 0.0 <= m[key] <= 1.0, (split, key)
+        assert m["n"] == card["split_images"][split]
+    split = pd.read_csv(trained.with_suffix(".split.csv"))
+    assert list(split.columns) == ["image_id", "lesion_id", "split"]
+    assert (split.groupby("lesion_id")["split"].nunique() == 1).all()
+    assert split["split"].value_counts().to_dict() == {k: v for k, v in card["split_images"].items() if v}
+    assert sum(sum(c.values()) for c in card["split_counts"].values()) == len(split)
+
+
+def test_the_split_is_reproducible_from_the_card(trained, ham_dir):
+    card = json.loads(trained.with_suffix(".json").read_text())
+    cfg = card["config"]
+    again = prepare(ham_dir, cfg["task"], cfg["valid_pct"], cfg["test_pct"], cfg["seed"], cfg["limit"])
+    saved = pd.read_csv(trained.with_suffix(".split.csv"))
+    assert again[["image_id", "split"]].reset_index(drop=True).equals(saved[["image_id", "split"]])
+
+
+def test_a_failed_export_leaves_the_previous_model_intact(trained, tmp_path, monkeypatch):
+    from skincancer.predict import load
+
+    learn = load(trained).learn
+    target = tmp_path / "model.pkl"
+    target.write_bytes(b"the previous good model")
+
+    def boom(self, fname, **kwargs):
+        fname.write_bytes(b"half a pickle")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(learn), "export", boom)
+    with pytest.raises(OSError, match="disk full"):
+        export(learn, target, {}, pd.DataFrame(columns=["image_id", "lesion_id", "split"]))
+    assert target.read_bytes() == b"the previous good model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pkl"]  # no temporary files left behind
+
+
+def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir):
+    out = tmp_path / "dx.pkl"
+    assert cli.main(["train", "--data", str(ham_dir), "--task", "dx", *SMALL, "--size", "32",
+                     "--out", str(out)]) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert len(card["classes"]) == 7 and card["monitor"] == "balanced_accuracy"
+    assert 0.0 <= card["metrics"]["test"]["macro_auroc"] <= 1.0
+
+
+def test_bad_training_input_is_an_error_line_not_a_traceback(tmp_path, capsys):
+    assert cli.main(["train", "--data", str(tmp_path / "nowhere"), "--no-pretrained"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+
+
+# --- pretrained weights --------------------------------------------------------------------------
+
+@pytest.fixture
+def small_dls(ham_dir):
+    df = prepare(ham_dir, limit=60, seed=0)
+    return make_dataloaders(df, "binary", size=32, bs=8, num_workers=0)
+
+
+def test_pretrained_learner_loads_the_cached_imagenet_checkpoint(tmp_path, monkeypatch, small_dls):
+    import torchvision
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = pretrained_weights_file("resnet50")
+    assert path == tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    torch.manual_seed(123)
+    reference = torchvision.models.resnet50().state_dict()  # stands in for the ImageNet weights
+    path.parent.mkdir(parents=True)
+    torch.save(reference, path)
+
+    learn = make_learner(small_dls, "binary", "resnet50", pretrained=True)
+    body = learn.model[0].state_dict()
+    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+    compared = 0
+    for key, value in body.items():
+        index, rest = key.split(".", 1)
+        ref_key = f"{names[int(index)]}.{rest}"
+        assert torch.equal(value.cpu(), reference[ref_key]), ref_key
+        compared += 1
+    assert compared == len([k for k in reference if not k.startswith("fc.")])
+
+
+def test_missing_weights_offline_name_the_cache_file_and_the_switch(tmp_path, monkeypatch, small_dls):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(SkinCancerError) as e:
+        make_learner(small_dls, "binary", "resnet50", pretrained=True)
+    msg = str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in msg and "--no-pretrained" in msg
+
+
+def test_cli_train_offline_is_one_clear_error(tmp_path, monkeypatch, ham_dir, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file",
+                        lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
+    code = cli.main(["train", "--data", str(ham_dir), "--limit", "60", "--size", "32", "--epochs", "1",
+                     "--out", str(tmp_path / "m.pkl")])
+    err = capsys.readouterr().err
+    assert code == 2 and "resnet50-11ad3fa6.pth" in err and "Traceback" not in err
+    assert not (tmp_path / "m.pkl").exists()
+
+
+def test_a_corrupt_cached_checkpoint_says_to_delete_it(tmp_path, monkeypatch, small_dls):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    path = pretrained_weights_file("resnet50")
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(SkinCancerError, match=r"could not be read.*delete the file"):
+        make_learner(small_dls, "binary", "resnet50", pretrained=True)
+
+
+def test_config_rejects_nonsense():
+    with pytest.raises(SkinCancerError, match="imbalance"):
+        TrainConfig(data=".", imbalance="oversample").resolved()
+    with pytest.raises(SkinCancerError, match=r"out: .* must end in \.pkl"):
+        TrainConfig(data=".", out="models/model.pt").resolved()
+    assert TrainConfig(data=".", pretrained=False).resolved().epochs == 30
