@@ -1,0 +1,5 @@
+"""`python -m skincancer`: the command line."""
+
+from .cli import main
+
+raise SystemExit(main())

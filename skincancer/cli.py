@@ -1,0 +1,93 @@
+"""Command line: `python -m skincancer train|predict ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from .errors import SkinCancerError
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive integer")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    from .data import TASKS
+    from .train import IMBALANCE
+
+    p = argparse.ArgumentParser(prog="python -m skincancer",
+                                description="HAM10000 dermoscopy classifier (research tool, not a diagnosis).")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train on a HAM10000 folder and export a learner")
+    t.add_argument("--data", required=True, help="HAM10000 folder (metadata CSV and images anywhere below it)")
+    t.add_argument("--task", choices=TASKS, default="binary", help="benign/malignant or the 7 diagnoses")
+    t.add_argument("--arch", default="resnet50", help="torchvision or timm architecture name")
+    t.add_argument("--epochs", type=_positive_int, help="default: 10 fine-tuning, 30 from scratch")
+    t.add_argument("--size", type=_positive_int, default=224, help="final image size in pixels")
+    t.add_argument("--presize", type=_positive_int, help="item resize before GPU augmentation (default 1.5x size)")
+    t.add_argument("--bs", type=_positive_int, default=64, help="batch size")
+    t.add_argument("--lr", type=float, help="learning rate (default 2e-3 fine-tuning, 1e-3 from scratch)")
+    t.add_argument("--seed", type=int, default=42, help="seed for the split, sampling and training")
+    t.add_argument("--limit", type=_positive_int, help="train on a label-stratified sample of about N images")
+    t.add_argument("--imbalance", choices=IMBALANCE, default="loss",
+                   help="class-weighted loss (default), balanced sampling, or none")
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--valid-pct", type=float, default=0.15)
+    t.add_argument("--test-pct", type=float, default=0.15)
+    t.add_argument("--drop-missing", action="store_true", help="drop (with a warning) images missing on disk")
+    t.add_argument("--workers", type=int, help="DataLoader worker processes (default: fastai's)")
+    t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
+                   help="start from random weights instead of ImageNet")
+    t.add_argument("--out", default="models/skincancer.pkl", help="where to export the learner (.pkl)")
+
+    r = sub.add_parser("predict", help="predict images with an exported learner; one JSON object per line")
+    r.add_argument("--model", required=True, help="exported learner (.pkl)")
+    r.add_argument("--bs", type=_positive_int, default=64, help="batch size")
+    r.add_argument("images", nargs="+", help="image files")
+    return p
+
+
+def cmd_train(args) -> int:
+    """Run `train` from parsed arguments."""
+    from .train import TrainConfig, train
+
+    config = TrainConfig(data=args.data, task=args.task, arch=args.arch, pretrained=args.pretrained,
+                         epochs=args.epochs, size=args.size, presize=args.presize, bs=args.bs, lr=args.lr,
+                         imbalance=args.imbalance, label_smoothing=args.label_smoothing, seed=args.seed,
+                         valid_pct=args.valid_pct, test_pct=args.test_pct, limit=args.limit,
+                         drop_missing=args.drop_missing, num_workers=args.workers, out=args.out)
+    train(config)
+    return 0
+
+
+def cmd_predict(args) -> int:
+    """Run `predict`: print one JSON line per image; non-zero exit when any image failed."""
+    from .predict import load
+
+    results = load(args.model).predict_batch(args.images, bs=args.bs)
+    for res in results:
+        print(json.dumps(res), flush=True)
+    return 1 if any("error" in r for r in results) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; bad input prints `error: ...` and returns 2 instead of a traceback."""
+    args = build_parser().parse_args(argv)
+    # fastai's import-time use of torch.jit.script is not ours to fix and only confuses CLI users
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
+    try:
+        return {"train": cmd_train, "predict": cmd_predict}[args.command](args)
+    except SkinCancerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

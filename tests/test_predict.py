@@ -1,0 +1,112 @@
+"""Loading an exported learner and predicting: one image, batches, bad files, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skincancer import SkinCancerError, cli
+from skincancer.predict import load, open_image
+
+
+@pytest.fixture(scope="session")
+def clf(trained):
+    return load(trained)
+
+
+def test_load_is_cached_per_path(trained, clf):
+    assert load(trained) is clf
+    assert clf.classes == ["benign", "malignant"] and clf.threshold == 0.5
+
+
+def test_predict_a_full_size_original(clf, original_images):
+    res = clf.predict(original_images[0])
+    assert Image.open(original_images[0]).size == (600, 450)
+    assert res["image"] == str(original_images[0])
+    assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert res["malignant_probability"] == pytest.approx(res["probabilities"]["malignant"])
+    assert res["label"] == ("malignant" if res["malignant_probability"] >= 0.5 else "benign")
+
+
+def test_path_bytes_and_pil_inputs_agree(clf, original_images):
+    path = original_images[1]
+    by_path = clf.predict(path)["probabilities"]
+    by_bytes = clf.predict(path.read_bytes())["probabilities"]
+    by_pil = clf.predict(Image.open(path))["probabilities"]
+    for other in (by_bytes, by_pil):
+        assert other == pytest.approx(by_path, abs=1e-6)
+
+
+def test_batch_matches_single_predictions_and_isolates_bad_files(clf, original_images, tmp_path):
+    bad = tmp_path / "not_an_image.jpg"
+    bad.write_text("hello")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    inputs = [original_images[0], bad, *original_images[1:5], empty, tmp_path / "missing.jpg"]
+    results = clf.predict_batch(inputs, bs=3)
+    assert len(results) == len(inputs)
+    assert [("error" in r) for r in results] == [False, True, False, False, False, False, True, True]
+    assert "not_an_image.jpg: not a readable image" in results[1]["error"]
+    assert "no such file" in results[7]["error"]
+    for src, res in zip(inputs, results):
+        if "error" not in res:
+            single = clf.predict(src)
+            assert res["label"] == single["label"]
+            np.testing.assert_allclose(list(res["probabilities"].values()),
+                                       list(single["probabilities"].values()), atol=1e-5)
+
+
+def test_truncated_jpeg_is_a_clear_error(original_images):
+    data = original_images[0].read_bytes()
+    with pytest.raises(SkinCancerError, match="not a readable image"):
+        open_image(data[: len(data) // 3])
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_other_colour_modes_become_rgb(mode, original_images):
+    img = Image.open(original_images[0]).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if mode in ("L", "CMYK") else "PNG")
+    out = open_image(buf.getvalue())
+    assert out.mode == "RGB" and out.size == (600, 450)
+
+
+def test_exif_orientation_is_applied(original_images):
+    img = Image.open(original_images[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the upright image is 450 wide
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert open_image(buf.getvalue()).size == (450, 600)
+
+
+def test_cli_predict_prints_json_lines_and_fails_on_a_bad_image(trained, original_images, tmp_path, capsys):
+    assert cli.main(["predict", "--model", str(trained), *map(str, original_images[:2])]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["image"] for x in lines] == [str(p) for p in original_images[:2]]
+    assert all(set(x) == {"image", "label", "malignant_probability", "probabilities"} for x in lines)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    assert cli.main(["predict", "--model", str(trained), str(bad), str(original_images[0])]) == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert set(lines[0]) == {"image", "error"} and "label" in lines[1]
+
+
+def test_cli_predict_with_a_missing_model_is_an_error_line(tmp_path, original_images):
+    run = subprocess.run([sys.executable, "-m", "skincancer", "predict", "--model", str(tmp_path / "none.pkl"),
+                          str(original_images[0])], capture_output=True, text=True)
+    assert run.returncode == 2
+    assert "none.pkl: no such model file" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_file_that_is_not_a_learner_is_refused(tmp_path):
+    fake = tmp_path / "fake.pkl"
+    fake.write_bytes(b"\x80\x04not really")
+    with pytest.raises(SkinCancerError, match="fake.pkl: not a loadable fastai learner"):
+        load(fake)
