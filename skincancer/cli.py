@@ -1,4 +1,4 @@
-"""Command line: `python -m skincancer train|predict ...`."""
+"""Command line: `python -m skincancer train|evaluate|predict ...`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--imbalance", choices=IMBALANCE, default="loss",
                    help="class-weighted loss (default), balanced sampling, or none")
     t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--target-sensitivity", type=float, default=0.90,
+                   help="the operating threshold is chosen on the validation split to reach this sensitivity")
     t.add_argument("--valid-pct", type=float, default=0.15)
     t.add_argument("--test-pct", type=float, default=0.15)
     t.add_argument("--drop-missing", action="store_true", help="drop (with a warning) images missing on disk")
@@ -47,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="start from random weights instead of ImageNet")
     t.add_argument("--out", default="models/skincancer.pkl", help="where to export the learner (.pkl)")
+
+    e = sub.add_parser("evaluate", help="metrics and plots of a model on held-out labelled images")
+    source = e.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="HAM10000 folder: evaluate the test split recorded beside the model")
+    source.add_argument("--images", help="folder of images labelled by --labels")
+    e.add_argument("--labels", help="ISIC one-hot CSV (image,MEL,NV,...) or image_id,dx CSV, with --images")
+    e.add_argument("--model", required=True, help="exported learner (.pkl)")
+    e.add_argument("--tta", action="store_true", help="fastai test-time augmentation")
+    e.add_argument("--bs", type=_positive_int, default=64, help="batch size")
+    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC interval")
+    e.add_argument("--out", required=True, help="folder for metrics.json and the PNG plots")
 
     r = sub.add_parser("predict", help="predict images with an exported learner; one JSON object per line")
     r.add_argument("--model", required=True, help="exported learner (.pkl)")
@@ -62,9 +75,29 @@ def cmd_train(args) -> int:
     config = TrainConfig(data=args.data, task=args.task, arch=args.arch, pretrained=args.pretrained,
                          epochs=args.epochs, size=args.size, presize=args.presize, bs=args.bs, lr=args.lr,
                          imbalance=args.imbalance, label_smoothing=args.label_smoothing, seed=args.seed,
+                         target_sensitivity=args.target_sensitivity,
                          valid_pct=args.valid_pct, test_pct=args.test_pct, limit=args.limit,
                          drop_missing=args.drop_missing, num_workers=args.workers, out=args.out)
     train(config)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    """Run `evaluate`: write OUT/metrics.json and plots, print the headline table."""
+    from .evaluate import evaluate, metrics_table, read_labels, read_test_split
+    from .predict import DISCLAIMER, load
+
+    if args.images and not args.labels:
+        raise SkinCancerError("--images needs --labels (the CSV that names each image's diagnosis)")
+    clf = load(args.model)
+    df = read_test_split(args.model, args.data) if args.data else read_labels(args.labels, args.images)
+    metrics = evaluate(clf, df, args.out, tta=args.tta, bs=args.bs, n_boot=args.bootstrap)
+    which = "test split of " + args.data if args.data else args.labels
+    print(f"{clf.path.name} on {which}{' with TTA' if args.tta else ''}:")
+    print(metrics_table(metrics))
+    print(f"threshold rule: {metrics['threshold_rule']}")
+    print(f"wrote {args.out}/metrics.json and {', '.join(metrics['plots'])}")
+    print(DISCLAIMER)
     return 0
 
 
@@ -84,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     # fastai's import-time use of torch.jit.script is not ours to fix and only confuses CLI users
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     try:
-        return {"train": cmd_train, "predict": cmd_predict}[args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command](args)
     except SkinCancerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -72,17 +72,28 @@ def _require_columns(df: pd.DataFrame, columns, source: Path) -> None:
             f"{source}: missing column(s) {', '.join(map(repr, missing))}; found {', '.join(map(repr, df.columns))}")
 
 
-def read_isic_ground_truth(ground_truth: Path, groupings: Path) -> pd.DataFrame:
-    """Turn the ISIC 2018 Task 3 one-hot ground truth plus lesion groupings into HAM10000 metadata columns."""
-    gt = _read_csv(ground_truth)
-    onehot = [c.upper() for c in DX_CLASSES]
-    _require_columns(gt, ["image", *onehot], ground_truth)
-    values = gt[onehot].apply(pd.to_numeric, errors="coerce")
+ONEHOT_COLUMNS = [c.upper() for c in DX_CLASSES]
+
+
+def is_onehot(df: pd.DataFrame) -> bool:
+    """Whether a labels frame is in the ISIC one-hot form (image, MEL, NV, ...)."""
+    return "image" in df.columns and set(ONEHOT_COLUMNS) <= set(df.columns)
+
+
+def onehot_to_dx(gt: pd.DataFrame, source: Path) -> pd.DataFrame:
+    """ISIC one-hot ground truth (image, MEL, NV, BCC, AKIEC, BKL, DF, VASC) as image_id, dx."""
+    _require_columns(gt, ["image", *ONEHOT_COLUMNS], source)
+    values = gt[ONEHOT_COLUMNS].apply(pd.to_numeric, errors="coerce")
     bad = gt.loc[values.isna().any(axis=1) | (values.sum(axis=1) != 1), "image"]
     if len(bad):
-        raise SkinCancerError(f"{ground_truth}: {len(bad)} row(s) are not one-hot over {', '.join(onehot)}: "
+        raise SkinCancerError(f"{source}: {len(bad)} row(s) are not one-hot over {', '.join(ONEHOT_COLUMNS)}: "
                               f"{first_few(bad)}")
-    gt = pd.DataFrame({"image_id": gt["image"], "dx": values.idxmax(axis=1).str.lower()})
+    return pd.DataFrame({"image_id": gt["image"], "dx": values.idxmax(axis=1).str.lower()})
+
+
+def read_isic_ground_truth(ground_truth: Path, groupings: Path) -> pd.DataFrame:
+    """Turn the ISIC 2018 Task 3 one-hot ground truth plus lesion groupings into HAM10000 metadata columns."""
+    gt = onehot_to_dx(_read_csv(ground_truth), ground_truth)
     groups = _read_csv(groupings)
     _require_columns(groups, ["image", "lesion_id"], groupings)
     groups = groups.rename(columns={"image": "image_id"})[["image_id", "lesion_id"]]
@@ -94,14 +105,15 @@ def read_isic_ground_truth(ground_truth: Path, groupings: Path) -> pd.DataFrame:
     return df[["lesion_id", "image_id", "dx"]]
 
 
-def validate_metadata(df: pd.DataFrame, source: str | Path) -> pd.DataFrame:
+def validate_metadata(df: pd.DataFrame, source: str | Path,
+                      required: tuple[str, ...] = REQUIRED_COLUMNS) -> pd.DataFrame:
     """Check columns, empty fields, diagnoses and duplicate ids; return a cleaned copy or raise SkinCancerError."""
-    _require_columns(df, REQUIRED_COLUMNS, Path(source))
+    _require_columns(df, required, Path(source))
     df = df.copy()
-    for col in REQUIRED_COLUMNS:
+    for col in required:
         df[col] = df[col].astype(str).str.strip()
     df["dx"] = df["dx"].str.lower()
-    for col in REQUIRED_COLUMNS:
+    for col in required:
         empty = df.index[df[col].isin(["", "nan", "None"])]
         if len(empty):
             raise SkinCancerError(f"{source}: {len(empty)} row(s) have an empty {col!r}: "
@@ -323,10 +335,3 @@ def make_dataloaders(df: pd.DataFrame, task: str = "binary", size: int = 224, bs
     per_item = w[[classes.index(lbl) for lbl in items["label"]]]
     return dblock.weighted_dataloaders(items, wgts=per_item, **kwargs)
 
-
-def test_dataloader(dls, df: pd.DataFrame, split: str = "test", bs: int | None = None):
-    """A labelled DataLoader over one split of `df`, with the validation transforms."""
-    rows = df[df["split"] == split].reset_index(drop=True)
-    if rows.empty:
-        raise SkinCancerError(f"split {split!r} is empty")
-    return dls.test_dl(rows, with_labels=True, bs=bs or dls.bs)

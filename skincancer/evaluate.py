@@ -1,26 +1,86 @@
-"""Metrics that do not flatter an imbalanced problem: AUROC, balanced accuracy, sensitivity, specificity."""
+"""Honest evaluation: metrics that do not flatter an imbalanced problem, an operating threshold, and plots."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
-from .data import MALIGNANT_DX, malignant_probability
-from .errors import SkinCancerError
+from .data import (DX_CLASSES, MALIGNANT_DX, _read_csv, add_labels, attach_paths, index_files, is_onehot,
+                   malignant_probability, onehot_to_dx, read_metadata, validate_metadata)
+from .errors import SkinCancerError, first_few
+from .files import atomic_path, write_json_atomic
+
+TARGET_SENSITIVITY = 0.90
 
 
-def _finite_or_none(x: float) -> float | None:
+# --- numbers -------------------------------------------------------------------------------------
+
+def _finite_or_none(x):
     return None if x is None or not math.isfinite(x) else float(x)
 
 
-def classification_metrics(probs, targets, classes, threshold: float = 0.5) -> dict:
+def _ratio(num: int, den: int) -> float | None:
+    return num / den if den else None
+
+
+def _balanced_accuracy(targets, pred) -> float:
+    """Mean recall over the classes present in `targets` (sklearn warns when a prediction names an absent one)."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        return float(balanced_accuracy_score(targets, pred))
+
+
+def is_malignant_class(classes) -> np.ndarray:
+    """Boolean mask over `classes`: which ones count as malignant."""
+    return np.array([c == "malignant" or c in MALIGNANT_DX for c in classes])
+
+
+def choose_threshold(p_malignant, is_malignant, target_sensitivity: float = TARGET_SENSITIVITY) -> float:
+    """The highest threshold whose sensitivity on these (validation) images reaches `target_sensitivity`."""
+    p, y = np.asarray(p_malignant, dtype=np.float64), np.asarray(is_malignant, dtype=bool)
+    if not 0 < target_sensitivity <= 1:
+        raise SkinCancerError(f"target_sensitivity: {target_sensitivity} must be in (0, 1]")
+    if not y.any():
+        raise SkinCancerError("cannot choose an operating threshold: the validation images hold no malignant case")
+    positives = np.sort(p[y])[::-1]
+    k = math.ceil(target_sensitivity * len(positives) - 1e-9)  # the k most confident positives must be caught
+    return float(positives[max(k, 1) - 1])
+
+
+def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of the AUROC (resampling images); (None, None) if undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    if n_boot <= 0 or y.all() or not y.any():
+        return None, None
+    rng = np.random.default_rng(seed)
+    scores = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].any() and not y[idx].all():
+            scores.append(roc_auc_score(y[idx], p[idx]))
+    lo, hi = np.percentile(scores, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
+def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=None, n_boot: int = 0,
+                           seed: int = 0) -> dict:
     """Metrics for class probabilities `probs` (n, k) and integer `targets` (n,); undefined ones are None.
 
-    accuracy and balanced_accuracy use the predicted class; auroc, sensitivity and specificity are about
-    malignant vs benign, with malignant predicted when its probability reaches `threshold`.
+    accuracy and balanced_accuracy use the predicted class; auroc and everything at the threshold are about
+    malignant vs benign, with malignant predicted when its probability reaches `threshold`. With `dx`
+    (each image's diagnosis), per-diagnosis recall says how often each diagnosis got the right benign/malignant call.
     """
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.metrics import roc_auc_score
 
     probs, targets, classes = np.asarray(probs, dtype=np.float64), np.asarray(targets), list(classes)
     if probs.ndim != 2 or probs.shape != (len(targets), len(classes)):
@@ -29,25 +89,289 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5) -> d
     if len(targets) == 0:
         raise SkinCancerError("no images to evaluate")
     pred = probs.argmax(axis=1)
-    malignant_set = {i for i, c in enumerate(classes) if c == "malignant" or c in MALIGNANT_DX}
-    is_malignant = np.isin(targets, list(malignant_set))
+    truth = is_malignant_class(classes)[targets]
     p_mal = malignant_probability(probs, classes)
-    said_malignant = p_mal >= threshold
-    n_pos, n_neg = int(is_malignant.sum()), int((~is_malignant).sum())
+    said = p_mal >= threshold
+    tp, fn = int((said & truth).sum()), int((~said & truth).sum())
+    tn, fp = int((~said & ~truth).sum()), int((said & ~truth).sum())
+    n_pos, n_neg = tp + fn, tn + fp
+    ppv = _ratio(tp, tp + fp)
+    sens = _ratio(tp, n_pos)
+    lo, hi = bootstrap_auroc(truth, p_mal, n_boot, seed)
     out = {
         "n": int(len(targets)),
         "n_malignant": n_pos,
         "accuracy": float((pred == targets).mean()),
-        "balanced_accuracy": float(balanced_accuracy_score(targets, pred)),
-        "auroc": float(roc_auc_score(is_malignant, p_mal)) if n_pos and n_neg else None,
+        "balanced_accuracy": _balanced_accuracy(targets, pred),
+        "auroc": float(roc_auc_score(truth, p_mal)) if n_pos and n_neg else None,
+        "auroc_ci95": [lo, hi] if lo is not None else None,
         "threshold": float(threshold),
-        "sensitivity": float(said_malignant[is_malignant].mean()) if n_pos else None,
-        "specificity": float((~said_malignant[~is_malignant]).mean()) if n_neg else None,
+        "sensitivity": sens,
+        "specificity": _ratio(tn, n_neg),
+        "ppv": ppv,
+        "npv": _ratio(tn, tn + fn),
+        "f1": (2 * ppv * sens / (ppv + sens)) if ppv and sens else (0.0 if n_pos else None),
+        "confusion_at_threshold": {"tp": tp, "fn": fn, "tn": tn, "fp": fp},
     }
     if len(classes) > 2:
-        present = np.unique(targets)
-        if len(present) == len(classes):
-            out["macro_auroc"] = float(roc_auc_score(targets, probs, multi_class="ovr", average="macro"))
-        else:
-            out["macro_auroc"] = None  # undefined while a class has no example
+        present = set(np.unique(targets))
+        out["macro_auroc"] = (float(roc_auc_score(targets, probs, multi_class="ovr", average="macro",
+                                                  labels=list(range(len(classes)))))
+                              if len(present) == len(classes) else None)  # undefined while a class has no example
+        out["per_class_recall"] = {c: _ratio(int(((pred == i) & (targets == i)).sum()), int((targets == i).sum()))
+                                   for i, c in enumerate(classes)}
+    if dx is not None:
+        dx = np.asarray(dx)
+        out["per_diagnosis_recall"] = {
+            d: float((said[dx == d] == (d in MALIGNANT_DX)).mean()) for d in DX_CLASSES if (dx == d).any()}
     return {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def metrics_table(metrics: dict) -> str:
+    """A short text table of the headline numbers."""
+    keys = ["n", "n_malignant", "auroc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "ppv",
+            "npv", "f1", "macro_auroc"]
+    rows = []
+    for k in keys:
+        if k not in metrics:
+            continue
+        v = metrics[k]
+        text = "null (undefined)" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+        if k == "auroc" and metrics.get("auroc_ci95"):
+            text += f"  (95% CI {metrics['auroc_ci95'][0]:.4f}-{metrics['auroc_ci95'][1]:.4f})"
+        rows.append(f"  {k:<18}{text}")
+    rows.append(f"  {'threshold':<18}{metrics['threshold']:.4f} (probability of malignancy)")
+    for d, r in (metrics.get("per_diagnosis_recall") or {}).items():
+        rows.append(f"  recall {d:<11}{r:.4f}{'  (malignant)' if d in MALIGNANT_DX else ''}")
+    return "\n".join(rows)
+
+
+# --- labelled images -----------------------------------------------------------------------------
+
+def read_labels(labels_csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
+    """A labelled set: ISIC one-hot CSV (image, MEL, ...) or `image_id,dx`, with its images found in `images_dir`."""
+    labels_csv = Path(labels_csv)
+    if not labels_csv.is_file():
+        raise SkinCancerError(f"{labels_csv}: no such labels file")
+    df = _read_csv(labels_csv)
+    if is_onehot(df):
+        df = onehot_to_dx(df, labels_csv)
+    elif not {"image_id", "dx"} <= set(df.columns):
+        raise SkinCancerError(f"{labels_csv}: expected columns image,MEL,NV,BCC,AKIEC,BKL,DF,VASC (ISIC one-hot) "
+                              f"or image_id,dx; found {', '.join(df.columns)}")
+    df = validate_metadata(df, labels_csv, required=("image_id", "dx"))
+    images, _ = index_files(images_dir)
+    unknown = df.loc[~df["image_id"].isin(images), "image_id"]
+    if len(unknown):
+        raise SkinCancerError(f"{labels_csv}: {len(unknown)} of {len(df)} image id(s) have no image in {images_dir}: "
+                              f"{first_few(unknown)}")
+    return attach_paths(df, images, Path(images_dir))
+
+
+def read_test_split(model_path: str | Path, data_dir: str | Path) -> pd.DataFrame:
+    """The test split recorded beside a model (NAME.split.csv), resolved against a HAM10000 folder."""
+    from .train import sidecar_paths
+
+    split_csv = sidecar_paths(model_path)["split"]
+    if not split_csv.is_file():
+        raise SkinCancerError(f"{split_csv}: no split file beside the model; evaluate with --images and --labels")
+    split = _read_csv(split_csv)
+    if not {"image_id", "split"} <= set(split.columns):
+        raise SkinCancerError(f"{split_csv}: expected columns image_id,lesion_id,split")
+    test_ids = split.loc[split["split"] == "test", "image_id"]
+    if test_ids.empty:
+        raise SkinCancerError(f"{split_csv}: no image is in the test split")
+    meta = read_metadata(data_dir).set_index("image_id")
+    unknown = test_ids[~test_ids.isin(meta.index)]
+    if len(unknown):
+        raise SkinCancerError(f"{data_dir}: {len(unknown)} test image id(s) of {split_csv.name} are not in this "
+                              f"data set: {first_few(unknown)}")
+    return meta.loc[test_ids].reset_index()
+
+
+# --- predictions ---------------------------------------------------------------------------------
+
+def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and targets for a frame with `path` and `dx`, through the learner's validation pipeline."""
+    task = "binary" if list(learn.dls.vocab) == ["benign", "malignant"] else "dx"
+    dl = learn.dls.test_dl(add_labels(df, task), with_labels=True, bs=bs)
+    metrics, learn.metrics = learn.metrics, []  # computed here from the predictions, not by fastai per pass
+    try:
+        if tta:
+            probs, targets = learn.tta(dl=dl)
+        else:
+            with learn.no_bar():
+                probs, targets = learn.get_preds(dl=dl)
+    finally:
+        learn.metrics = metrics
+    return probs.float().numpy(), targets.numpy()
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+def _plt():
+    import matplotlib
+
+    if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg", "widget"):
+        matplotlib.use("Agg")  # files, not windows, unless a notebook already chose its backend
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_roc(is_malignant, p_malignant, threshold: float | None = None, ax=None):
+    """ROC curve of malignant vs benign, with the operating point marked."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
+    fpr, tpr, _ = roc_curve(is_malignant, p_malignant)
+    ax.plot(fpr, tpr, label=f"AUROC {roc_auc_score(is_malignant, p_malignant):.3f}")
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    if threshold is not None:
+        said = np.asarray(p_malignant) >= threshold
+        y = np.asarray(is_malignant, dtype=bool)
+        ax.plot(said[~y].mean(), said[y].mean(), "o", color="crimson", label=f"threshold {threshold:.3f}")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           title="ROC: malignant vs benign")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_pr(is_malignant, p_malignant, ax=None):
+    """Precision-recall curve of malignant, with the prevalence as the chance line."""
+    from sklearn.metrics import average_precision_score, precision_recall_curve
+
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
+    prec, rec, _ = precision_recall_curve(is_malignant, p_malignant)
+    ax.plot(rec, prec, label=f"AP {average_precision_score(is_malignant, p_malignant):.3f}")
+    ax.axhline(np.mean(is_malignant), ls="--", color="grey", lw=1, label="prevalence")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall: malignant",
+           xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="upper right")
+    return fig
+
+
+def plot_confusion(targets, preds, classes, ax=None, title: str = "Confusion matrix"):
+    """Confusion matrix with counts, rows the truth."""
+    from sklearn.metrics import confusion_matrix
+
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(1.2 * len(classes) + 2,) * 2)
+    cm = confusion_matrix(targets, preds, labels=list(range(len(classes))))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="actual", title=title)
+    return fig
+
+
+def plot_reliability(is_malignant, p_malignant, bins: int = 10, ax=None):
+    """Calibration: observed frequency of malignancy against predicted probability, by bin."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
+    y, p = np.asarray(is_malignant, dtype=float), np.asarray(p_malignant, dtype=float)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    mean_p = [p[which == b].mean() for b in range(bins) if (which == b).any()]
+    freq = [y[which == b].mean() for b in range(bins) if (which == b).any()]
+    count = [(which == b).sum() for b in range(bins) if (which == b).any()]
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfectly calibrated")
+    ax.plot(mean_p, freq, "o-", label="model")
+    for x, f, c in zip(mean_p, freq, count):
+        ax.annotate(str(c), (x, f), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    ax.set(xlabel="predicted probability of malignancy", ylabel="observed fraction malignant",
+           title="Reliability (n per bin)", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left")
+    return fig
+
+
+def plot_threshold(is_malignant, p_malignant, threshold: float | None = None, ax=None):
+    """Sensitivity and specificity as the threshold moves, with the operating threshold marked."""
+    plt = _plt()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4))
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=float)
+    ts = np.linspace(0, 1, 201)
+    ax.plot(ts, [(p[y] >= t).mean() if y.any() else np.nan for t in ts], label="sensitivity")
+    ax.plot(ts, [(p[~y] < t).mean() if (~y).any() else np.nan for t in ts], label="specificity")
+    if threshold is not None:
+        ax.axvline(threshold, color="crimson", ls="--", lw=1, label=f"operating threshold {threshold:.3f}")
+    ax.set(xlabel="threshold on the probability of malignancy", ylabel="rate", ylim=(0, 1.02),
+           title="Sensitivity and specificity against threshold")
+    ax.legend(loc="lower left")
+    return fig
+
+
+def _thumb(path: str, size: int = 160):
+    from PIL import Image
+
+    img = Image.open(path).convert("RGB")
+    img.thumbnail((size, size))
+    return img
+
+
+def plot_top_losses(df: pd.DataFrame, probs, targets, classes, k: int = 9):
+    """The `k` images the model got most wrong (highest cross-entropy), with truth and prediction."""
+    plt = _plt()
+    probs, targets = np.asarray(probs), np.asarray(targets)
+    losses = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1))
+    order = np.argsort(-losses)[:k]
+    cols = 3
+    fig, axes = plt.subplots(math.ceil(len(order) / cols), cols, figsize=(3.2 * cols, 3.4 * math.ceil(len(order) / cols)),
+                             squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order):
+        row = df.iloc[i]
+        ax.imshow(_thumb(row["path"]))
+        pred = int(probs[i].argmax())
+        ax.set_title(f"{row['image_id']} ({row['dx']})\nactual {classes[targets[i]]}, predicted {classes[pred]}\n"
+                     f"loss {losses[i]:.2f}, p(actual) {probs[i, targets[i]]:.2f}", fontsize=8)
+    fig.suptitle("Top losses")
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Save a figure as PNG atomically and close it."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    return Path(path)
+
+
+# --- the whole evaluation ------------------------------------------------------------------------
+
+def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int = 64, n_boot: int = 1000,
+             gradcam_images: int = 8) -> dict:
+    """Predict a labelled frame with a loaded model, write OUT/metrics.json and the PNG plots, return the metrics."""
+    from .gradcam import plot_gradcam_grid
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    classes = clf.classes
+    probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs)
+    metrics = classification_metrics(probs, targets, classes, clf.threshold, dx=df["dx"].to_numpy(), n_boot=n_boot)
+    card = clf.card
+    metrics["threshold_rule"] = card.get("threshold_rule", "0.5 (no rule recorded in the model card)")
+    metrics["tta"] = tta
+    metrics["model"] = str(clf.path)
+    truth = is_malignant_class(classes)[targets]
+    p_mal = malignant_probability(probs, classes)
+    figures = {"confusion.png": plot_confusion(targets, probs.argmax(axis=1), classes),
+               "top_losses.png": plot_top_losses(df, probs, targets, classes)}
+    if metrics["auroc"] is not None:  # curves need both classes
+        figures.update({"roc.png": plot_roc(truth, p_mal, clf.threshold), "pr.png": plot_pr(truth, p_mal),
+                        "reliability.png": plot_reliability(truth, p_mal),
+                        "threshold.png": plot_threshold(truth, p_mal, clf.threshold)})
+    if gradcam_images:
+        picks = np.argsort(-p_mal)[:gradcam_images]  # the images the model finds most malignant
+        figures["gradcam.png"] = plot_gradcam_grid(clf.learn, [df.iloc[i]["path"] for i in picks],
+                                                   [f"{df.iloc[i]['image_id']} ({df.iloc[i]['dx']})" for i in picks])
+    for name, fig in figures.items():
+        save_figure(fig, out_dir / name)
+    metrics["plots"] = sorted(figures)
+    write_json_atomic(out_dir / "metrics.json", metrics)
+    return metrics

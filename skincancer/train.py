@@ -16,9 +16,9 @@ import pandas as pd
 
 from . import __version__
 from .data import (SPLITS, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
-                   make_dataloaders, prepare, split_table, test_dataloader)
+                   make_dataloaders, malignant_probability, prepare, split_table)
 from .errors import SkinCancerError
-from .evaluate import classification_metrics
+from .evaluate import metrics_table
 from .files import atomic_path, sha256_file, write_json_atomic
 
 IMBALANCE = ("loss", "sampler", "none")
@@ -152,6 +152,7 @@ class TrainConfig:
     lr: float | None = None            # None: DEFAULT_LR[pretrained]
     freeze_epochs: int = 1
     imbalance: str = "loss"
+    target_sensitivity: float = 0.90   # the operating threshold is chosen on valid to reach it
     label_smoothing: float = 0.0
     seed: int = 42
     valid_pct: float = 0.15
@@ -169,6 +170,8 @@ class TrainConfig:
         for name in ("size", "bs"):
             if getattr(self, name) <= 0:
                 raise SkinCancerError(f"{name}: {getattr(self, name)} must be positive")
+        if not 0 < self.target_sensitivity <= 1:
+            raise SkinCancerError(f"target_sensitivity: {self.target_sensitivity} must be in (0, 1]")
         if self.epochs is not None and self.epochs <= 0:
             raise SkinCancerError(f"epochs: {self.epochs} must be positive")
         if not str(self.out).endswith(".pkl"):
@@ -211,21 +214,22 @@ def fit(learn, config: TrainConfig, monitor: str) -> int | None:
     return int(np.nanargmax(np.asarray(scores, dtype=float)))
 
 
-def predictions(learn, df: pd.DataFrame, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and integer targets of one split, with validation transforms."""
-    dl = test_dataloader(learn.dls, df, split)
-    with learn.no_bar():
-        probs, targets = learn.get_preds(dl=dl)
-    return probs.float().numpy(), targets.numpy()
+def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict]:
+    """Choose the operating threshold on valid, then metrics of valid and test at it; return (metrics, rule)."""
+    from .evaluate import choose_threshold, classification_metrics, is_malignant_class, predict_frame
 
-
-def evaluate_splits(learn, df: pd.DataFrame, classes, splits=("valid", "test")) -> dict[str, dict]:
-    """`classification_metrics` on each named split that has images."""
-    out = {}
-    for split in splits:
-        if (df["split"] == split).any():
-            out[split] = classification_metrics(*predictions(learn, df, split), classes)
-    return out
+    classes = [str(c) for c in learn.dls.vocab]
+    preds = {s: predict_frame(learn, df[df["split"] == s]) for s in ("valid", "test") if (df["split"] == s).any()}
+    probs, targets = preds["valid"]
+    threshold = choose_threshold(malignant_probability(probs, classes), is_malignant_class(classes)[targets],
+                                 target_sensitivity)
+    metrics = {s: classification_metrics(p, t, classes, threshold, dx=df.loc[df["split"] == s, "dx"].to_numpy(),
+                                         n_boot=1000, seed=0)
+               for s, (p, t) in preds.items()}
+    rule = {"target_sensitivity": target_sensitivity, "chosen_on": "valid",
+            "how": "the highest threshold whose validation sensitivity for malignant reaches the target",
+            "valid_sensitivity": metrics["valid"]["sensitivity"], "valid_specificity": metrics["valid"]["specificity"]}
+    return metrics, {"threshold": threshold, "threshold_rule": rule}
 
 
 def library_versions() -> dict[str, str]:
@@ -238,7 +242,8 @@ def library_versions() -> dict[str, str]:
             "torchvision": torchvision.__version__, "python": platform.python_version()}
 
 
-def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch: int | None) -> dict:
+def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch: int | None,
+               threshold: dict) -> dict:
     """The JSON written beside an exported model."""
     counts = split_table(df)
     return {
@@ -249,7 +254,7 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
         "size": config.size,
         "presize": config.presize,
         "seed": config.seed,
-        "threshold": 0.5,
+        **threshold,
         "monitor": monitor_for(config.task),
         "best_epoch": best_epoch,
         "split_counts": {s: {lbl: int(n) for lbl, n in counts.loc[s].items()} for s in SPLITS if s in counts.index},
@@ -300,11 +305,12 @@ def train(config: TrainConfig) -> TrainResult:
     learn = make_learner(dls, config.task, config.arch, config.pretrained, loss_func=loss,
                          path=Path(config.out).parent)
     best_epoch = fit(learn, config, monitor_for(config.task))
-    metrics = evaluate_splits(learn, df, classes_for(config.task))
+    metrics, threshold = evaluate_splits(learn, df, config.target_sensitivity)
+    print(f"operating threshold {threshold['threshold']:.4f}: chosen on valid for sensitivity >= "
+          f"{config.target_sensitivity:.2f}")
     for split, m in metrics.items():
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "threshold")
-        print(f"{split}: n {m['n']}, {shown}")
-    card = model_card(config, df, metrics, best_epoch)
+        print(f"{split}:\n{metrics_table(m)}")
+    card = model_card(config, df, metrics, best_epoch, threshold)
     files = export(learn, config.out, card, df)
     print(f"exported {files['model']} (card {files['card'].name}, split {files['split'].name})")
     return TrainResult(learn=learn, df=df, card=card, files=files)

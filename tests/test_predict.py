@@ -22,7 +22,8 @@ def clf(trained):
 
 def test_load_is_cached_per_path(trained, clf):
     assert load(trained) is clf
-    assert clf.classes == ["benign", "malignant"] and clf.threshold == 0.5
+    assert clf.classes == ["benign", "malignant"]
+    assert clf.threshold == json.loads(trained.with_suffix(".json").read_text())["threshold"]
 
 
 def test_predict_a_full_size_original(clf, original_images):

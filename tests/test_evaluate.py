@@ -1,0 +1,168 @@
+"""Evaluation: the operating threshold, metrics, labelled sets, plots, Grad-CAM."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from sklearn.metrics import f1_score, precision_score, roc_auc_score
+
+from skincancer import SkinCancerError, cli
+from skincancer.data import DX_CLASSES
+from skincancer.evaluate import bootstrap_auroc, choose_threshold, classification_metrics, read_labels
+from skincancer.gradcam import gradcam
+from skincancer.predict import load
+
+PLOTS = {"roc.png", "pr.png", "confusion.png", "reliability.png", "threshold.png", "top_losses.png", "gradcam.png"}
+
+
+@settings(max_examples=80, deadline=None)
+@given(p=st.lists(st.floats(0, 1), min_size=2, max_size=60), y=st.lists(st.booleans(), min_size=2, max_size=60),
+       target=st.floats(0.05, 1.0))
+def test_threshold_is_the_highest_that_reaches_the_target_sensitivity(p, y, target):
+    n = min(len(p), len(y))
+    p, y = np.array(p[:n]), np.array(y[:n])
+    if not y.any():
+        with pytest.raises(SkinCancerError, match="no malignant case"):
+            choose_threshold(p, y, target)
+        return
+    t = choose_threshold(p, y, target)
+    assert (p[y] >= t).mean() >= target - 1e-9
+    higher = p[y][p[y] > t]
+    if len(higher):
+        assert (p[y] >= higher.min()).mean() < target  # any stricter threshold misses the target
+
+
+def _binary_case():
+    rng = np.random.default_rng(0)
+    y = rng.random(400) < 0.2
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    return np.stack([1 - p, p], axis=1), y.astype(int)
+
+
+def test_metrics_at_the_threshold_agree_with_sklearn():
+    probs, targets = _binary_case()
+    m = classification_metrics(probs, targets, ["benign", "malignant"], threshold=0.55, n_boot=300)
+    said = probs[:, 1] >= 0.55
+    assert m["sensitivity"] == pytest.approx(said[targets == 1].mean())
+    assert m["specificity"] == pytest.approx((~said[targets == 0]).mean())
+    assert m["ppv"] == pytest.approx(precision_score(targets, said))
+    assert m["f1"] == pytest.approx(f1_score(targets, said))
+    assert m["auroc"] == pytest.approx(roc_auc_score(targets, probs[:, 1]))
+    lo, hi = m["auroc_ci95"]
+    assert lo < m["auroc"] < hi and hi - lo < 0.2
+    c = m["confusion_at_threshold"]
+    assert c["tp"] + c["fn"] == m["n_malignant"] and sum(c.values()) == m["n"] == 400
+
+
+def test_undefined_metrics_are_null_not_misleading():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]])
+    m = classification_metrics(probs, np.zeros(3, int), ["benign", "malignant"], n_boot=100)
+    assert m["auroc"] is None and m["auroc_ci95"] is None and m["sensitivity"] is None and m["f1"] is None
+    assert m["specificity"] == 1.0
+    assert bootstrap_auroc([1, 1, 1], [0.2, 0.5, 0.9]) == (None, None)
+
+
+def test_seven_class_metrics_sum_the_malignant_diagnoses():
+    rng = np.random.default_rng(1)
+    targets = np.tile(np.arange(7), 10)
+    probs = rng.dirichlet(np.ones(7), size=len(targets))
+    dx = np.array(DX_CLASSES)[targets]
+    m = classification_metrics(probs, targets, DX_CLASSES, dx=dx)
+    assert 0 <= m["macro_auroc"] <= 1 and set(m["per_class_recall"]) == set(DX_CLASSES)
+    mal = np.isin(dx, ["mel", "bcc", "akiec"])
+    p_mal = probs[:, [DX_CLASSES.index(d) for d in ("akiec", "bcc", "mel")]].sum(1)
+    assert m["auroc"] == pytest.approx(roc_auc_score(mal, p_mal))
+    assert m["per_diagnosis_recall"]["mel"] == pytest.approx((p_mal[dx == "mel"] >= 0.5).mean())
+    missing_class = classification_metrics(probs[targets != 3], targets[targets != 3], DX_CLASSES)
+    assert missing_class["macro_auroc"] is None
+
+
+# --- labelled sets -------------------------------------------------------------------------------
+
+@pytest.fixture
+def originals_meta(originals_dir):
+    return pd.read_csv(originals_dir / "HAM10000_metadata.csv")
+
+
+def test_reads_isic_one_hot_and_plain_label_files(tmp_path, originals_dir, originals_meta):
+    onehot = pd.DataFrame({"image": originals_meta["image_id"],
+                           **{d.upper(): (originals_meta["dx"] == d).astype(float) for d in DX_CLASSES}})
+    onehot.to_csv(tmp_path / "gt.csv", index=False)
+    originals_meta[["image_id", "dx"]].to_csv(tmp_path / "plain.csv", index=False)
+    a = read_labels(tmp_path / "gt.csv", originals_dir / "images")
+    b = read_labels(tmp_path / "plain.csv", originals_dir / "images")
+    assert a[["image_id", "dx"]].equals(b[["image_id", "dx"]]) and len(a) == 14
+    assert a["dx"].tolist() == originals_meta["dx"].tolist()
+
+
+def test_unknown_image_ids_and_bad_columns_are_named(tmp_path, originals_dir, originals_meta):
+    extra = pd.concat([originals_meta[["image_id", "dx"]],
+                       pd.DataFrame({"image_id": ["ISIC_9999999"], "dx": ["mel"]})])
+    extra.to_csv(tmp_path / "extra.csv", index=False)
+    with pytest.raises(SkinCancerError, match=r"1 of 15 image id\(s\) have no image.*ISIC_9999999"):
+        read_labels(tmp_path / "extra.csv", originals_dir / "images")
+    originals_meta[["image_id", "age"]].to_csv(tmp_path / "cols.csv", index=False)
+    with pytest.raises(SkinCancerError, match="cols.csv: expected columns"):
+        read_labels(tmp_path / "cols.csv", originals_dir / "images")
+
+
+# --- the command and its files -------------------------------------------------------------------
+
+def test_training_chose_the_threshold_on_valid_for_the_target(trained):
+    card = json.loads(trained.with_suffix(".json").read_text())
+    rule = card["threshold_rule"]
+    assert rule["chosen_on"] == "valid" and rule["target_sensitivity"] == 0.9
+    assert card["metrics"]["valid"]["sensitivity"] >= 0.9
+    assert card["metrics"]["test"]["threshold"] == card["threshold"]
+
+
+def test_evaluate_the_recorded_test_split(trained, ham_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", str(trained), "--data", str(ham_dir), "--out", str(out),
+                     "--bootstrap", "200"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    card = json.loads(trained.with_suffix(".json").read_text())
+    assert m["n"] == card["split_images"]["test"] and m["threshold"] == card["threshold"]
+    assert m["auroc"] == pytest.approx(card["metrics"]["test"]["auroc"], abs=1e-6)
+    assert set(m["plots"]) == PLOTS
+    for name in PLOTS:
+        with Image.open(out / name) as img:
+            assert img.format == "PNG" and min(img.size) > 100
+    assert "auroc" in capsys.readouterr().out
+
+
+def test_evaluate_labelled_images_with_tta_and_no_positives(trained, originals_dir, originals_meta, tmp_path):
+    benign = originals_meta[originals_meta["dx"].isin(["nv", "bkl"])][["image_id", "dx"]]
+    benign.to_csv(tmp_path / "benign.csv", index=False)
+    out = tmp_path / "eval"
+    assert cli.main(["evaluate", "--model", str(trained), "--images", str(originals_dir / "images"),
+                     "--labels", str(tmp_path / "benign.csv"), "--tta", "--out", str(out)]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["tta"] is True and m["n"] == len(benign)
+    assert m["auroc"] is None and m["sensitivity"] is None  # undefined without a malignant image, and said so
+    assert "roc.png" not in m["plots"] and (out / "confusion.png").exists()
+
+
+def test_evaluate_needs_labels_with_images(trained, originals_dir, tmp_path, capsys):
+    assert cli.main(["evaluate", "--model", str(trained), "--images", str(originals_dir),
+                     "--out", str(tmp_path)]) == 2
+    assert "--images needs --labels" in capsys.readouterr().err
+
+
+# --- Grad-CAM ------------------------------------------------------------------------------------
+
+def test_gradcam_map_and_overlay_on_a_real_lesion(trained, original_images):
+    clf = load(trained)
+    pred = clf.predict(original_images[0])["label"]
+    heat, overlay = gradcam(clf.learn, original_images[0], target=pred)
+    assert heat.shape == (450, 600) and overlay.size == (600, 450)
+    assert heat.min() >= 0 and heat.max() == pytest.approx(1.0, abs=1e-2) and heat.std() > 0.01
+    photo = np.asarray(Image.open(original_images[0]).convert("RGB"), dtype=float)
+    changed = np.abs(np.asarray(overlay, dtype=float) - photo).sum(-1) > 10
+    assert changed[heat > 0.5].mean() > changed[heat < 0.05].mean()  # colour goes where the heat is
