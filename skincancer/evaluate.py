@@ -11,7 +11,9 @@ import pandas as pd
 from .data import (DX_CLASSES, MALIGNANT_DX, _read_csv, add_labels, attach_paths, index_files, is_onehot,
                    malignant_probability, onehot_to_dx, read_metadata, validate_metadata)
 from .errors import SkinCancerError, first_few
-from .files import atomic_path, write_json_atomic
+from .files import write_json_atomic
+from .plotting import pyplot as _plt
+from .plotting import save_figure
 
 TARGET_SENSITIVITY = 0.90
 
@@ -209,16 +211,6 @@ def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64) -> t
 
 # --- plots ---------------------------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("module://matplotlib_inline.backend_inline", "nbagg", "widget"):
-        matplotlib.use("Agg")  # files, not windows, unless a notebook already chose its backend
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_roc(is_malignant, p_malignant, threshold: float | None = None, ax=None):
     """ROC curve of malignant vs benign, with the operating point marked."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -332,14 +324,6 @@ def plot_top_losses(df: pd.DataFrame, probs, targets, classes, k: int = 9):
     fig.suptitle("Top losses")
     fig.tight_layout()
     return fig
-
-
-def save_figure(fig, path: str | Path) -> Path:
-    """Save a figure as PNG atomically and close it."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _plt().close(fig)
-    return Path(path)
 
 
 # --- the whole evaluation ------------------------------------------------------------------------

@@ -65,9 +65,9 @@ def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45):
 
 def plot_gradcam_grid(learn, images, titles=None, cols: int = 4, target: str | int | None = None):
     """A figure of Grad-CAM overlays, one per image."""
-    from .evaluate import _plt
+    from .plotting import pyplot
 
-    plt = _plt()
+    plt = pyplot()
     images = list(images)
     rows = max(1, math.ceil(len(images) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)

@@ -287,8 +287,8 @@ def export(learn, out: str | Path, card: dict, df: pd.DataFrame) -> dict[str, Pa
     return paths
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Read, split, train, evaluate on valid and test, export; return the learner and what was written."""
+def setup(config: TrainConfig):
+    """Resolve the config, seed, read and split the data, build DataLoaders and the learner: (config, df, learn)."""
     from fastai.torch_core import set_seed
 
     config = config.resolved()
@@ -296,15 +296,17 @@ def train(config: TrainConfig) -> TrainResult:
     df = prepare(config.data, config.task, config.valid_pct, config.test_pct, config.seed, config.limit,
                  config.drop_missing)
     check_no_lesion_leak(df)
-    print(f"{len(df)} images of {df['lesion_id'].nunique()} lesions; split by lesion (seed {config.seed}):")
-    print(split_table(df).to_string())
     dls = make_dataloaders(df, config.task, config.size, config.bs, config.presize,
                            sampler=config.imbalance == "sampler", num_workers=config.num_workers)
     train_labels = df.loc[df["split"] == "train", "label"]
     loss = make_loss(config.task, train_labels, config.imbalance, config.label_smoothing)
     learn = make_learner(dls, config.task, config.arch, config.pretrained, loss_func=loss,
                          path=Path(config.out).parent)
-    best_epoch = fit(learn, config, monitor_for(config.task))
+    return config, df, learn
+
+
+def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None = None) -> TrainResult:
+    """Choose the threshold on valid, measure valid and test, write the card, split and learner."""
     metrics, threshold = evaluate_splits(learn, df, config.target_sensitivity)
     print(f"operating threshold {threshold['threshold']:.4f}: chosen on valid for sensitivity >= "
           f"{config.target_sensitivity:.2f}")
@@ -314,3 +316,12 @@ def train(config: TrainConfig) -> TrainResult:
     files = export(learn, config.out, card, df)
     print(f"exported {files['model']} (card {files['card'].name}, split {files['split'].name})")
     return TrainResult(learn=learn, df=df, card=card, files=files)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Read, split, train, evaluate on valid and test, export; return the learner and what was written."""
+    config, df, learn = setup(config)
+    print(f"{len(df)} images of {df['lesion_id'].nunique()} lesions; split by lesion (seed {config.seed}):")
+    print(split_table(df).to_string())
+    best_epoch = fit(learn, config, monitor_for(config.task))
+    return finish(learn, config, df, best_epoch)
