@@ -191,6 +191,23 @@ class TrainResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def stop_on_nan():
+    """A fastai callback that stops training with SkinCancerError when the loss stops being finite."""
+    import torch
+    from fastai.callback.core import Callback
+
+    class StopOnNaN(Callback):
+        order = 60  # after the loss is computed and recorded
+
+        def after_batch(self):
+            if self.training and not torch.isfinite(self.loss).all():
+                raise SkinCancerError(
+                    f"training diverged: the loss became {float(self.loss.detach())} at epoch {self.epoch + 1}, "
+                    f"iteration {self.iter + 1}; nothing was exported. Try a lower --lr or a smaller --bs.")
+
+    return StopOnNaN()
+
+
 def fit(learn, config: TrainConfig, monitor: str) -> int | None:
     """Fine-tune (pretrained) or fit one cycle (scratch), then restore the best epoch; return its index."""
     from fastai.callback.tracker import SaveModelCallback
@@ -199,12 +216,12 @@ def fit(learn, config: TrainConfig, monitor: str) -> int | None:
         # checkpoints go to a scratch folder: the data folder may be read-only and models/ holds only exports
         old_path, old_dir = learn.path, learn.model_dir
         learn.path, learn.model_dir = Path(tmp), "checkpoints"
-        best = SaveModelCallback(monitor=monitor, comp=np.greater, fname="best", with_opt=False)
+        cbs = [SaveModelCallback(monitor=monitor, comp=np.greater, fname="best", with_opt=False), stop_on_nan()]
         try:
             if config.pretrained:
-                learn.fine_tune(config.epochs, base_lr=config.lr, freeze_epochs=config.freeze_epochs, cbs=best)
+                learn.fine_tune(config.epochs, base_lr=config.lr, freeze_epochs=config.freeze_epochs, cbs=cbs)
             else:
-                learn.fit_one_cycle(config.epochs, config.lr, cbs=best)
+                learn.fit_one_cycle(config.epochs, config.lr, cbs=cbs)
         finally:
             learn.path, learn.model_dir = old_path, old_dir
     names = list(learn.recorder.metric_names[1:-1])  # drop 'epoch' and 'time'
@@ -269,20 +286,34 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
 
 
 def sidecar_paths(model_path: str | Path) -> dict[str, Path]:
-    """The files of one exported model: NAME.pkl, NAME.json (card) and NAME.split.csv."""
+    """The files of one exported model: NAME.pkl, NAME.safetensors, NAME.json (card) and NAME.split.csv."""
     p = Path(model_path)
-    return {"model": p, "card": p.with_suffix(".json"), "split": p.with_suffix(".split.csv")}
+    return {"model": p.with_suffix(".pkl"), "weights": p.with_suffix(".safetensors"), "card": p.with_suffix(".json"),
+            "split": p.with_suffix(".split.csv")}
+
+
+def save_weights(model, path: str | Path) -> None:
+    """The model's weights as safetensors: plain tensors, nothing that runs code when loaded."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
 def export(learn, out: str | Path, card: dict, df: pd.DataFrame) -> dict[str, Path]:
-    """Export the learner, its card and its split atomically; a failure leaves any previous model intact."""
+    """Export the learner (.pkl), its weights (.safetensors), card and split atomically; a failure keeps the old ones."""
+    from fastai.vision.all import imagenet_stats
+
     paths = sidecar_paths(out)
     learn = learn.to_fp32() if hasattr(learn, "to_fp32") else learn
-    with atomic_path(paths["model"]) as tmp_model, atomic_path(paths["split"]) as tmp_split:
+    with atomic_path(paths["model"]) as tmp_model, atomic_path(paths["weights"]) as tmp_weights, \
+            atomic_path(paths["split"]) as tmp_split:
         learn.export(tmp_model.resolve())
+        save_weights(learn.model, tmp_weights)
         df[["image_id", "lesion_id", "split"]].to_csv(tmp_split, index=False)
-        card = {**card, "sha256": sha256_file(tmp_model), "files": {k: v.name for k, v in paths.items()}}
-        # the card is written last and names the sha256 of the model beside it: a mismatch exposes a torn export
+        card = {**card, "sha256": sha256_file(tmp_model), "weights_sha256": sha256_file(tmp_weights),
+                "normalize": {"mean": list(imagenet_stats[0]), "std": list(imagenet_stats[1])},
+                "files": {k: v.name for k, v in paths.items()}}
+        # the card is written last and names the sha256 of the files beside it: a mismatch exposes a torn export
     write_json_atomic(paths["card"], card)
     return paths
 
