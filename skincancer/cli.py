@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", help="ISIC one-hot CSV (image,MEL,NV,...) or image_id,dx CSV, with --images")
     e.add_argument("--model", required=True, help="exported learner (.pkl)")
     e.add_argument("--tta", action="store_true", help="fastai test-time augmentation")
+    e.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     e.add_argument("--bs", type=_positive_int, default=64, help="batch size")
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC interval")
     e.add_argument("--out", required=True, help="folder for metrics.json and the PNG plots")
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("predict", help="predict images with an exported learner; one JSON object per line")
     r.add_argument("--model", required=True, help="exported learner (.pkl)")
     r.add_argument("--bs", type=_positive_int, default=64, help="batch size")
+    r.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     r.add_argument("images", nargs="+", help="image files")
     return p
 
@@ -89,7 +93,7 @@ def cmd_evaluate(args) -> int:
 
     if args.images and not args.labels:
         raise SkinCancerError("--images needs --labels (the CSV that names each image's diagnosis)")
-    clf = load(args.model)
+    clf = load(args.model, trusted=args.trust_pickle)
     df = read_test_split(args.model, args.data) if args.data else read_labels(args.labels, args.images)
     metrics = evaluate(clf, df, args.out, tta=args.tta, bs=args.bs, n_boot=args.bootstrap)
     which = "test split of " + args.data if args.data else args.labels
@@ -105,7 +109,7 @@ def cmd_predict(args) -> int:
     """Run `predict`: print one JSON line per image; non-zero exit when any image failed."""
     from .predict import load
 
-    results = load(args.model).predict_batch(args.images, bs=args.bs)
+    results = load(args.model, trusted=args.trust_pickle).predict_batch(args.images, bs=args.bs)
     for res in results:
         print(json.dumps(res), flush=True)
     return 1 if any("error" in r for r in results) else 0

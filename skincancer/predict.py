@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable, Union
 
 import numpy as np
+import pandas as pd
 
 from .data import malignant_probability
 from .errors import SkinCancerError
@@ -27,31 +28,47 @@ def describe(src: Any) -> str:
     return f"<{type(src).__name__}>"
 
 
-def open_image(src: ImageInput):
+MAX_PIXELS = 64_000_000  # a dermoscopy photo is a few megapixels; far beyond this is a decompression bomb
+
+
+def _to_8bit_rgb(img):
+    """RGB from any PIL mode; 16-bit and float images are scaled, not clipped to white."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def open_image(src: ImageInput, max_pixels: int = MAX_PIXELS):
     """Decode a path, bytes or PIL image into an upright RGB fastai PILImage, or raise SkinCancerError."""
     from fastai.vision.core import PILImage
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     name = describe(src)
+    if isinstance(src, (str, Path)) and not Path(src).is_file():
+        raise SkinCancerError(f"{name}: no such file")
+    if not isinstance(src, (str, Path, bytes, bytearray, Image.Image)):
+        raise SkinCancerError(f"{name}: expected a file path, bytes or a PIL image")
+    if isinstance(src, (bytes, bytearray)) and not src:
+        raise SkinCancerError(f"{name}: empty, not an image")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # a pixel bomb is an error, not a warning
-            if isinstance(src, Image.Image):
-                img = src
-            elif isinstance(src, (bytes, bytearray)):
-                img = Image.open(io.BytesIO(bytes(src)))
-            elif isinstance(src, (str, Path)):
-                if not Path(src).is_file():
-                    raise SkinCancerError(f"{name}: no such file")
-                img = Image.open(src)
-            else:
-                raise SkinCancerError(f"{name}: expected a file path, bytes or a PIL image")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = src if isinstance(src, Image.Image) else Image.open(
+                io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray)) else src)
+            width, height = img.size
+            if width * height > max_pixels:  # checked on the header, before any pixel is decoded
+                raise SkinCancerError(f"{name}: {width}x{height} pixels is over the limit of {max_pixels:,}")
             img.load()  # decode now, so a truncated file fails here and not inside a batch
-            img = ImageOps.exif_transpose(img).convert("RGB")
+            img = _to_8bit_rgb(ImageOps.exif_transpose(img))
     except SkinCancerError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as e:
+    except Exception as e:  # untrusted bytes: whatever the decoder raises means "not a readable image"
         raise SkinCancerError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
     return PILImage(img) if not isinstance(img, PILImage) else img
 
@@ -126,25 +143,85 @@ def read_card(model_path: str | Path) -> dict:
         raise SkinCancerError(f"{card_path}: not a valid model card ({e})") from None
 
 
-def load(path: str | Path, cpu: bool = True) -> Classifier:
-    """Load an exported learner (cached per path and file version) with its card.
+def inference_learner(card: dict, weights: str | Path):
+    """A learner rebuilt from the card and safetensors weights: no pickle is read, so no code is run."""
+    import tempfile
 
-    A fastai .pkl is a pickle: loading it runs code it contains, so load only files you trust.
-    """
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.vision.learner import vision_learner
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from .data import make_datablock
+    from .files import sha256_file
+    from .train import resolve_arch
+
+    missing = [k for k in ("task", "classes", "arch", "size", "presize") if k not in card]
+    if missing:
+        raise SkinCancerError(f"{weights}: the model card lacks {', '.join(missing)}; it cannot be rebuilt safely")
+    if card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
+        raise SkinCancerError(f"{weights}: sha256 does not match the model card; the file was changed or torn")
+    dblock = make_datablock(card["task"], int(card["size"]), int(card["presize"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        # fastai infers the pipeline's types from one item, as export does: a blank image, then emptied
+        blank = Path(tmp) / "blank.png"
+        Image.new("RGB", (8, 8)).save(blank)
+        rows = pd.DataFrame({"path": [str(blank)] * 2, "label": [card["classes"][0]] * 2, "is_valid": [False, True]})
+        dls = dblock.dataloaders(rows, bs=64, num_workers=0).new_empty()
+    if [str(c) for c in dls.vocab] != list(card["classes"]):
+        raise SkinCancerError(f"{weights}: classes {card['classes']} do not match task {card['task']!r}")
+    learn = vision_learner(dls, resolve_arch(card["arch"]), pretrained=False, n_out=len(card["classes"]),
+                           normalize=False, loss_func=CrossEntropyLossFlat())
+    try:
+        learn.model.load_state_dict(load_file(str(weights)))
+    except Exception as e:  # wrong architecture, truncated file, not safetensors at all
+        raise SkinCancerError(f"{weights}: weights do not fit {card['arch']} with {len(card['classes'])} "
+                              f"classes ({type(e).__name__}: {e})") from None
+    learn.model.eval()
+    return learn
+
+
+def unpickle_learner(path: Path, cpu: bool = True):
+    """fastai's load_learner: runs the pickle's code, so only for trusted files."""
     from fastai.learner import load_learner
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*load_learner.*insecure pickle.*")
+            return load_learner(path, cpu=cpu)
+    except Exception as e:  # a broken pickle can raise nearly anything
+        raise SkinCancerError(f"{path}: not a loadable fastai learner ({type(e).__name__}: {e})") from None
+
+
+def load(path: str | Path, trusted: bool = False, cpu: bool = True) -> Classifier:
+    """Load an exported model (cached per path and file version), safely by default.
+
+    Without `trusted`, the safetensors weights beside NAME.pkl are used and no pickle is read; a .pkl with no
+    weights beside it is unpickled only if its sha256 matches its model card. With `trusted=True` the .pkl is
+    unpickled as fastai's load_learner does, which runs any code the file contains.
+    """
+    from .files import sha256_file
 
     path = Path(path)
     if not path.is_file():
         raise SkinCancerError(f"{path}: no such model file")
-    stat = path.stat()
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, cpu)
+    weights, pickled = path.with_suffix(".safetensors"), path.with_suffix(".pkl")
+    use_pickle = path.suffix == ".pkl" and (trusted or not weights.is_file())
+    source = pickled if use_pickle else weights
+    if not source.is_file():
+        raise SkinCancerError(f"{source}: no such file beside {path.name}")
+    stat = source.stat()
+    key = (str(source.resolve()), stat.st_mtime_ns, stat.st_size, cpu, use_pickle)
     if key not in _CACHE:
         card = read_card(path)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*load_learner.*insecure pickle.*")
-                learn = load_learner(path, cpu=cpu)
-        except Exception as e:  # a broken pickle can raise nearly anything
-            raise SkinCancerError(f"{path}: not a loadable fastai learner ({type(e).__name__}: {e})") from None
+        if use_pickle:
+            if not trusted and card.get("sha256") != sha256_file(pickled):
+                raise SkinCancerError(
+                    f"{pickled}: refusing to unpickle, which would run any code in the file: there are no safetensors "
+                    f"weights beside it and its sha256 does not match {pickled.with_suffix('.json').name}. "
+                    "Pass trusted=True (--trust-pickle) only for a file you trust.")
+            learn = unpickle_learner(pickled, cpu=cpu)
+        else:
+            learn = inference_learner(card, weights)
         _CACHE[key] = Classifier(learn=learn, card=card, path=path)
     return _CACHE[key]

@@ -109,5 +109,7 @@ def test_cli_predict_with_a_missing_model_is_an_error_line(tmp_path, original_im
 def test_a_file_that_is_not_a_learner_is_refused(tmp_path):
     fake = tmp_path / "fake.pkl"
     fake.write_bytes(b"\x80\x04not really")
-    with pytest.raises(SkinCancerError, match="fake.pkl: not a loadable fastai learner"):
+    with pytest.raises(SkinCancerError, match="fake.pkl: refusing to unpickle"):
         load(fake)
+    with pytest.raises(SkinCancerError, match="fake.pkl: not a loadable fastai learner"):
+        load(fake, trusted=True)

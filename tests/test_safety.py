@@ -1,0 +1,192 @@
+"""Safe to load, hard to crash: crafted pickles, the safetensors path, hostile images, diverging training."""
+
+from __future__ import annotations
+
+import io
+import pickle
+import shutil
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from skincancer import SkinCancerError
+from skincancer.predict import load, open_image
+
+
+class _Payload:
+    """Unpickling this creates a file: the stand-in for arbitrary code in a hostile .pkl."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _crafted_pickle(path, marker):
+    path.write_bytes(pickle.dumps(_Payload(marker)))
+
+
+@pytest.fixture
+def export_copy(trained, tmp_path):
+    """A copy of the trained export (pkl, safetensors, card, split) that a test may tamper with."""
+    for suffix in (".pkl", ".safetensors", ".json", ".split.csv"):
+        shutil.copy(trained.with_suffix(suffix), tmp_path / f"model{suffix}")
+    return tmp_path / "model.pkl"
+
+
+def test_a_crafted_pickle_alone_is_refused_and_never_run(tmp_path):
+    model, marker = tmp_path / "evil.pkl", tmp_path / "pwned"
+    _crafted_pickle(model, marker)
+    with pytest.raises(SkinCancerError, match="refusing to unpickle"):
+        load(model)
+    assert not marker.exists()
+    with pytest.raises(SkinCancerError):
+        load(model, trusted=True)  # the caller vouched for it: it is unpickled, and the payload runs
+    assert marker.exists()  # which proves the payload was real
+
+
+def test_a_crafted_pickle_beside_real_weights_is_ignored(export_copy, tmp_path, original_images):
+    marker = tmp_path / "pwned"
+    _crafted_pickle(export_copy, marker)
+    clf = load(export_copy)  # the default path reads the safetensors weights, never the pickle
+    assert not marker.exists()
+    assert 0 <= clf.predict(original_images[0])["malignant_probability"] <= 1
+
+
+def test_a_crafted_pickle_whose_hash_does_not_match_the_card_is_refused(export_copy, tmp_path):
+    marker = tmp_path / "pwned"
+    _crafted_pickle(export_copy, marker)
+    export_copy.with_suffix(".safetensors").unlink()
+    with pytest.raises(SkinCancerError, match="sha256 does not match"):
+        load(export_copy)
+    assert not marker.exists()
+
+
+def test_the_genuine_pickle_loads_when_its_hash_matches_the_card(export_copy, original_images):
+    export_copy.with_suffix(".safetensors").unlink()
+    assert load(export_copy).predict(original_images[0])["label"] in ("benign", "malignant")
+
+
+def test_tampered_weights_are_refused(export_copy):
+    weights = export_copy.with_suffix(".safetensors")
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SkinCancerError, match="sha256 does not match the model card"):
+        load(export_copy)
+
+
+def test_safe_weights_predict_what_the_pickle_predicts(trained, original_images):
+    safe, pickled = load(trained), load(trained, trusted=True)
+    assert safe is not pickled
+    a = np.array([list(r["probabilities"].values()) for r in safe.predict_batch(original_images)])
+    b = np.array([list(r["probabilities"].values()) for r in pickled.predict_batch(original_images)])
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+# --- images ------------------------------------------------------------------------------------
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(original_images):
+    grey = np.asarray(Image.open(original_images[0]).convert("L"), dtype=np.uint16)
+    sixteen = Image.fromarray((grey * 257).astype("<u2"))
+    assert sixteen.mode.startswith("I;16")
+    out = np.asarray(open_image(_png(sixteen)))
+    assert out.shape == (450, 600, 3)
+    np.testing.assert_allclose(out[..., 0].astype(float), grey, atol=1)  # 255 would mean clipped to white
+
+
+def test_palette_png_with_transparency_becomes_rgb(original_images):
+    img = Image.open(original_images[0]).convert("P", palette=Image.Palette.ADAPTIVE)
+    img.info["transparency"] = 0
+    assert open_image(_png(img)).mode == "RGB"
+
+
+@pytest.mark.parametrize("size", [(9000, 9000), (100000, 100000)])
+def test_pixel_bombs_are_refused_from_the_header(size):
+    with pytest.raises(SkinCancerError, match=r"over the limit|not a readable image"):
+        open_image(_png_header_only(*size))
+
+
+def test_empty_and_non_image_inputs(tmp_path):
+    with pytest.raises(SkinCancerError, match="empty"):
+        open_image(b"")
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    with pytest.raises(SkinCancerError, match="zero.jpg: not a readable image"):
+        open_image(tmp_path / "zero.jpg")
+    with pytest.raises(SkinCancerError, match="expected a file path, bytes or a PIL image"):
+        open_image(12345)
+
+
+_SEEDS = {}
+
+
+def _seeds(original_images):
+    if not _SEEDS:
+        small = Image.open(original_images[0]).resize((60, 45))
+        jpeg = io.BytesIO()
+        small.save(jpeg, format="JPEG")
+        _SEEDS["jpeg"], _SEEDS["png"] = jpeg.getvalue(), _png(small)
+    return _SEEDS
+
+
+@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bytes_decode_or_raise_a_clear_error(data, original_images):
+    seeds = _seeds(original_images)
+    kind = data.draw(st.sampled_from(["random", "jpeg", "png"]))
+    if kind == "random":
+        blob = data.draw(st.binary(max_size=2048))
+    else:
+        blob = bytearray(seeds[kind])
+        for _ in range(data.draw(st.integers(1, 8))):
+            pos = data.draw(st.integers(0, len(blob) - 1))
+            blob[pos] = data.draw(st.integers(0, 255))
+        blob = bytes(blob[: data.draw(st.integers(1, len(blob)))])
+    try:
+        img = open_image(blob)
+    except SkinCancerError as e:
+        assert "not a readable image" in str(e) or "empty" in str(e) or "over the limit" in str(e)
+    else:
+        assert img.mode == "RGB" and img.size[0] > 0
+
+
+def test_a_batch_of_hostile_inputs_still_predicts_the_good_images(trained, original_images):
+    seeds = _seeds(original_images)
+    hostile = [b"", b"\x00" * 100, seeds["jpeg"][:200], _png_header_only(100000, 100000), b"GIF89a" + b"\xff" * 50]
+    inputs = [original_images[0], *hostile, original_images[1]]
+    results = load(trained).predict_batch(inputs)
+    assert ["error" in r for r in results] == [False, True, True, True, True, True, False]
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def test_a_diverging_loss_stops_training_with_a_clear_error(ham_dir, tmp_path):
+    from skincancer.train import TrainConfig, fit, monitor_for, setup
+
+    config, df, learn = setup(TrainConfig(data=str(ham_dir), pretrained=False, epochs=1, size=32, bs=16, limit=80,
+                                          num_workers=0, out=str(tmp_path / "m.pkl")))
+    base = learn.loss_func
+    learn.loss_func = lambda pred, *y: base(pred, *y) * float("nan")
+    with pytest.raises(SkinCancerError, match=r"training diverged: the loss became nan at epoch 1, iteration 1"):
+        fit(learn, config, monitor_for("binary"))
+    assert not (tmp_path / "m.pkl").exists()
