@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="start from random weights instead of ImageNet")
     t.add_argument("--out", default="models/skincancer.pkl", help="where to export the learner (.pkl)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run with the same settings from its last epoch checkpoint")
 
     e = sub.add_parser("evaluate", help="metrics and plots of a model on held-out labelled images")
     source = e.add_mutually_exclusive_group(required=True)
@@ -82,7 +84,7 @@ def cmd_train(args) -> int:
                          target_sensitivity=args.target_sensitivity,
                          valid_pct=args.valid_pct, test_pct=args.test_pct, limit=args.limit,
                          drop_missing=args.drop_missing, num_workers=args.workers, out=args.out)
-    train(config)
+    train(config, resume=args.resume)
     return 0
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import json
 import pickle
 import platform
-import tempfile
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -208,27 +209,119 @@ def stop_on_nan():
     return StopOnNaN()
 
 
-def fit(learn, config: TrainConfig, monitor: str) -> int | None:
-    """Fine-tune (pretrained) or fit one cycle (scratch), then restore the best epoch; return its index."""
+# the settings a resumed run must share with the interrupted one
+RESUME_KEYS = ("data", "task", "arch", "pretrained", "epochs", "size", "presize", "bs", "lr", "freeze_epochs",
+               "imbalance", "label_smoothing", "seed", "valid_pct", "test_pct", "limit", "drop_missing")
+
+
+def checkpoint_dir(out: str | Path) -> Path:
+    """Where a run keeps its per-epoch checkpoints until it exports: models/NAME.checkpoints/."""
+    return Path(out).with_suffix(".checkpoints")
+
+
+def phases(config: TrainConfig) -> list[dict]:
+    """The one-cycle fits of a run: fastai's fine_tune schedule (frozen, then unfrozen) or one fit from scratch."""
+    if not config.pretrained:
+        return [dict(epochs=config.epochs, lr=config.lr, frozen=False, kwargs={})]
+    base = config.lr / 2  # as Learner.fine_tune: halve the rate after the frozen epochs, discriminative rates after
+    return [dict(epochs=config.freeze_epochs, lr=slice(config.lr), frozen=True, kwargs=dict(pct_start=0.99)),
+            dict(epochs=config.epochs, lr=slice(base / 100, base), frozen=False, kwargs=dict(pct_start=0.3, div=5.0))]
+
+
+def best_epoch_tracker(monitor: str, skip_to: int = 0):
+    """fastai's SaveModelCallback (best epoch by `monitor`) that ignores epochs a resumed fit skips.
+
+    With start_epoch, fastai still fires after_epoch for the skipped epochs, before the Recorder has any values,
+    and SaveModelCallback fails on them (fastai issue #3780).
+    """
     from fastai.callback.tracker import SaveModelCallback
 
-    with tempfile.TemporaryDirectory(prefix="skincancer-fit-") as tmp:
-        # checkpoints go to a scratch folder: the data folder may be read-only and models/ holds only exports
-        old_path, old_dir = learn.path, learn.model_dir
-        learn.path, learn.model_dir = Path(tmp), "checkpoints"
-        cbs = [SaveModelCallback(monitor=monitor, comp=np.greater, fname="best", with_opt=False), stop_on_nan()]
-        try:
-            if config.pretrained:
-                learn.fine_tune(config.epochs, base_lr=config.lr, freeze_epochs=config.freeze_epochs, cbs=cbs)
-            else:
-                learn.fit_one_cycle(config.epochs, config.lr, cbs=cbs)
-        finally:
-            learn.path, learn.model_dir = old_path, old_dir
-    names = list(learn.recorder.metric_names[1:-1])  # drop 'epoch' and 'time'
-    if monitor not in names or not learn.recorder.values:
-        return None
-    scores = [row[names.index(monitor)] for row in learn.recorder.values]
-    return int(np.nanargmax(np.asarray(scores, dtype=float)))
+    class ResumableSaveModel(SaveModelCallback):
+        def after_epoch(self):
+            if self.epoch >= skip_to:
+                super().after_epoch()
+
+    return ResumableSaveModel(monitor=monitor, comp=np.greater, fname="best", with_opt=False)
+
+
+def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, skip_to: int = 0):
+    """A fastai callback saving weights, optimiser and progress after every epoch, atomically, for --resume."""
+    from fastai.callback.core import Callback
+    from fastai.learner import save_model
+
+    class Checkpoint(Callback):
+        order = tracker.order + 1  # after the tracker has seen this epoch's metric
+        best_epoch: int | None = None
+
+        def after_epoch(self):
+            if self.epoch < skip_to:  # skipped by a resumed fit: nothing new to save
+                return
+            if getattr(tracker, "new_best", False):
+                self.best_epoch = self.epoch
+            with atomic_path(folder / "last.pth") as tmp:
+                save_model(tmp, self.learn.model, self.learn.opt, with_opt=True)
+            write_json_atomic(folder / "state.json", {
+                "phase": phase, "epoch": self.epoch, "best": float(tracker.best), "best_epoch": self.best_epoch,
+                "config": {k: getattr(config, k) for k in RESUME_KEYS}})
+
+    return Checkpoint()
+
+
+def read_resume_state(folder: Path, config: TrainConfig) -> dict:
+    """The interrupted run's progress, after checking that it was run with the same settings."""
+    state_file = folder / "state.json"
+    if not state_file.is_file() or not (folder / "last.pth").is_file():
+        raise SkinCancerError(f"{folder}: no checkpoint to resume from (run without --resume to start afresh)")
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    now = {k: getattr(config, k) for k in RESUME_KEYS}
+    differ = [f"{k}: {state['config'].get(k)!r} then, {now[k]!r} now" for k in RESUME_KEYS
+              if state["config"].get(k) != now[k]]
+    if differ:
+        raise SkinCancerError(f"{state_file}: the interrupted run used other settings ({'; '.join(differ)})")
+    return state
+
+
+def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int | None:
+    """Fine-tune (pretrained) or fit one cycle (scratch), checkpointing each epoch; restore the best epoch.
+
+    Returns the index of the best epoch in the last phase. With `resume`, continue from the checkpoint that an
+    interrupted run with the same settings left in checkpoint_dir(config.out).
+    """
+    folder = checkpoint_dir(config.out)
+    state = read_resume_state(folder, config) if resume else None
+    if state is None:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    old_dir = learn.model_dir
+    learn.model_dir = folder.resolve()  # the best epoch's weights live beside the checkpoints
+    best_epoch = None
+    try:
+        for i, phase in enumerate(phases(config)):
+            if phase["epochs"] == 0 or (state and i < state["phase"]):
+                continue
+            start = state["epoch"] + 1 if state and i == state["phase"] else 0
+            tracker = best_epoch_tracker(monitor, skip_to=start)
+            checkpoint = checkpoint_callback(folder, i, config, tracker, skip_to=start)
+            if start:
+                learn.freeze() if phase["frozen"] else learn.unfreeze()
+                learn.load(folder / "last", with_opt=True)
+                tracker.best, tracker.reset_on_fit = state["best"], False
+                checkpoint.best_epoch = state.get("best_epoch")
+                print(f"resuming from {folder}: phase {i + 1}, epoch {start + 1} of {phase['epochs']}")
+                state = None
+                if start >= phase["epochs"]:  # the phase had ended: keep its best epoch and go on
+                    if (folder / "best.pth").exists():
+                        learn.load(folder / "best")
+                    best_epoch = checkpoint.best_epoch
+                    continue
+            elif config.pretrained:
+                learn.freeze() if phase["frozen"] else learn.unfreeze()
+            learn.fit_one_cycle(phase["epochs"], phase["lr"], start_epoch=start,
+                                cbs=[tracker, checkpoint, stop_on_nan()], **phase["kwargs"])
+            best_epoch = checkpoint.best_epoch
+    finally:
+        learn.model_dir = old_dir
+    return best_epoch
 
 
 def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict]:
@@ -349,10 +442,16 @@ def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None 
     return TrainResult(learn=learn, df=df, card=card, files=files)
 
 
-def train(config: TrainConfig) -> TrainResult:
-    """Read, split, train, evaluate on valid and test, export; return the learner and what was written."""
+def train(config: TrainConfig, resume: bool = False) -> TrainResult:
+    """Read, split, train, evaluate on valid and test, export; return the learner and what was written.
+
+    Each epoch is checkpointed in checkpoint_dir(config.out); `resume` continues an interrupted run from there.
+    The checkpoints are removed once the model is exported.
+    """
     config, df, learn = setup(config)
     print(f"{len(df)} images of {df['lesion_id'].nunique()} lesions; split by lesion (seed {config.seed}):")
     print(split_table(df).to_string())
-    best_epoch = fit(learn, config, monitor_for(config.task))
-    return finish(learn, config, df, best_epoch)
+    best_epoch = fit(learn, config, monitor_for(config.task), resume=resume)
+    result = finish(learn, config, df, best_epoch)
+    shutil.rmtree(checkpoint_dir(config.out), ignore_errors=True)
+    return result

@@ -190,3 +190,86 @@ def test_a_diverging_loss_stops_training_with_a_clear_error(ham_dir, tmp_path):
     with pytest.raises(SkinCancerError, match=r"training diverged: the loss became nan at epoch 1, iteration 1"):
         fit(learn, config, monitor_for("binary"))
     assert not (tmp_path / "m.pkl").exists()
+
+
+def _wait_for_epoch(state_file, epoch, proc, timeout=240):
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state_file.read_text())["epoch"] >= epoch:
+                return
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint of epoch {epoch} appeared (exit status {proc.poll()})")
+
+
+def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, capsys):
+    import json
+    import subprocess
+    import sys
+
+    from skincancer import cli
+    from skincancer.train import checkpoint_dir
+
+    out = tmp_path / "r.pkl"
+    args = ["train", "--data", str(ham_dir), "--limit", "200", "--size", "32", "--bs", "32", "--epochs", "4",
+            "--no-pretrained", "--workers", "0", "--out", str(out)]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "skincancer", *args], stdout=log, stderr=log)
+        try:
+            _wait_for_epoch(checkpoint_dir(out) / "state.json", 1, proc)
+        finally:
+            proc.kill()  # as a crash or a lost machine would
+            proc.wait()
+    done = json.loads((checkpoint_dir(out) / "state.json").read_text())["epoch"]
+    assert not out.exists() and done < 3
+
+    assert cli.main([*args[:10], "5", *args[11:], "--resume"]) == 2  # other settings: refused, checkpoint kept
+    assert "the interrupted run used other settings (epochs: 4 then, 5 now)" in capsys.readouterr().err
+
+    assert cli.main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming from {checkpoint_dir(out)}: phase 1, epoch {done + 2} of 4" in printed
+    assert out.exists() and not checkpoint_dir(out).exists()
+    assert json.loads(out.with_suffix(".json").read_text())["config"]["epochs"] == 4
+
+
+def test_resume_inside_the_unfrozen_phase_of_fine_tuning(ham_dir, tmp_path, monkeypatch, capsys):
+    import torch
+    import torchvision
+    from fastai.callback.core import Callback
+
+    from skincancer import train as T
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ckpt = T.pretrained_weights_file("resnet50")
+    ckpt.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet50().state_dict(), ckpt)
+    config = T.TrainConfig(data=str(ham_dir), pretrained=True, freeze_epochs=1, epochs=2, size=32, bs=32, limit=120,
+                           num_workers=0, out=str(tmp_path / "ft.pkl"))
+    real_stop = T.stop_on_nan
+    seen = []
+
+    class Interrupt(Callback):
+        order = 100  # after the epoch's checkpoint is written, as a crash between epochs would be
+
+        def after_epoch(self):
+            seen.append((self.learn.model[0][0].weight.requires_grad, self.epoch))
+            if len(seen) == 2:  # the first epoch of the unfrozen phase
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "stop_on_nan", Interrupt)
+    config, df, learn = T.setup(config)
+    with pytest.raises(KeyboardInterrupt):
+        T.fit(learn, config, T.monitor_for("binary"))
+    assert seen == [(False, 0), (True, 0)]  # frozen body first, then unfrozen
+
+    monkeypatch.setattr(T, "stop_on_nan", real_stop)
+    config, df, learn = T.setup(config)
+    T.fit(learn, config, T.monitor_for("binary"), resume=True)
+    assert "phase 2, epoch 2 of 2" in capsys.readouterr().out
+    assert learn.model[0][0].weight.requires_grad  # resumed unfrozen
