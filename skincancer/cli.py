@@ -1,4 +1,4 @@
-"""Command line: `python -m skincancer train|evaluate|predict ...`."""
+"""Command line: `python -m skincancer download|train|evaluate|predict ...`."""
 
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--valid-pct", type=float, default=0.15)
     t.add_argument("--test-pct", type=float, default=0.15)
     t.add_argument("--drop-missing", action="store_true", help="drop (with a warning) images missing on disk")
+    t.add_argument("--class-map", help="JSON file mapping class folder names to diagnoses (folder-per-class sets)")
     t.add_argument("--workers", type=int, help="DataLoader worker processes (default: fastai's)")
     t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="start from random weights instead of ImageNet")
@@ -65,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC interval")
     e.add_argument("--out", required=True, help="folder for metrics.json and the PNG plots")
 
+    d = sub.add_parser("download", help="download, verify and extract HAM10000 (the ISIC 2018 Task 3 files)")
+    d.add_argument("--dest", required=True, help="folder to put the data in (e.g. data/HAM10000)")
+    d.add_argument("--mirror", help="base URL that replaces the ISIC bucket; the file names stay the same")
+    d.add_argument("--with-test", action="store_true", help="also the official validation and test sets")
+
     r = sub.add_parser("predict", help="predict images with an exported learner; one JSON object per line")
     r.add_argument("--model", required=True, help="exported learner (.pkl)")
     r.add_argument("--bs", type=_positive_int, default=64, help="batch size")
@@ -72,6 +78,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     r.add_argument("images", nargs="+", help="image files")
     return p
+
+
+def read_class_map(path: str | None) -> dict[str, str] | None:
+    """The --class-map JSON file as a dict, or None."""
+    if path is None:
+        return None
+    try:
+        mapping = json.loads(open(path, encoding="utf-8").read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SkinCancerError(f"{path}: not a readable JSON class map ({e})") from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
+        raise SkinCancerError(f"{path}: expected a JSON object of class folder name -> diagnosis")
+    return mapping
+
+
+def cmd_download(args) -> int:
+    """Run `download`."""
+    from .download import download
+
+    download(args.dest, mirror=args.mirror, with_test=args.with_test)
+    print(f"ready: python -m skincancer train --data {args.dest}")
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -83,7 +111,8 @@ def cmd_train(args) -> int:
                          imbalance=args.imbalance, label_smoothing=args.label_smoothing, seed=args.seed,
                          target_sensitivity=args.target_sensitivity,
                          valid_pct=args.valid_pct, test_pct=args.test_pct, limit=args.limit,
-                         drop_missing=args.drop_missing, num_workers=args.workers, out=args.out)
+                         drop_missing=args.drop_missing, class_map=read_class_map(args.class_map),
+                         num_workers=args.workers, out=args.out)
     train(config, resume=args.resume)
     return 0
 
@@ -123,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     # fastai's import-time use of torch.jit.script is not ours to fix and only confuses CLI users
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict}[args.command](args)
+        return {"download": cmd_download, "train": cmd_train, "evaluate": cmd_evaluate,
+                "predict": cmd_predict}[args.command](args)
     except SkinCancerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

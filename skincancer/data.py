@@ -30,6 +30,14 @@ DX_NAMES: dict[str, str] = {
 }
 
 METADATA_CSV = "HAM10000_metadata.csv"
+METADATA_NAMES = (METADATA_CSV, "HAM10000_metadata.tab", "HAM10000_metadata.tsv", "HAM10000_metadata")  # Dataverse: .tab
+# folder-per-class sets (e.g. Kaggle's "skin cancer ISIC 9 classes"): class folder name -> HAM10000 diagnosis,
+# whose benign/malignant label follows; override with class_map / --class-map
+DEFAULT_CLASS_MAP: dict[str, str] = {
+    "actinic keratosis": "akiec", "basal cell carcinoma": "bcc", "dermatofibroma": "df", "melanoma": "mel",
+    "nevus": "nv", "pigmented benign keratosis": "bkl", "seborrheic keratosis": "bkl",
+    "squamous cell carcinoma": "akiec",  # malignant; HAM10000's akiec holds intraepithelial carcinoma
+    "vascular lesion": "vasc", **{dx: dx for dx in DX_CLASSES}, **{name: dx for dx, name in DX_NAMES.items()}}
 ISIC_GROUND_TRUTH_CSV = "ISIC2018_Task3_Training_GroundTruth.csv"
 ISIC_GROUPINGS_CSV = "ISIC2018_Task3_Training_LesionGroupings.csv"
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
@@ -53,14 +61,16 @@ def index_files(root: str | Path) -> tuple[dict[str, Path], dict[str, Path]]:
             suffix = path.suffix.lower()
             if suffix in IMAGE_SUFFIXES:
                 images.setdefault(path.stem, path)
-            elif suffix == ".csv":
+            elif suffix in (".csv", ".tab", ".tsv") or name in METADATA_NAMES:
                 csvs.setdefault(name, path)
     return images, csvs
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        with open(path, encoding="utf-8", errors="replace") as f:
+            sep = "\t" if "\t" in f.readline() else ","
+        return pd.read_csv(path, dtype=str, keep_default_na=False, sep=sep)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise SkinCancerError(f"{path}: not a readable CSV ({e})") from None
 
@@ -136,6 +146,9 @@ def attach_paths(df: pd.DataFrame, images: dict[str, Path], root: Path, drop_mis
     missing = df.loc[df["path"].isna(), "image_id"]
     if len(missing):
         msg = f"{root}: {len(missing)} of {len(df)} image(s) listed in the metadata are missing: {first_few(missing)}"
+        zips = sorted(p.name for p in Path(root).rglob("*.zip"))
+        if zips:
+            msg += f" (unzip {first_few(zips, 3)} first)"
         if not drop_missing:
             raise SkinCancerError(msg + " (pass drop_missing=True / --drop-missing to train without them)")
         warnings.warn(msg + "; dropped", stacklevel=2)
@@ -146,20 +159,46 @@ def attach_paths(df: pd.DataFrame, images: dict[str, Path], root: Path, drop_mis
     return df
 
 
-def read_metadata(root: str | Path, drop_missing: bool = False) -> pd.DataFrame:
+def read_class_folders(root: Path, images: dict[str, Path], class_map: dict[str, str] | None = None) -> pd.DataFrame:
+    """Metadata for a folder-per-class set (`Train/<class>/*.jpg`, `Test/<class>/*.jpg` or `<class>/*.jpg`)."""
+    mapping = {k.strip().lower(): v for k, v in (class_map or DEFAULT_CLASS_MAP).items()}
+    bad_values = sorted({v for v in mapping.values() if v not in DX_CLASSES})
+    if bad_values:
+        raise SkinCancerError(f"class map: {first_few(bad_values)} not HAM10000 diagnoses ({', '.join(DX_CLASSES)})")
+    rows, unknown = [], set()
+    for image_id, path in images.items():
+        folder = path.parent.name.strip().lower()
+        if folder in mapping:
+            rows.append((image_id, image_id, mapping[folder]))
+        else:
+            unknown.add(path.parent.name)
+    if not rows:
+        raise SkinCancerError(
+            f"{root}: found neither {METADATA_CSV} nor the pair {ISIC_GROUND_TRUTH_CSV} + {ISIC_GROUPINGS_CSV} "
+            "anywhere below this folder, nor class folders whose names the class map knows; see data/README.md")
+    if unknown:
+        raise SkinCancerError(f"{root}: image folder(s) {first_few(sorted(unknown))} are not in the class map; "
+                              "add them with --class-map")
+    warnings.warn(f"{root}: a folder-per-class set has no lesion ids, so each image counts as its own lesion and the "
+                  "split cannot keep photos of one lesion together", stacklevel=3)
+    return pd.DataFrame(rows, columns=["lesion_id", "image_id", "dx"])
+
+
+def read_metadata(root: str | Path, drop_missing: bool = False,
+                  class_map: dict[str, str] | None = None) -> pd.DataFrame:
     """Load a HAM10000 folder into one row per image: lesion_id, image_id, dx, path (plus any other metadata)."""
     root = Path(root)
     images, csvs = index_files(root)
-    if METADATA_CSV in csvs:
-        source = csvs[METADATA_CSV]
+    metadata = next((csvs[n] for n in METADATA_NAMES if n in csvs), None)
+    if metadata is not None:
+        source = metadata
         df = _read_csv(source)
     elif ISIC_GROUND_TRUTH_CSV in csvs and ISIC_GROUPINGS_CSV in csvs:
         source = csvs[ISIC_GROUND_TRUTH_CSV]
         df = read_isic_ground_truth(source, csvs[ISIC_GROUPINGS_CSV])
     else:
-        raise SkinCancerError(
-            f"{root}: found neither {METADATA_CSV} nor the pair {ISIC_GROUND_TRUTH_CSV} + {ISIC_GROUPINGS_CSV} "
-            "anywhere below this folder; see data/README.md for how to get HAM10000")
+        source = root
+        df = read_class_folders(root, images, class_map)
     df = validate_metadata(df, source)
     return attach_paths(df, images, root, drop_missing=drop_missing)
 
@@ -253,9 +292,10 @@ def sample_by_label(df: pd.DataFrame, n: int, seed: int = 42, min_lesions: int =
 
 
 def prepare(root: str | Path, task: str = "binary", valid_pct: float = 0.15, test_pct: float = 0.15,
-            seed: int = 42, limit: int | None = None, drop_missing: bool = False) -> pd.DataFrame:
+            seed: int = 42, limit: int | None = None, drop_missing: bool = False,
+            class_map: dict[str, str] | None = None) -> pd.DataFrame:
     """Metadata with `label` and `split` columns: read, label, optionally sample, split by lesion."""
-    df = add_labels(read_metadata(root, drop_missing=drop_missing), task)
+    df = add_labels(read_metadata(root, drop_missing=drop_missing, class_map=class_map), task)
     if limit:
         df = sample_by_label(df, limit, seed=seed)
     return df.assign(split=split_by_lesion(df, valid_pct, test_pct, seed=seed))

@@ -160,6 +160,7 @@ class TrainConfig:
     test_pct: float = 0.15
     limit: int | None = None
     drop_missing: bool = False
+    class_map: dict[str, str] | None = None  # folder-per-class sets: class folder name -> diagnosis
     num_workers: int | None = None
     out: str = "models/skincancer.pkl"
 
@@ -211,7 +212,7 @@ def stop_on_nan():
 
 # the settings a resumed run must share with the interrupted one
 RESUME_KEYS = ("data", "task", "arch", "pretrained", "epochs", "size", "presize", "bs", "lr", "freeze_epochs",
-               "imbalance", "label_smoothing", "seed", "valid_pct", "test_pct", "limit", "drop_missing")
+               "imbalance", "label_smoothing", "seed", "valid_pct", "test_pct", "limit", "drop_missing", "class_map")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -418,7 +419,7 @@ def setup(config: TrainConfig):
     config = config.resolved()
     set_seed(config.seed, reproducible=True)
     df = prepare(config.data, config.task, config.valid_pct, config.test_pct, config.seed, config.limit,
-                 config.drop_missing)
+                 config.drop_missing, config.class_map)
     check_no_lesion_leak(df)
     dls = make_dataloaders(df, config.task, config.size, config.bs, config.presize,
                            sampler=config.imbalance == "sampler", num_workers=config.num_workers)
