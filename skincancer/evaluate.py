@@ -36,6 +36,7 @@ def _balanced_accuracy(targets, pred) -> float:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
+        warnings.filterwarnings("ignore", message="A single label was found")
         return float(balanced_accuracy_score(targets, pred))
 
 

@@ -42,7 +42,7 @@ def plot_diagnoses(df: pd.DataFrame):
     colours = ["crimson" if d in MALIGNANT_DX else "steelblue" for d in DX_CLASSES]
     ax.bar(x - 0.2, images, 0.4, color=colours, label="images")
     ax.bar(x + 0.2, lesions, 0.4, color=colours, alpha=0.45, label="lesions")
-    for i, (n_img, n_les) in enumerate(zip(images, lesions)):
+    for i, n_img in enumerate(images):
         ax.text(i - 0.2, n_img, f"{int(n_img)}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, [f"{d}\n{DX_NAMES[d].split(' /')[0]}" for d in DX_CLASSES], fontsize=7)
     ax.set(ylabel="count", yscale="log",
