@@ -40,6 +40,7 @@ def tiny_model(folder: Path) -> Path:
 
 def run(model: Path, images: list[Path], bs: int) -> dict:
     """Measure load, latency and throughput; return the figures."""
+    import fastai.vision.all  # noqa: F401  (imports are not load time)
     import torch
 
     from skincancer import predict as P
