@@ -143,9 +143,11 @@ def read_card(model_path: str | Path) -> dict:
         raise SkinCancerError(f"{card_path}: not a valid model card ({e})") from None
 
 
-def inference_learner(card: dict, weights: str | Path):
+def inference_learner(card: dict, weights: str | Path, cpu: bool = True):
     """A learner rebuilt from the card and safetensors weights: no pickle is read, so no code is run."""
     import tempfile
+
+    from fastai.torch_core import default_device
 
     from fastai.losses import CrossEntropyLossFlat
     from fastai.vision.learner import vision_learner
@@ -167,13 +169,15 @@ def inference_learner(card: dict, weights: str | Path):
         blank = Path(tmp) / "blank.png"
         Image.new("RGB", (8, 8)).save(blank)
         rows = pd.DataFrame({"path": [str(blank)] * 2, "label": [card["classes"][0]] * 2, "is_valid": [False, True]})
-        dls = dblock.dataloaders(rows, bs=64, num_workers=0).new_empty()
+        device = "cpu" if cpu else default_device()  # as load_learner(cpu=...): data and model on one device
+        dls = dblock.dataloaders(rows, bs=64, num_workers=0, device=device).new_empty()
     if [str(c) for c in dls.vocab] != list(card["classes"]):
         raise SkinCancerError(f"{weights}: classes {card['classes']} do not match task {card['task']!r}")
     learn = vision_learner(dls, resolve_arch(card["arch"]), pretrained=False, n_out=len(card["classes"]),
                            normalize=False, loss_func=CrossEntropyLossFlat())
     try:
         learn.model.load_state_dict(load_file(str(weights)))
+        learn.model.to(dls.device)
     except Exception as e:  # wrong architecture, truncated file, not safetensors at all
         raise SkinCancerError(f"{weights}: weights do not fit {card['arch']} with {len(card['classes'])} "
                               f"classes ({type(e).__name__}: {e})") from None
@@ -222,6 +226,6 @@ def load(path: str | Path, trusted: bool = False, cpu: bool = True) -> Classifie
                     "Pass trusted=True (--trust-pickle) only for a file you trust.")
             learn = unpickle_learner(pickled, cpu=cpu)
         else:
-            learn = inference_learner(card, weights)
+            learn = inference_learner(card, weights, cpu=cpu)
         _CACHE[key] = Classifier(learn=learn, card=card, path=path)
     return _CACHE[key]
