@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from .errors import SkinCancerError
 
@@ -85,7 +86,7 @@ def read_class_map(path: str | None) -> dict[str, str] | None:
     if path is None:
         return None
     try:
-        mapping = json.loads(open(path, encoding="utf-8").read())
+        mapping = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise SkinCancerError(f"{path}: not a readable JSON class map ({e})") from None
     if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
@@ -119,6 +120,9 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """Run `evaluate`: write OUT/metrics.json and plots, print the headline table."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # the command writes PNG files and opens no window
     from .evaluate import evaluate, metrics_table, read_labels, read_test_split
     from .predict import DISCLAIMER, load
 

@@ -66,7 +66,8 @@ def index_files(root: str | Path) -> tuple[dict[str, Path], dict[str, Path]]:
     return images, csvs
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
+    """A CSV or tab-separated file as strings, or SkinCancerError naming the file."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             sep = "\t" if "\t" in f.readline() else ","
@@ -103,8 +104,8 @@ def onehot_to_dx(gt: pd.DataFrame, source: Path) -> pd.DataFrame:
 
 def read_isic_ground_truth(ground_truth: Path, groupings: Path) -> pd.DataFrame:
     """Turn the ISIC 2018 Task 3 one-hot ground truth plus lesion groupings into HAM10000 metadata columns."""
-    gt = onehot_to_dx(_read_csv(ground_truth), ground_truth)
-    groups = _read_csv(groupings)
+    gt = onehot_to_dx(read_table(ground_truth), ground_truth)
+    groups = read_table(groupings)
     _require_columns(groups, ["image", "lesion_id"], groupings)
     groups = groups.rename(columns={"image": "image_id"})[["image_id", "lesion_id"]]
     df = gt.merge(groups, on="image_id", how="left")
@@ -192,7 +193,7 @@ def read_metadata(root: str | Path, drop_missing: bool = False,
     metadata = next((csvs[n] for n in METADATA_NAMES if n in csvs), None)
     if metadata is not None:
         source = metadata
-        df = _read_csv(source)
+        df = read_table(source)
     elif ISIC_GROUND_TRUTH_CSV in csvs and ISIC_GROUPINGS_CSV in csvs:
         source = csvs[ISIC_GROUND_TRUTH_CSV]
         df = read_isic_ground_truth(source, csvs[ISIC_GROUPINGS_CSV])
@@ -230,13 +231,22 @@ def add_labels(df: pd.DataFrame, task: str) -> pd.DataFrame:
     return df.assign(label=[label_of(dx, task) for dx in df["dx"]])
 
 
+def is_malignant_class(classes) -> np.ndarray:
+    """Boolean mask over `classes`: which ones count as malignant ('malignant', or mel, bcc, akiec)."""
+    return np.array([str(c) == "malignant" or str(c) in MALIGNANT_DX for c in classes], dtype=bool)
+
+
+def task_of(classes) -> str:
+    """The task a model's vocabulary belongs to."""
+    return "binary" if [str(c) for c in classes] == list(BINARY_CLASSES) else "dx"
+
+
 def malignant_probability(probs: np.ndarray, classes) -> np.ndarray:
     """Probability of malignancy from class probabilities: the malignant class, or the sum of mel, bcc and akiec."""
-    classes = list(classes)
-    cols = [classes.index(c) for c in ("malignant", *sorted(MALIGNANT_DX)) if c in classes]
-    if not cols:
-        raise SkinCancerError(f"classes {classes} name neither 'malignant' nor any of {sorted(MALIGNANT_DX)}")
-    return np.asarray(probs)[..., cols].sum(axis=-1)
+    mask = is_malignant_class(classes)
+    if not mask.any():
+        raise SkinCancerError(f"classes {list(classes)} name neither 'malignant' nor any of {sorted(MALIGNANT_DX)}")
+    return np.asarray(probs)[..., mask].sum(axis=-1)
 
 
 # --- splits ----------------------------------------------------------------------------------
@@ -352,7 +362,7 @@ def class_weights(labels, classes) -> "np.ndarray":
 
 def make_dataloaders(df: pd.DataFrame, task: str = "binary", size: int = 224, bs: int = 64,
                      presize: int | None = None, sampler: bool = False, num_workers: int | None = None,
-                     path: str | Path = ".", device=None, seed: int | None = None):
+                     path: str | Path = ".", device=None):
     """DataLoaders on the train and valid splits of `df`; with `sampler`, training batches are class-balanced."""
     missing = [c for c in ("path", "label", "split") if c not in df.columns]
     if missing:
@@ -363,8 +373,6 @@ def make_dataloaders(df: pd.DataFrame, task: str = "binary", size: int = 224, bs
     kwargs = dict(bs=bs, path=path, device=device)
     if num_workers is not None:
         kwargs["num_workers"] = num_workers
-    if seed is not None:
-        kwargs["seed"] = seed
     if not sampler:
         return dblock.dataloaders(items, **kwargs)
     from fastai.callback.data import weighted_dataloaders  # noqa: F401  (patches DataBlock.weighted_dataloaders)

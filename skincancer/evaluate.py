@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import (DX_CLASSES, MALIGNANT_DX, _read_csv, add_labels, attach_paths, index_files, is_onehot,
-                   malignant_probability, onehot_to_dx, read_metadata, validate_metadata)
+from .data import (DX_CLASSES, MALIGNANT_DX, add_labels, attach_paths, index_files, is_malignant_class, is_onehot,
+                   malignant_probability, onehot_to_dx, read_metadata, read_table, task_of, validate_metadata)
 from .errors import SkinCancerError, first_few
-from .files import write_json_atomic
-from .plotting import pyplot as _plt
+from .files import model_files, write_json_atomic
+from .plotting import pyplot
 from .plotting import save_figure
 
 TARGET_SENSITIVITY = 0.90
@@ -38,11 +38,6 @@ def _balanced_accuracy(targets, pred) -> float:
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         warnings.filterwarnings("ignore", message="A single label was found")
         return float(balanced_accuracy_score(targets, pred))
-
-
-def is_malignant_class(classes) -> np.ndarray:
-    """Boolean mask over `classes`: which ones count as malignant."""
-    return np.array([c == "malignant" or c in MALIGNANT_DX for c in classes])
 
 
 def choose_threshold(p_malignant, is_malignant, target_sensitivity: float = TARGET_SENSITIVITY) -> float:
@@ -156,7 +151,7 @@ def read_labels(labels_csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise SkinCancerError(f"{labels_csv}: no such labels file")
-    df = _read_csv(labels_csv)
+    df = read_table(labels_csv)
     if is_onehot(df):
         df = onehot_to_dx(df, labels_csv)
     elif not {"image_id", "dx"} <= set(df.columns):
@@ -173,12 +168,10 @@ def read_labels(labels_csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
 
 def read_test_split(model_path: str | Path, data_dir: str | Path) -> pd.DataFrame:
     """The test split recorded beside a model (NAME.split.csv), resolved against a HAM10000 folder."""
-    from .train import sidecar_paths
-
-    split_csv = sidecar_paths(model_path)["split"]
+    split_csv = model_files(model_path)["split"]
     if not split_csv.is_file():
         raise SkinCancerError(f"{split_csv}: no split file beside the model; evaluate with --images and --labels")
-    split = _read_csv(split_csv)
+    split = read_table(split_csv)
     if not {"image_id", "split"} <= set(split.columns):
         raise SkinCancerError(f"{split_csv}: expected columns image_id,lesion_id,split")
     test_ids = split.loc[split["split"] == "test", "image_id"]
@@ -196,8 +189,7 @@ def read_test_split(model_path: str | Path, data_dir: str | Path) -> pd.DataFram
 
 def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and targets for a frame with `path` and `dx`, through the learner's validation pipeline."""
-    task = "binary" if list(learn.dls.vocab) == ["benign", "malignant"] else "dx"
-    dl = learn.dls.test_dl(add_labels(df, task), with_labels=True, bs=bs)
+    dl = learn.dls.test_dl(add_labels(df, task_of(learn.dls.vocab)), with_labels=True, bs=bs)
     metrics, learn.metrics = learn.metrics, []  # computed here from the predictions, not by fastai per pass
     try:
         if tta:
@@ -216,7 +208,7 @@ def plot_roc(is_malignant, p_malignant, threshold: float | None = None, ax=None)
     """ROC curve of malignant vs benign, with the operating point marked."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
     fpr, tpr, _ = roc_curve(is_malignant, p_malignant)
     ax.plot(fpr, tpr, label=f"AUROC {roc_auc_score(is_malignant, p_malignant):.3f}")
@@ -235,7 +227,7 @@ def plot_pr(is_malignant, p_malignant, ax=None):
     """Precision-recall curve of malignant, with the prevalence as the chance line."""
     from sklearn.metrics import average_precision_score, precision_recall_curve
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
     prec, rec, _ = precision_recall_curve(is_malignant, p_malignant)
     ax.plot(rec, prec, label=f"AP {average_precision_score(is_malignant, p_malignant):.3f}")
@@ -250,7 +242,7 @@ def plot_confusion(targets, preds, classes, ax=None, title: str = "Confusion mat
     """Confusion matrix with counts, rows the truth."""
     from sklearn.metrics import confusion_matrix
 
-    plt = _plt()
+    plt = pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(1.2 * len(classes) + 2,) * 2)
     cm = confusion_matrix(targets, preds, labels=list(range(len(classes))))
     ax.imshow(cm, cmap="Blues")
@@ -263,7 +255,7 @@ def plot_confusion(targets, preds, classes, ax=None, title: str = "Confusion mat
 
 def plot_reliability(is_malignant, p_malignant, bins: int = 10, ax=None):
     """Calibration: observed frequency of malignancy against predicted probability, by bin."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
     y, p = np.asarray(is_malignant, dtype=float), np.asarray(p_malignant, dtype=float)
     edges = np.linspace(0, 1, bins + 1)
@@ -283,7 +275,7 @@ def plot_reliability(is_malignant, p_malignant, bins: int = 10, ax=None):
 
 def plot_threshold(is_malignant, p_malignant, threshold: float | None = None, ax=None):
     """Sensitivity and specificity as the threshold moves, with the operating threshold marked."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4))
     y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=float)
     ts = np.linspace(0, 1, 201)
@@ -307,7 +299,7 @@ def _thumb(path: str, size: int = 160):
 
 def plot_top_losses(df: pd.DataFrame, probs, targets, classes, k: int = 9):
     """The `k` images the model got most wrong (highest cross-entropy), with truth and prediction."""
-    plt = _plt()
+    plt = pyplot()
     probs, targets = np.asarray(probs), np.asarray(targets)
     losses = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1))
     order = np.argsort(-losses)[:k]

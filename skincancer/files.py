@@ -45,6 +45,13 @@ def write_json_atomic(dest: str | Path, obj) -> Path:
     return write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def model_files(model_path: str | Path) -> dict[str, Path]:
+    """The files of one exported model: NAME.pkl, NAME.safetensors, NAME.json (card) and NAME.split.csv."""
+    p = Path(model_path)
+    return {"model": p.with_suffix(".pkl"), "weights": p.with_suffix(".safetensors"), "card": p.with_suffix(".json"),
+            "split": p.with_suffix(".split.csv")}
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex sha256 of a file, read in chunks."""
     h = hashlib.sha256()

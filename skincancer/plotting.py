@@ -7,17 +7,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .data import DX_CLASSES, DX_NAMES, MALIGNANT_DX, SPLITS
+from .data import DX_CLASSES, DX_NAMES, MALIGNANT_DX, SPLITS, is_malignant_class
 from .files import atomic_path
 
 
 def pyplot():
-    """matplotlib.pyplot, on the Agg backend unless a notebook already chose one."""
-    import matplotlib
-
-    if "inline" not in matplotlib.get_backend().lower() and matplotlib.get_backend().lower() not in ("nbagg",
-                                                                                                    "widget"):
-        matplotlib.use("Agg")  # files, not windows
+    """matplotlib.pyplot, imported on first use (the command line picks the Agg backend; notebooks keep theirs)."""
     import matplotlib.pyplot as plt
 
     return plt
@@ -139,8 +134,7 @@ def plot_prediction(clf, image, result: dict | None = None):
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     probs = pd.Series(result["probabilities"]).sort_values()
-    probs.plot.barh(ax=axes[2], color=["crimson" if c in MALIGNANT_DX or c == "malignant" else "steelblue"
-                                       for c in probs.index])
+    probs.plot.barh(ax=axes[2], color=["crimson" if m else "steelblue" for m in is_malignant_class(probs.index)])
     axes[2].set(xlim=(0, 1), title="class probabilities")
     fig.suptitle(f"{result['label']}: probability of malignancy {result['malignant_probability']:.2f} "
                  f"(operating threshold {clf.threshold:.2f})\n{DISCLAIMER}", fontsize=10)

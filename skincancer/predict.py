@@ -12,7 +12,8 @@ from typing import Any, Iterable, Union
 import numpy as np
 import pandas as pd
 
-from .data import malignant_probability
+from .data import malignant_probability, task_of
+from .files import model_files, sha256_file
 from .errors import SkinCancerError
 
 ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
@@ -94,7 +95,7 @@ class Classifier:
     def _result(self, name: str, probs: np.ndarray) -> dict:
         classes = self.classes
         p_mal = float(malignant_probability(probs, classes))
-        if classes == ["benign", "malignant"]:
+        if task_of(classes) == "binary":
             label = "malignant" if p_mal >= self.threshold else "benign"
         else:
             label = classes[int(np.argmax(probs))]
@@ -134,7 +135,7 @@ _CACHE: dict[tuple, Classifier] = {}
 
 def read_card(model_path: str | Path) -> dict:
     """The model card (NAME.json) beside an exported model, or {} when there is none."""
-    card_path = Path(model_path).with_suffix(".json")
+    card_path = model_files(model_path)["card"]
     if not card_path.exists():
         return {}
     try:
@@ -155,7 +156,6 @@ def inference_learner(card: dict, weights: str | Path, cpu: bool = True):
     from safetensors.torch import load_file
 
     from .data import make_datablock
-    from .files import sha256_file
     from .train import resolve_arch
 
     missing = [k for k in ("task", "classes", "arch", "size", "presize") if k not in card]
@@ -204,12 +204,11 @@ def load(path: str | Path, trusted: bool = False, cpu: bool = True) -> Classifie
     weights beside it is unpickled only if its sha256 matches its model card. With `trusted=True` the .pkl is
     unpickled as fastai's load_learner does, which runs any code the file contains.
     """
-    from .files import sha256_file
-
     path = Path(path)
     if not path.is_file():
         raise SkinCancerError(f"{path}: no such model file")
-    weights, pickled = path.with_suffix(".safetensors"), path.with_suffix(".pkl")
+    files = model_files(path)
+    weights, pickled = files["weights"], files["model"]
     use_pickle = path.suffix == ".pkl" and (trusted or not weights.is_file())
     source = pickled if use_pickle else weights
     if not source.is_file():
@@ -222,7 +221,7 @@ def load(path: str | Path, trusted: bool = False, cpu: bool = True) -> Classifie
             if not trusted and card.get("sha256") != sha256_file(pickled):
                 raise SkinCancerError(
                     f"{pickled}: refusing to unpickle, which would run any code in the file: there are no safetensors "
-                    f"weights beside it and its sha256 does not match {pickled.with_suffix('.json').name}. "
+                    f"weights beside it and its sha256 does not match {files['card'].name}. "
                     "Pass trusted=True (--trust-pickle) only for a file you trust.")
             learn = unpickle_learner(pickled, cpu=cpu)
         else:

@@ -17,10 +17,10 @@ import pandas as pd
 
 from . import __version__
 from .data import (SPLITS, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
-                   make_dataloaders, malignant_probability, prepare, split_table)
+                   is_malignant_class, make_dataloaders, malignant_probability, prepare, split_table)
 from .errors import SkinCancerError
 from .evaluate import metrics_table
-from .files import atomic_path, sha256_file, write_json_atomic
+from .files import atomic_path, model_files, sha256_file, write_json_atomic
 
 IMBALANCE = ("loss", "sampler", "none")
 DEFAULT_EPOCHS = {True: 10, False: 30}  # fine-tuning converges fast; from scratch needs many more passes
@@ -55,9 +55,7 @@ def pretrained_weights_file(arch: str | Callable) -> Path | None:
     fn = resolve_arch(arch)
     if not callable(fn):
         return None
-    weights = model_meta.get(fn, {}).get("weights", "DEFAULT")
-    enum = tvm.get_model_weights(fn)
-    url = enum[weights].url if weights != "DEFAULT" else enum.DEFAULT.url
+    url = tvm.get_model_weights(fn)[model_meta.get(fn, {}).get("weights", "DEFAULT")].url
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
@@ -327,7 +325,7 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
 
 def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict]:
     """Choose the operating threshold on valid, then metrics of valid and test at it; return (metrics, rule)."""
-    from .evaluate import choose_threshold, classification_metrics, is_malignant_class, predict_frame
+    from .evaluate import choose_threshold, classification_metrics, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
     preds = {s: predict_frame(learn, df[df["split"] == s]) for s in ("valid", "test") if (df["split"] == s).any()}
@@ -379,13 +377,6 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
     }
 
 
-def sidecar_paths(model_path: str | Path) -> dict[str, Path]:
-    """The files of one exported model: NAME.pkl, NAME.safetensors, NAME.json (card) and NAME.split.csv."""
-    p = Path(model_path)
-    return {"model": p.with_suffix(".pkl"), "weights": p.with_suffix(".safetensors"), "card": p.with_suffix(".json"),
-            "split": p.with_suffix(".split.csv")}
-
-
 def save_weights(model, path: str | Path) -> None:
     """The model's weights as safetensors: plain tensors, nothing that runs code when loaded."""
     from safetensors.torch import save_file
@@ -397,7 +388,7 @@ def export(learn, out: str | Path, card: dict, df: pd.DataFrame) -> dict[str, Pa
     """Export the learner (.pkl), its weights (.safetensors), card and split atomically; a failure keeps the old ones."""
     from fastai.vision.all import imagenet_stats
 
-    paths = sidecar_paths(out)
+    paths = model_files(out)
     learn = learn.to_fp32() if hasattr(learn, "to_fp32") else learn
     with atomic_path(paths["model"]) as tmp_model, atomic_path(paths["weights"]) as tmp_weights, \
             atomic_path(paths["split"]) as tmp_split:
