@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
@@ -362,24 +363,88 @@ def class_weights(labels, classes) -> "np.ndarray":
 
 def make_dataloaders(df: pd.DataFrame, task: str = "binary", size: int = 224, bs: int = 64,
                      presize: int | None = None, sampler: bool = False, num_workers: int | None = None,
-                     path: str | Path = ".", device=None):
-    """DataLoaders on the train and valid splits of `df`; with `sampler`, training batches are class-balanced."""
+                     path: str | Path = ".", device=None, cache: bool | str | Path = False):
+    """DataLoaders on the train and valid splits of `df`; with `sampler`, training batches are class-balanced.
+
+    With `cache` (True, or a folder), train and valid read a presized uint8 array (see skincancer.presize)
+    instead of decoding files, kept on the GPU when there is one; `test_dl` and exported learners read files.
+    """
     missing = [c for c in ("path", "label", "split") if c not in df.columns]
     if missing:
         raise SkinCancerError(f"metadata frame: missing column(s) {missing}; build it with skincancer.data.prepare")
     items = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
     items = items.assign(is_valid=items["split"] == "valid")
+    presize = presize or default_presize(size)
     dblock = make_datablock(task, size, presize)
     kwargs = dict(bs=bs, path=path, device=device)
-    if num_workers is not None:
-        kwargs["num_workers"] = num_workers
-    if not sampler:
-        return dblock.dataloaders(items, **kwargs)
-    from fastai.callback.data import weighted_dataloaders  # noqa: F401  (patches DataBlock.weighted_dataloaders)
+    if num_workers is not None or cache:
+        kwargs["num_workers"] = 0 if cache else num_workers
+    if sampler:
+        from fastai.callback.data import weighted_dataloaders  # noqa: F401  (patches DataBlock.weighted_dataloaders)
 
-    classes = classes_for(task)
-    w = class_weights(items.loc[~items["is_valid"], "label"], classes)
-    # one weight per item, valid included: fastai picks the training items' weights by the split indices
-    per_item = w[[classes.index(lbl) for lbl in items["label"]]]
-    return dblock.weighted_dataloaders(items, wgts=per_item, **kwargs)
+        classes = classes_for(task)
+        w = class_weights(items.loc[~items["is_valid"], "label"], classes)
+        # one weight per item, valid included: fastai picks the training items' weights by the split indices
+        per_item = w[[classes.index(lbl) for lbl in items["label"]]]
+        dls = dblock.weighted_dataloaders(items, wgts=per_item, **kwargs)
+    else:
+        dls = dblock.dataloaders(items, **kwargs)
+    if cache:
+        from .presize import presized_images
 
+        # one cache for train and valid, in path order: another seed's split of the same images reuses it
+        paths = pd.Index(sorted(set(items["path"].astype(str))))
+        images = presized_images(paths, presize, None if cache is True else cache)
+        rows = paths.get_indexer(items["path"].astype(str))
+        targets = np.array([dls.vocab.o2i[lbl] for lbl in items["label"]])
+        dls.loaders = [presized_loader(dl, images[rows[idx]], targets[idx])
+                       for dl, idx in zip(dls.loaders, dblock.splitter(items))]
+    return dls
+
+
+def presized_loader(dl, images: np.ndarray, targets: np.ndarray):
+    """A PresizedDL in place of the fastai loader `dl`, reading `images` and `targets` (in `dl.dataset` order)."""
+    import torch
+
+    device = dl.device if dl.device is not None else torch.device("cpu")
+    return dl.new(cls=presized_dl_class(), images=torch.from_numpy(np.ascontiguousarray(images)).to(device),
+                  targets=torch.as_tensor(targets, device=device), wgts=getattr(dl, "wgts", None))
+
+
+@functools.cache
+def presized_dl_class():
+    """The PresizedDL class; built on first use so that importing skincancer.data does not import fastai."""
+    import torch
+    from fastai.data.core import TfmdDL
+    from fastai.torch_core import TensorCategory, TensorImage
+
+    class PresizedDL(TfmdDL):
+        """A fastai TfmdDL whose batches are gathered from a presized uint8 array (N, H, W, 3), not decoded.
+
+        Batch transforms (augmentation, normalisation) run as usual. Anything built from it with `new`
+        (`test_dl`, the export's empty loaders) is a plain TfmdDL that reads files again.
+        """
+
+        def __init__(self, dataset=None, images=None, targets=None, wgts=None, **kwargs):
+            self.images, self.targets = images, targets
+            self.wgts = None if wgts is None else np.asarray(wgts, dtype=float) / np.sum(wgts)
+            super().__init__(dataset, **kwargs)
+
+        def get_idxs(self):
+            if self.wgts is None or not self.shuffle or self.n == 0:
+                return super().get_idxs()
+            return list(np.random.choice(self.n, self.n, p=self.wgts))  # as fastai's WeightedDL
+
+        def create_batches(self, samps):
+            for idxs in self.chunkify(samps):
+                i = torch.as_tensor(list(idxs), device=self.images.device)
+                # NHWC storage seen as NCHW: the batch arrives in channels_last layout at no cost
+                yield TensorImage(self.images[i].permute(0, 3, 1, 2)), TensorCategory(self.targets[i])
+
+        def new(self, dataset=None, cls=None, **kwargs):
+            if cls is None:  # a loader for other items: read files, with fastai's default workers
+                cls = TfmdDL
+                kwargs.setdefault("num_workers", None)
+            return super().new(dataset, cls, **kwargs)
+
+    return PresizedDL

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # the smallest real training run: ~300 images, 64 px, one epoch, from scratch
 SMALL = ["--limit", "300", "--size", "64", "--bs", "32", "--epochs", "1", "--no-pretrained", "--workers", "0"]
 SHARED = Path(os.environ.get("SKINCANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# presized caches of this test session (subprocesses inherit it), never the user's ~/.cache/skincancer
+os.environ["SKINCANCER_CACHE"] = tempfile.mkdtemp(prefix="skincancer-test-cache-")
 
 
 def _need(path: Path) -> Path:
