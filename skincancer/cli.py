@@ -31,23 +31,31 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="HAM10000 folder (metadata CSV and images anywhere below it)")
     t.add_argument("--task", choices=TASKS, default="binary", help="benign/malignant or the 7 diagnoses")
     t.add_argument("--arch", default="resnet50", help="torchvision or timm architecture name")
-    t.add_argument("--epochs", type=_positive_int, help="default: 10 fine-tuning, 30 from scratch")
-    t.add_argument("--size", type=_positive_int, default=224, help="final image size in pixels")
+    t.add_argument("--epochs", type=_positive_int, help="default: the recipe's (fine-tuning or from scratch)")
+    t.add_argument("--size", type=_positive_int, help="final image size in pixels (default: the recipe's)")
     t.add_argument("--presize", type=_positive_int, help="item resize before GPU augmentation (default 1.5x size)")
-    t.add_argument("--bs", type=_positive_int, default=64, help="batch size")
-    t.add_argument("--lr", type=float, help="learning rate (default 2e-3 fine-tuning, 1e-3 from scratch)")
+    t.add_argument("--bs", type=_positive_int, help="batch size (default: the recipe's)")
+    t.add_argument("--lr", type=float, help="peak one-cycle learning rate (default: the recipe's)")
     t.add_argument("--seed", type=int, default=42, help="seed for the split, sampling and training")
     t.add_argument("--limit", type=_positive_int, help="train on a label-stratified sample of about N images")
     t.add_argument("--imbalance", choices=IMBALANCE, default="loss",
                    help="class-weighted loss (default), balanced sampling, or none")
-    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--label-smoothing", type=float, help="default: the recipe's")
+    t.add_argument("--mixup", type=float, help="MixUp Beta alpha, 0 for none (default: the recipe's)")
     t.add_argument("--target-sensitivity", type=float, default=0.90,
                    help="the operating threshold is chosen on the validation split to reach this sensitivity")
     t.add_argument("--valid-pct", type=float, default=0.15)
     t.add_argument("--test-pct", type=float, default=0.15)
     t.add_argument("--drop-missing", action="store_true", help="drop (with a warning) images missing on disk")
     t.add_argument("--class-map", help="JSON file mapping class folder names to diagnoses (folder-per-class sets)")
-    t.add_argument("--workers", type=int, help="DataLoader worker processes (default: fastai's)")
+    t.add_argument("--workers", type=int, help="DataLoader worker processes with --no-cache (default: fastai's)")
+    t.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="decode files every epoch instead of training from the presized image cache")
+    t.add_argument("--cache-dir", help="where presized caches live (default: $SKINCANCER_CACHE or "
+                                       "~/.cache/skincancer)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the model (pays off on long GPU runs)")
+    t.add_argument("--checkpoint-every", type=float, default=60.0,
+                   help="seconds between resumable checkpoints (0: after every epoch)")
     t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
                    help="start from random weights instead of ImageNet")
     t.add_argument("--out", default="models/skincancer.pkl", help="where to export the learner (.pkl)")
@@ -109,7 +117,9 @@ def cmd_train(args) -> int:
 
     config = TrainConfig(data=args.data, task=args.task, arch=args.arch, pretrained=args.pretrained,
                          epochs=args.epochs, size=args.size, presize=args.presize, bs=args.bs, lr=args.lr,
-                         imbalance=args.imbalance, label_smoothing=args.label_smoothing, seed=args.seed,
+                         imbalance=args.imbalance, label_smoothing=args.label_smoothing, mixup=args.mixup,
+                         seed=args.seed, cache=args.cache, cache_dir=args.cache_dir, compile=args.compile,
+                         checkpoint_every=args.checkpoint_every,
                          target_sensitivity=args.target_sensitivity,
                          valid_pct=args.valid_pct, test_pct=args.test_pct, limit=args.limit,
                          drop_missing=args.drop_missing, class_map=read_class_map(args.class_map),

@@ -23,8 +23,12 @@ from .evaluate import metrics_table
 from .files import atomic_path, model_files, sha256_file, write_json_atomic
 
 IMBALANCE = ("loss", "sampler", "none")
-DEFAULT_EPOCHS = {True: 10, False: 30}  # fine-tuning converges fast; from scratch needs many more passes
-DEFAULT_LR = {True: 2e-3, False: 1e-3}
+# Defaults by `pretrained`. Fine-tuning keeps fastai's: a few epochs at bs 64. From scratch needs many more
+# passes, larger batches and stronger regularisation: the recipe measured on one GPU (README, "Speed").
+RECIPES: dict[bool, dict[str, Any]] = {
+    True: dict(epochs=10, size=224, bs=64, lr=2e-3, label_smoothing=0.0, mixup=0.0),
+    False: dict(epochs=60, size=128, bs=256, lr=3e-3, label_smoothing=0.0, mixup=0.0),
+}
 
 
 # --- architecture and weights -------------------------------------------------------------------
@@ -113,13 +117,51 @@ def make_loss(task: str, train_labels=None, imbalance: str = "loss", label_smoot
     return CrossEntropyLossFlat(weight=weight, label_smoothing=label_smoothing)
 
 
-def make_learner(dls, task: str = "binary", arch: str | Callable = "resnet50", pretrained: bool = True,
-                 loss_func=None, path: str | Path | None = None, **kwargs):
-    """A fastai `vision_learner` with the task's metrics; pretrained weights missing raise SkinCancerError."""
+def compile_model(**kwargs):
+    """A fastai callback that runs the model through torch.compile while fitting, and leaves it plain after."""
+    from fastai.callback.core import Callback
+
+    class CompileModel(Callback):
+        order = -1  # with ChannelsLast, before anything wraps the model
+
+        def before_fit(self):
+            self.learn.model.compile(**kwargs)
+
+        def after_fit(self):
+            # nn.Module.compile keeps the compiled forward here; dropped so the learner can be pickled
+            self.learn.model._compiled_call_impl = None
+
+    return CompileModel()
+
+
+def fused_adamw():
+    """fastai's AdamW as one fused PyTorch kernel on a GPU (same betas, eps and true weight decay).
+
+    fastai's own Optimizer steps each parameter tensor in Python; for ResNet50's 161 tensors that is thousands
+    of small kernel launches per batch, which the GPU then waits on.
+    """
     import torch
+    from fastai.optimizer import OptimWrapper
+
+    def opt_func(params, **kwargs):
+        return OptimWrapper(params, torch.optim.AdamW, betas=(0.9, 0.99), eps=1e-5, fused=True, **kwargs)
+
+    return opt_func
+
+
+def make_learner(dls, task: str = "binary", arch: str | Callable = "resnet50", pretrained: bool = True,
+                 loss_func=None, path: str | Path | None = None, compile: bool = False, **kwargs):
+    """A fastai `vision_learner` with the task's metrics; pretrained weights missing raise SkinCancerError.
+
+    On a GPU it trains in bf16 (fp16 where bf16 is missing) with channels_last; `compile` adds torch.compile.
+    """
+    import torch
+    from fastai.callback.channelslast import ChannelsLast
     from fastai.vision.all import vision_learner
 
     fn = resolve_arch(arch)
+    if torch.cuda.is_available():
+        kwargs.setdefault("opt_func", fused_adamw())
     try:
         learn = vision_learner(dls, fn, pretrained=pretrained, metrics=metrics_for(task), loss_func=loss_func,
                                **kwargs)
@@ -131,6 +173,9 @@ def make_learner(dls, task: str = "binary", arch: str | Callable = "resnet50", p
         learn.path = Path(path)
     if torch.cuda.is_available():
         learn = learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
+        learn.add_cb(ChannelsLast())
+    if compile:
+        learn.add_cb(compile_model())
     return learn
 
 
@@ -144,15 +189,16 @@ class TrainConfig:
     task: str = "binary"
     arch: str = "resnet50"
     pretrained: bool = True
-    epochs: int | None = None          # None: DEFAULT_EPOCHS[pretrained]
-    size: int = 224
+    epochs: int | None = None          # None (here and below): RECIPES[pretrained]
+    size: int | None = None
     presize: int | None = None         # None: default_presize(size)
-    bs: int = 64
-    lr: float | None = None            # None: DEFAULT_LR[pretrained]
+    bs: int | None = None
+    lr: float | None = None
     freeze_epochs: int = 1
     imbalance: str = "loss"
     target_sensitivity: float = 0.90   # the operating threshold is chosen on valid to reach it
-    label_smoothing: float = 0.0
+    label_smoothing: float | None = None
+    mixup: float | None = None         # MixUp alpha; 0 turns it off
     seed: int = 42
     valid_pct: float = 0.15
     test_pct: float = 0.15
@@ -160,6 +206,10 @@ class TrainConfig:
     drop_missing: bool = False
     class_map: dict[str, str] | None = None  # folder-per-class sets: class folder name -> diagnosis
     num_workers: int | None = None
+    cache: bool = True                 # train from a presized array cache (skincancer.presize), not from files
+    cache_dir: str | None = None       # None: skincancer.presize.default_cache_dir()
+    compile: bool = False
+    checkpoint_every: float = 60.0     # seconds between resumable checkpoints (0: every epoch)
     out: str = "models/skincancer.pkl"
 
     def resolved(self) -> "TrainConfig":
@@ -167,18 +217,19 @@ class TrainConfig:
         check_task(self.task)
         if self.imbalance not in IMBALANCE:
             raise SkinCancerError(f"imbalance: {self.imbalance!r} is not one of {', '.join(IMBALANCE)}")
-        for name in ("size", "bs"):
-            if getattr(self, name) <= 0:
-                raise SkinCancerError(f"{name}: {getattr(self, name)} must be positive")
+        recipe = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in RECIPES[self.pretrained].items()}
+        for name in ("epochs", "size", "bs", "lr"):
+            if recipe[name] <= 0:
+                raise SkinCancerError(f"{name}: {recipe[name]} must be positive")
+        if not 0 <= recipe["label_smoothing"] < 1:
+            raise SkinCancerError(f"label_smoothing: {recipe['label_smoothing']} must be in [0, 1)")
+        if recipe["mixup"] < 0:
+            raise SkinCancerError(f"mixup: {recipe['mixup']} must be 0 (off) or a positive Beta alpha")
         if not 0 < self.target_sensitivity <= 1:
             raise SkinCancerError(f"target_sensitivity: {self.target_sensitivity} must be in (0, 1]")
-        if self.epochs is not None and self.epochs <= 0:
-            raise SkinCancerError(f"epochs: {self.epochs} must be positive")
         if not str(self.out).endswith(".pkl"):
             raise SkinCancerError(f"out: {self.out} must end in .pkl")
-        return dataclasses.replace(
-            self, epochs=self.epochs or DEFAULT_EPOCHS[self.pretrained], lr=self.lr or DEFAULT_LR[self.pretrained],
-            presize=self.presize or default_presize(self.size))
+        return dataclasses.replace(self, **recipe, presize=self.presize or default_presize(recipe["size"]))
 
 
 @dataclass
@@ -210,7 +261,8 @@ def stop_on_nan():
 
 # the settings a resumed run must share with the interrupted one
 RESUME_KEYS = ("data", "task", "arch", "pretrained", "epochs", "size", "presize", "bs", "lr", "freeze_epochs",
-               "imbalance", "label_smoothing", "seed", "valid_pct", "test_pct", "limit", "drop_missing", "class_map")
+               "imbalance", "label_smoothing", "mixup", "seed", "valid_pct", "test_pct", "limit", "drop_missing",
+               "class_map")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -228,35 +280,67 @@ def phases(config: TrainConfig) -> list[dict]:
 
 
 def best_epoch_tracker(monitor: str, skip_to: int = 0):
-    """fastai's SaveModelCallback (best epoch by `monitor`) that ignores epochs a resumed fit skips.
+    """fastai's SaveModelCallback (best epoch by `monitor`), keeping the best weights in memory.
 
-    With start_epoch, fastai still fires after_epoch for the skipped epochs, before the Recorder has any values,
+    Writing 100 MB to disk at every improvement cost a quarter of a second per epoch on a GPU, where an epoch
+    takes two; the checkpoint callback writes the best weights beside its checkpoint instead. It also ignores
+    the epochs a resumed fit skips: fastai still fires after_epoch for them, before the Recorder has any values,
     and SaveModelCallback fails on them (fastai issue #3780).
     """
     from fastai.callback.tracker import SaveModelCallback
 
     class ResumableSaveModel(SaveModelCallback):
+        best_state: dict | None = None
+
+        def _save(self, name):
+            self.best_state = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+
         def after_epoch(self):
             if self.epoch >= skip_to:
                 super().after_epoch()
+
+        def after_fit(self, **kwargs):
+            if self.best_state is not None:
+                self.learn.model.load_state_dict(self.best_state)
+            elif (self.learn.path / self.learn.model_dir / f"{self.fname}.pth").exists():
+                super().after_fit(**kwargs)  # a resumed fit with no better epoch: the best saved before it
 
     return ResumableSaveModel(monitor=monitor, comp=np.greater, fname="best", with_opt=False)
 
 
 def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, skip_to: int = 0):
-    """A fastai callback saving weights, optimiser and progress after every epoch, atomically, for --resume."""
+    """A fastai callback saving weights, optimiser and progress atomically for --resume.
+
+    It saves after an epoch when `config.checkpoint_every` seconds have passed since the last save, and after
+    the last epoch: on a GPU an epoch takes seconds, and writing the optimiser state each time would cost more.
+    """
+    import time
+
     from fastai.callback.core import Callback
     from fastai.learner import save_model
 
     class Checkpoint(Callback):
         order = tracker.order + 1  # after the tracker has seen this epoch's metric
         best_epoch: int | None = None
+        saved_best: dict | None = None
+
+        def before_fit(self):
+            self.saved_at = time.monotonic()
 
         def after_epoch(self):
             if self.epoch < skip_to:  # skipped by a resumed fit: nothing new to save
                 return
             if getattr(tracker, "new_best", False):
                 self.best_epoch = self.epoch
+            if self.epoch + 1 < self.n_epoch and time.monotonic() - self.saved_at < config.checkpoint_every:
+                return
+            self.saved_at = time.monotonic()
+            if tracker.best_state is not None and self.saved_best is not tracker.best_state:
+                import torch
+
+                with atomic_path(folder / "best.pth") as tmp:
+                    torch.save(tracker.best_state, tmp)
+                self.saved_best = tracker.best_state
             with atomic_path(folder / "last.pth") as tmp:
                 save_model(tmp, self.learn.model, self.learn.opt, with_opt=True)
             write_json_atomic(folder / "state.json", {
@@ -413,11 +497,16 @@ def setup(config: TrainConfig):
                  config.drop_missing, config.class_map)
     check_no_lesion_leak(df)
     dls = make_dataloaders(df, config.task, config.size, config.bs, config.presize,
-                           sampler=config.imbalance == "sampler", num_workers=config.num_workers)
+                           sampler=config.imbalance == "sampler", num_workers=config.num_workers,
+                           cache=(config.cache_dir or True) if config.cache else False)
     train_labels = df.loc[df["split"] == "train", "label"]
     loss = make_loss(config.task, train_labels, config.imbalance, config.label_smoothing)
     learn = make_learner(dls, config.task, config.arch, config.pretrained, loss_func=loss,
-                         path=Path(config.out).parent)
+                         path=Path(config.out).parent, compile=config.compile)
+    if config.mixup:
+        from fastai.callback.mixup import MixUp
+
+        learn.add_cb(MixUp(config.mixup))
     return config, df, learn
 
 

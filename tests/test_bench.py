@@ -14,3 +14,18 @@ def test_predict_benchmark_smoke_prints_its_figures(ham_dir):
     assert run.returncode == 0, run.stderr[-2000:]
     for figure in ("load (safetensors, default)", "single-image latency", "predict_batch", "ratio batch / loop"):
         assert figure in run.stdout
+
+
+def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir, tmp_path):
+    import json
+
+    out = tmp_path / "runs.jsonl"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "ratio ours / seed, images/s end to end" in run.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["name"] for r in rows] == ["seed", "ours"]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["epochs"] == 1 and 0 <= r["valid_auroc"] <= 1
+    assert rows[1]["settings"]["cache"] is True

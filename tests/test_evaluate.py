@@ -164,5 +164,6 @@ def test_gradcam_map_and_overlay_on_a_real_lesion(trained, original_images):
     assert heat.shape == (450, 600) and overlay.size == (600, 450)
     assert heat.min() >= 0 and heat.max() == pytest.approx(1.0, abs=1e-2) and heat.std() > 0.01
     photo = np.asarray(Image.open(original_images[0]).convert("RGB"), dtype=float)
-    changed = np.abs(np.asarray(overlay, dtype=float) - photo).sum(-1) > 10
-    assert changed[heat > 0.5].mean() > changed[heat < 0.05].mean()  # colour goes where the heat is
+    change = np.abs(np.asarray(overlay, dtype=float) - photo).sum(-1)
+    hot, cold = heat >= np.quantile(heat, 0.8), heat <= np.quantile(heat, 0.2)
+    assert change[hot].mean() > change[cold].mean()  # colour goes where the heat is

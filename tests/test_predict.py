@@ -32,7 +32,7 @@ def test_predict_a_full_size_original(clf, original_images):
     assert res["image"] == str(original_images[0])
     assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
     assert res["malignant_probability"] == pytest.approx(res["probabilities"]["malignant"])
-    assert res["label"] == ("malignant" if res["malignant_probability"] >= 0.5 else "benign")
+    assert res["label"] == ("malignant" if res["malignant_probability"] >= clf.threshold else "benign")
 
 
 def test_path_bytes_and_pil_inputs_agree(clf, original_images):

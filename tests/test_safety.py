@@ -217,7 +217,7 @@ def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, ca
 
     out = tmp_path / "r.pkl"
     args = ["train", "--data", str(ham_dir), "--limit", "200", "--size", "32", "--bs", "32", "--epochs", "4",
-            "--no-pretrained", "--workers", "0", "--out", str(out)]
+            "--no-pretrained", "--workers", "0", "--out", str(out), "--checkpoint-every", "0"]
     with open(tmp_path / "log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "skincancer", *args], stdout=log, stderr=log)
         try:
@@ -250,7 +250,7 @@ def test_resume_inside_the_unfrozen_phase_of_fine_tuning(ham_dir, tmp_path, monk
     ckpt.parent.mkdir(parents=True)
     torch.save(torchvision.models.resnet50().state_dict(), ckpt)
     config = T.TrainConfig(data=str(ham_dir), pretrained=True, freeze_epochs=1, epochs=2, size=32, bs=32, limit=120,
-                           num_workers=0, out=str(tmp_path / "ft.pkl"))
+                           num_workers=0, out=str(tmp_path / "ft.pkl"), checkpoint_every=0)
     real_stop = T.stop_on_nan
     seen = []
 

@@ -143,4 +143,17 @@ def test_config_rejects_nonsense():
         TrainConfig(data=".", imbalance="oversample").resolved()
     with pytest.raises(SkinCancerError, match=r"out: .* must end in \.pkl"):
         TrainConfig(data=".", out="models/model.pt").resolved()
-    assert TrainConfig(data=".", pretrained=False).resolved().epochs == 30
+    with pytest.raises(SkinCancerError, match="label_smoothing"):
+        TrainConfig(data=".", label_smoothing=1.5).resolved()
+
+
+def test_each_start_gets_its_own_recipe_and_explicit_settings_win():
+    from skincancer.train import RECIPES
+
+    for pretrained in (True, False):
+        c = TrainConfig(data=".", pretrained=pretrained).resolved()
+        assert {k: getattr(c, k) for k in RECIPES[pretrained]} == RECIPES[pretrained]
+        assert c.presize == round(1.5 * c.size)
+    assert RECIPES[False]["epochs"] > RECIPES[True]["epochs"]  # from scratch needs more passes
+    c = TrainConfig(data=".", pretrained=False, epochs=3, size=96, mixup=0.0, bs=8).resolved()
+    assert (c.epochs, c.size, c.bs, c.presize, c.lr) == (3, 96, 8, 144, RECIPES[False]["lr"])

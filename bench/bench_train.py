@@ -1,0 +1,253 @@
+"""Training benchmark: the seed recipe against ours on the same data and split, measured in one run.
+
+    python bench/bench_train.py --data DIR                      # seed and ours, binary, 224 px, from scratch
+    python bench/bench_train.py --data DIR --runs ours --epochs 40 --set mixup=0.4 --set size=160
+    python bench/bench_train.py --smoke                         # seconds on a CPU; CI runs it to keep it working
+
+The seed recipe is fastai's defaults as the seed projects wrote them: DataBlock reading files with `Resize(460)`
+(scaled with --size), `aug_transforms(size)`, bs 64, fp16 (on a GPU), `fit_one_cycle` at fastai's default rate.
+Ours is `skincancer.train` with its defaults (presized cache on the GPU, bf16, channels_last, the from-scratch
+recipe), overridden by --set. Both train from random weights on the package's lesion-grouped split.
+
+Prints, per run: training images/s end to end (every epoch's training and validation, divided into the
+training images seen), the fit's wall time, the time to prepare the data, and AUROC and balanced accuracy on
+valid and test; then ours / seed. It asserts nothing about speed: compare figures measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SKINCANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT))
+
+
+def sync() -> None:
+    """Wait for the GPU, so host clocks measure finished work."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def epoch_timer():
+    """A fastai callback recording each epoch's wall time (training and validation)."""
+    from fastai.callback.core import Callback
+
+    class EpochTimer(Callback):
+        order = 100
+
+        def before_fit(self):
+            self.times = []
+
+        def before_epoch(self):
+            sync()
+            self.start = time.perf_counter()
+
+        def after_epoch(self):
+            sync()
+            self.times.append(time.perf_counter() - self.start)
+
+    return EpochTimer()
+
+
+def scores(learn, df, tta: bool = False) -> dict:
+    """AUROC and balanced accuracy (at 0.5) on valid and test."""
+    from skincancer.data import malignant_probability
+    from skincancer.evaluate import classification_metrics, predict_frame
+
+    classes = [str(c) for c in learn.dls.vocab]
+    out = {}
+    for split in ("valid", "test"):
+        probs, targets = predict_frame(learn, df[df["split"] == split], tta=tta)
+        m = classification_metrics(probs, targets, classes, threshold=0.5, n_boot=0)
+        out[f"{split}_auroc"], out[f"{split}_bal_acc"] = m["auroc"], m["balanced_accuracy"]
+    return out
+
+
+def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
+    """The seed recipe: files decoded every epoch, Resize(460), aug_transforms, fp16, fit_one_cycle."""
+    import torch
+    from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Resize,
+                                   aug_transforms, resnet50, vision_learner)
+
+    from skincancer.data import classes_for
+    from skincancer.train import metrics_for
+
+    start = time.perf_counter()
+    items = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
+    items = items.assign(is_valid=items["split"] == "valid")
+    dblock = DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=list(classes_for("binary")))),
+                       get_x=ColReader("path"), get_y=ColReader("label"), splitter=ColSplitter("is_valid"),
+                       item_tfms=Resize(round(460 * size / 224)), batch_tfms=aug_transforms(size=size))
+    dls = dblock.dataloaders(items, bs=bs)
+    learn = vision_learner(dls, resnet50, pretrained=False, metrics=metrics_for("binary"))
+    if torch.cuda.is_available():
+        learn = learn.to_fp16()
+    prep = time.perf_counter() - start
+    timer = epoch_timer()
+    with learn.no_bar():
+        sync()
+        start = time.perf_counter()
+        learn.fit_one_cycle(epochs, cbs=[timer])
+        sync()
+        wall = time.perf_counter() - start
+    return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, settings=dict(size=size, bs=bs))
+
+
+def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
+    """skincancer.train's setup and fit with its defaults and `overrides`, on the split in `df`."""
+    from skincancer import train as T
+
+    config = T.TrainConfig(data=data, pretrained=False, out=str(Path(tempfile.mkdtemp()) / "bench.pkl"),
+                           cache_dir=cache_dir, **overrides)
+    start = time.perf_counter()
+    config, split_df, learn = T.setup(config)
+    assert (split_df["split"].to_numpy() == df["split"].to_numpy()).all(), "both recipes must see one split"
+    prep = time.perf_counter() - start
+    timer = epoch_timer()
+    learn.add_cb(timer)
+    with learn.no_bar():
+        sync()
+        start = time.perf_counter()
+        best = T.fit(learn, config, T.monitor_for(config.task))
+        sync()
+        wall = time.perf_counter() - start
+    learn.remove_cb(timer)
+    keys = ("epochs", "size", "bs", "lr", "label_smoothing", "mixup", "imbalance", "compile", "cache")
+    return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, best_epoch=best,
+                settings={k: getattr(config, k) for k in keys})
+
+
+def synthetic_ceiling(size: int, bs: int = 256, steps: int = 30, compile: bool = False) -> float:
+    """Images/s of bare ResNet50 training steps on random GPU tensors (bf16 autocast, channels_last)."""
+    import torch
+    import torchvision
+
+    model = torchvision.models.resnet50(num_classes=2).cuda().to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step_model = torch.compile(model) if compile else model
+    x = torch.randn(bs, 3, size, size, device="cuda").to(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (bs,), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(step_model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(5):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return bs * steps / (time.perf_counter() - start)
+
+
+def parse_sets(pairs: list[str]) -> dict:
+    """--set key=value pairs as TrainConfig overrides, values parsed as JSON where they can be."""
+    from skincancer.train import TrainConfig
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in fields:
+            raise SystemExit(f"--set {pair}: {key!r} is not a TrainConfig field")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; print a table and write JSON lines to --out."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(SHARED / "ham10000_200x150"))
+    p.add_argument("--runs", default="seed,ours", help="comma-separated: seed, ours")
+    p.add_argument("--epochs", type=int, help="epochs for both (default: 5 for seed, the recipe's for ours)")
+    p.add_argument("--size", type=int, default=224, help="image size of the seed recipe")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--set", action="append", default=[], help="TrainConfig override for ours, key=value")
+    p.add_argument("--tta", action="store_true", help="also score ours with test-time augmentation")
+    p.add_argument("--synthetic", action="store_true", help="also time bare ResNet50 steps (GPU ceiling)")
+    p.add_argument("--cache-dir", default=None, help="presize cache (default: a temporary folder)")
+    p.add_argument("--out", help="append one JSON line per run here")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run: 200 images, 32 px, 1 epoch")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from skincancer.data import prepare
+
+    overrides = parse_sets(args.set)
+    if args.smoke:
+        args.limit, args.size, args.epochs = 200, 32, 1
+        overrides = {"size": 32, "bs": 32, "checkpoint_every": 0, **overrides}
+    if args.epochs:
+        overrides.setdefault("epochs", args.epochs)
+    if args.limit:
+        overrides.setdefault("limit", args.limit)
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="skincancer-cache-")
+    df = prepare(args.data, "binary", seed=overrides.get("seed", 42), limit=args.limit)
+    n_train = int((df["split"] == "train").sum())
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {device}; {len(df)} images, {n_train} for training; torch {torch.__version__}")
+
+    rows = []
+    for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
+        if name == "seed":
+            res = seed_run(df, args.size, args.epochs or 5)
+        elif name == "ours":
+            res = our_run(df, args.data, overrides, cache_dir)
+        else:
+            raise SystemExit(f"--runs: unknown run {name!r} (seed, ours)")
+        learn = res.pop("learn")
+        epochs = len(res["epoch_s"])
+        res.update(name=name, images_per_s=n_train * epochs / res["fit_s"], epochs=epochs, device=device,
+                   **scores(learn, df))
+        if args.tta and name == "ours":
+            res.update({f"tta_{k}": v for k, v in scores(learn, df, tta=True).items()})
+        later = sorted(res["epoch_s"][1:]) or res["epoch_s"]
+        res["steady_images_per_s"] = n_train / later[len(later) // 2]  # median epoch after the first
+        rows.append(res)
+        print(json.dumps({k: v for k, v in res.items() if k != "epoch_s"}), flush=True)
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps(res) + "\n")
+        del learn
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    if args.synthetic and torch.cuda.is_available():
+        for compiled in (False, True):
+            print(f"synthetic ResNet50 step at {args.size}px, bs 256, bf16, channels_last, "
+                  f"compile={compiled}: {synthetic_ceiling(args.size, compile=compiled):.0f} images/s")
+
+    print(f"\n{'run':<6} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'prep s':>7} "
+          f"{'valid AUROC':>11} {'test AUROC':>10} {'valid bal acc':>13}")
+    for r in rows:
+        print(f"{r['name']:<6} {r['epochs']:>6} {r['images_per_s']:>9.0f} {r['steady_images_per_s']:>9.0f} "
+              f"{r['fit_s']:>7.1f} {r['prep_s']:>7.1f} {r['valid_auroc']:>11.3f} {r['test_auroc']:>10.3f} "
+              f"{r['valid_bal_acc']:>13.3f}")
+    by_name = {r["name"]: r for r in rows}
+    if {"seed", "ours"} <= by_name.keys():
+        print(f"ratio ours / seed, images/s end to end: "
+              f"{by_name['ours']['images_per_s'] / by_name['seed']['images_per_s']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
