@@ -496,6 +496,10 @@ def setup(config: TrainConfig):
     df = prepare(config.data, config.task, config.valid_pct, config.test_pct, config.seed, config.limit,
                  config.drop_missing, config.class_map)
     check_no_lesion_leak(df)
+    n_train = int((df["split"] == "train").sum())
+    if n_train < config.bs:
+        raise SkinCancerError(f"bs: {config.bs} is more than the {n_train} training images, so an epoch would have no "
+                              "full batch; lower --bs or use more images")
     dls = make_dataloaders(df, config.task, config.size, config.bs, config.presize,
                            sampler=config.imbalance == "sampler", num_workers=config.num_workers,
                            cache=(config.cache_dir or True) if config.cache else False)

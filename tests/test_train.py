@@ -122,7 +122,7 @@ def test_cli_train_offline_is_one_clear_error(tmp_path, monkeypatch, ham_dir, ca
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
-    code = cli.main(["train", "--data", str(ham_dir), "--limit", "60", "--size", "32", "--epochs", "1",
+    code = cli.main(["train", "--data", str(ham_dir), "--limit", "60", "--size", "32", "--epochs", "1", "--bs", "16",
                      "--out", str(tmp_path / "m.pkl")])
     err = capsys.readouterr().err
     assert code == 2 and "resnet50-11ad3fa6.pth" in err and "Traceback" not in err
@@ -157,3 +157,10 @@ def test_each_start_gets_its_own_recipe_and_explicit_settings_win():
     assert RECIPES[False]["epochs"] > RECIPES[True]["epochs"]  # from scratch needs more passes
     c = TrainConfig(data=".", pretrained=False, epochs=3, size=96, mixup=0.0, bs=8).resolved()
     assert (c.epochs, c.size, c.bs, c.presize, c.lr) == (3, 96, 8, 144, RECIPES[False]["lr"])
+
+
+def test_a_batch_larger_than_the_training_split_is_refused(ham_dir, tmp_path, capsys):
+    code = cli.main(["train", "--data", str(ham_dir), "--limit", "60", "--no-pretrained", "--bs", "512",
+                     "--out", str(tmp_path / "m.pkl")])
+    assert code == 2
+    assert "bs: 512 is more than the" in capsys.readouterr().err and not (tmp_path / "m.pkl").exists()
