@@ -61,7 +61,6 @@ def epoch_timer():
 
 def scores(learn, df, tta: bool = False) -> dict:
     """AUROC and balanced accuracy (at 0.5) on valid and test."""
-    from skincancer.data import malignant_probability
     from skincancer.evaluate import classification_metrics, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
