@@ -164,3 +164,15 @@ def test_a_batch_larger_than_the_training_split_is_refused(ham_dir, tmp_path, ca
                      "--out", str(tmp_path / "m.pkl")])
     assert code == 2
     assert "bs: 512 is more than the" in capsys.readouterr().err and not (tmp_path / "m.pkl").exists()
+
+
+def test_a_learner_with_the_gpu_optimiser_trains_and_exports(small_dls, tmp_path):
+    from skincancer.predict import unpickle_learner
+    from skincancer.train import fused_adamw
+
+    learn = make_learner(small_dls, "binary", "resnet50", pretrained=False, opt_func=fused_adamw())
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, 1e-3)
+    learn.export(tmp_path / "gpu.pkl")  # the learner keeps opt_func: it must pickle
+    assert type(learn.opt.opt).__name__ == "AdamW"
+    assert unpickle_learner(tmp_path / "gpu.pkl").dls.vocab == ["benign", "malignant"]
