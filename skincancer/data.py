@@ -407,33 +407,27 @@ def presized_loader(dl, images: np.ndarray, targets: np.ndarray):
     import torch
 
     device = dl.device if dl.device is not None else torch.device("cpu")
-    return dl.new(cls=presized_dl_class(), images=torch.from_numpy(np.ascontiguousarray(images)).to(device),
-                  targets=torch.as_tensor(targets, device=device), wgts=getattr(dl, "wgts", None))
+    extra = {"wgts": dl.wgts} if hasattr(dl, "wgts") else {}  # fastai's WeightedDL (--imbalance sampler)
+    return dl.new(cls=presized_dl_class(type(dl)), images=torch.from_numpy(np.ascontiguousarray(images)).to(device),
+                  targets=torch.as_tensor(targets, device=device), **extra)
 
 
 @functools.cache
-def presized_dl_class():
-    """The PresizedDL class; built on first use so that importing skincancer.data does not import fastai."""
+def presized_dl_class(base):
+    """PresizedDL over a fastai loader class (TfmdDL, or WeightedDL for sampling); fastai is imported on first use."""
     import torch
-    from fastai.data.core import TfmdDL
     from fastai.torch_core import TensorCategory, TensorImage
 
-    class PresizedDL(TfmdDL):
-        """A fastai TfmdDL whose batches are gathered from a presized uint8 array (N, H, W, 3), not decoded.
+    class PresizedDL(base):
+        """A fastai loader whose batches are gathered from a presized uint8 array (N, H, W, 3), not decoded.
 
-        Batch transforms (augmentation, normalisation) run as usual. Anything built from it with `new`
-        (`test_dl`, the export's empty loaders) is a plain TfmdDL that reads files again.
+        Sampling and batch transforms (augmentation, normalisation) are the base class's. Anything built from it
+        with `new` (`test_dl`, the export's empty loaders) is the base class, reading files again.
         """
 
-        def __init__(self, dataset=None, images=None, targets=None, wgts=None, **kwargs):
+        def __init__(self, dataset=None, images=None, targets=None, **kwargs):
             self.images, self.targets = images, targets
-            self.wgts = None if wgts is None else np.asarray(wgts, dtype=float) / np.sum(wgts)
             super().__init__(dataset, **kwargs)
-
-        def get_idxs(self):
-            if self.wgts is None or not self.shuffle or self.n == 0:
-                return super().get_idxs()
-            return list(np.random.choice(self.n, self.n, p=self.wgts))  # as fastai's WeightedDL
 
         def create_batches(self, samps):
             for idxs in self.chunkify(samps):
@@ -443,7 +437,7 @@ def presized_dl_class():
 
         def new(self, dataset=None, cls=None, **kwargs):
             if cls is None:  # a loader for other items: read files, with fastai's default workers
-                cls = TfmdDL
+                cls = base
                 kwargs.setdefault("num_workers", None)
             return super().new(dataset, cls, **kwargs)
 

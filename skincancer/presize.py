@@ -33,9 +33,16 @@ def default_cache_dir() -> Path:
 def cache_key(paths: Sequence[str | Path], size: int) -> str:
     """A digest of the images (path, byte size, modification time) and the presize: any change makes a new cache."""
     h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "size": size, "method": "squish"}).encode())
+    missing = []
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            missing.append(str(p))
+            continue
         h.update(f"{Path(p).resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    if missing:
+        raise SkinCancerError(f"presize cache: {len(missing)} image file(s) do not exist, e.g. {missing[0]}")
     return h.hexdigest()[:24]
 
 
@@ -69,9 +76,6 @@ def presized_images(paths: Sequence[str | Path], size: int, folder: str | Path |
     if size <= 0:
         raise SkinCancerError(f"presize: {size} must be positive")
     paths = [str(p) for p in paths]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise SkinCancerError(f"presize cache: {len(missing)} image file(s) do not exist, e.g. {missing[0]}")
     folder = Path(folder) if folder is not None else default_cache_dir()
     dest = folder / f"presized-{size}-{len(paths)}-{cache_key(paths, size)}.npy"
     if dest.is_file():
