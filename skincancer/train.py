@@ -19,6 +19,8 @@ import pandas as pd
 from . import __version__
 from .data import (SPLITS, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
                    is_malignant_class, make_dataloaders, malignant_probability, prepare, split_table)
+from .distributed import (alone, distributed_fit, is_main_process, local_main_process_first, process_state,
+                          quiet_unless_main, world_size)
 from .errors import SkinCancerError
 from .evaluate import metrics_table
 from .files import atomic_path, model_files, sha256_file, write_json_atomic
@@ -286,15 +288,18 @@ def best_epoch_tracker(monitor: str, skip_to: int = 0):
     Writing 100 MB to disk at every improvement cost a quarter of a second per epoch on a GPU, where an epoch
     takes two; the checkpoint callback writes the best weights beside its checkpoint instead. It also ignores
     the epochs a resumed fit skips: fastai still fires after_epoch for them, before the Recorder has any values,
-    and SaveModelCallback fails on them (fastai issue #3780).
+    and SaveModelCallback fails on them (fastai issue #3780). In a distributed run every process tracks the same
+    (gathered) metric, so all of them restore the same epoch.
     """
     from fastai.callback.tracker import SaveModelCallback
+    from fastai.torch_core import get_model
 
     class ResumableSaveModel(SaveModelCallback):
         best_state: dict | None = None
 
         def _save(self, name):
-            self.best_state = {k: v.detach().clone() for k, v in self.learn.model.state_dict().items()}
+            # get_model: the plain module's keys, also while DistributedDataParallel wraps it
+            self.best_state = {k: v.detach().clone() for k, v in get_model(self.learn.model).state_dict().items()}
 
         def after_epoch(self):
             if self.epoch >= skip_to:
@@ -302,7 +307,7 @@ def best_epoch_tracker(monitor: str, skip_to: int = 0):
 
         def after_fit(self, **kwargs):
             if self.best_state is not None:
-                self.learn.model.load_state_dict(self.best_state)
+                get_model(self.learn.model).load_state_dict(self.best_state)
             elif (self.learn.path / self.learn.model_dir / f"{self.fname}.pth").exists():
                 super().after_fit(**kwargs)  # a resumed fit with no better epoch: the best saved before it
 
@@ -314,6 +319,7 @@ def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, 
 
     It saves after an epoch when `config.checkpoint_every` seconds have passed since the last save, and after
     the last epoch: on a GPU an epoch takes seconds, and writing the optimiser state each time would cost more.
+    In a distributed run only the main process writes.
     """
     import time
 
@@ -333,7 +339,8 @@ def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, 
                 return
             if getattr(tracker, "new_best", False):
                 self.best_epoch = self.epoch
-            if self.epoch + 1 < self.n_epoch and time.monotonic() - self.saved_at < config.checkpoint_every:
+            if not is_main_process() or (self.epoch + 1 < self.n_epoch
+                                          and time.monotonic() - self.saved_at < config.checkpoint_every):
                 return
             self.saved_at = time.monotonic()
             if tracker.best_state is not None and self.saved_best is not tracker.best_state:
@@ -373,36 +380,40 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
     """
     folder = checkpoint_dir(config.out)
     state = read_resume_state(folder, config) if resume else None
-    if state is None:
-        shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True, exist_ok=True)
+    if is_main_process():  # the other processes of a distributed run only read checkpoints
+        if state is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
     old_dir = learn.model_dir
     learn.model_dir = folder.resolve()  # the best epoch's weights live beside the checkpoints
     best_epoch = None
     try:
-        for i, phase in enumerate(phases(config)):
-            if phase["epochs"] == 0 or (state and i < state["phase"]):
-                continue
-            start = state["epoch"] + 1 if state and i == state["phase"] else 0
-            tracker = best_epoch_tracker(monitor, skip_to=start)
-            checkpoint = checkpoint_callback(folder, i, config, tracker, skip_to=start)
-            if start:
-                learn.freeze() if phase["frozen"] else learn.unfreeze()
-                learn.load(folder / "last", with_opt=True)
-                tracker.best, tracker.reset_on_fit = state["best"], False
-                checkpoint.best_epoch = state.get("best_epoch")
-                print(f"resuming from {folder}: phase {i + 1}, epoch {start + 1} of {phase['epochs']}")
-                state = None
-                if start >= phase["epochs"]:  # the phase had ended: keep its best epoch and go on
-                    if (folder / "best.pth").exists():
-                        learn.load(folder / "best")
-                    best_epoch = checkpoint.best_epoch
+        with distributed_fit(learn) as parallel:
+            for i, phase in enumerate(phases(config)):
+                if phase["epochs"] == 0 or (state and i < state["phase"]):
                     continue
-            elif config.pretrained:
-                learn.freeze() if phase["frozen"] else learn.unfreeze()
-            cbs = [tracker, checkpoint, stop_on_nan(), *([compile_model()] if config.compile else [])]
-            learn.fit_one_cycle(phase["epochs"], phase["lr"], start_epoch=start, cbs=cbs, **phase["kwargs"])
-            best_epoch = checkpoint.best_epoch
+                start = state["epoch"] + 1 if state and i == state["phase"] else 0
+                tracker = best_epoch_tracker(monitor, skip_to=start)
+                checkpoint = checkpoint_callback(folder, i, config, tracker, skip_to=start)
+                if start:
+                    learn.freeze() if phase["frozen"] else learn.unfreeze()
+                    learn.load(folder / "last", with_opt=True)
+                    tracker.best, tracker.reset_on_fit = state["best"], False
+                    checkpoint.best_epoch = state.get("best_epoch")
+                    print(f"resuming from {folder}: phase {i + 1}, epoch {start + 1} of {phase['epochs']}")
+                    state = None
+                    if start >= phase["epochs"]:  # the phase had ended: keep its best epoch and go on
+                        if (folder / "best.pth").exists():
+                            learn.load(folder / "best")
+                        best_epoch = checkpoint.best_epoch
+                        continue
+                elif config.pretrained:
+                    learn.freeze() if phase["frozen"] else learn.unfreeze()
+                cbs = [tracker, checkpoint, stop_on_nan(), *parallel,
+                       *([compile_model()] if config.compile else [])]
+                learn.fit_one_cycle(phase["epochs"], phase["lr"], start_epoch=start, cbs=cbs,
+                                    **phase["kwargs"])
+                best_epoch = checkpoint.best_epoch
     finally:
         learn.model_dir = old_dir
     return best_epoch
@@ -437,7 +448,7 @@ def library_versions() -> dict[str, str]:
 
 
 def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch: int | None,
-               threshold: dict) -> dict:
+               threshold: dict, processes: int = 1) -> dict:
     """The JSON written beside an exported model."""
     counts = split_table(df)
     return {
@@ -448,6 +459,7 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
         "size": config.size,
         "presize": config.presize,
         "seed": config.seed,
+        "processes": processes,  # data-parallel processes: the batch per step was bs times this
         **threshold,
         "monitor": monitor_for(config.task),
         "best_epoch": best_epoch,
@@ -501,9 +513,10 @@ def setup(config: TrainConfig):
     if n_train < config.bs:
         raise SkinCancerError(f"bs: {config.bs} is more than the {n_train} training images, so an epoch would have no "
                               "full batch; lower --bs or use more images")
-    dls = make_dataloaders(df, config.task, config.size, config.bs, config.presize,
-                           sampler=config.imbalance == "sampler", num_workers=config.num_workers,
-                           cache=(config.cache_dir or True) if config.cache else False)
+    with local_main_process_first():  # distributed: one process per machine builds the cache, the others read it
+        dls = make_dataloaders(df, config.task, config.size, config.bs, config.presize,
+                               sampler=config.imbalance == "sampler", num_workers=config.num_workers,
+                               cache=(config.cache_dir or True) if config.cache else False)
     train_labels = df.loc[df["split"] == "train", "label"]
     loss = make_loss(config.task, train_labels, config.imbalance, config.label_smoothing)
     learn = make_learner(dls, config.task, config.arch, config.pretrained, loss_func=loss,
@@ -515,14 +528,15 @@ def setup(config: TrainConfig):
     return config, df, learn
 
 
-def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None = None) -> TrainResult:
+def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None = None,
+           processes: int = 1) -> TrainResult:
     """Choose the threshold on valid, measure valid and test, write the card, split and learner."""
     metrics, threshold = evaluate_splits(learn, df, config.target_sensitivity)
     print(f"operating threshold {threshold['threshold']:.4f}: chosen on valid for sensitivity >= "
           f"{config.target_sensitivity:.2f}")
     for split, m in metrics.items():
         print(f"{split}:\n{metrics_table(m)}")
-    card = model_card(config, df, metrics, best_epoch, threshold)
+    card = model_card(config, df, metrics, best_epoch, threshold, processes)
     files = export(learn, config.out, card, df)
     print(f"exported {files['model']} (card {files['card'].name}, split {files['split'].name})")
     return TrainResult(learn=learn, df=df, card=card, files=files)
@@ -532,12 +546,23 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     """Read, split, train, evaluate on valid and test, export; return the learner and what was written.
 
     Each epoch is checkpointed in checkpoint_dir(config.out); `resume` continues an interrupted run from there.
-    The checkpoints are removed once the model is exported.
+    The checkpoints are removed once the model is exported. Launched on several processes (`accelerate launch`,
+    `torchrun`), each trains on its share of every batch of `config.bs` images per process, and only the main
+    process evaluates and exports; the others return a result with an empty card and no files.
     """
-    config, df, learn = setup(config)
-    print(f"{len(df)} images of {df['lesion_id'].nunique()} lesions; split by lesion (seed {config.seed}):")
-    print(split_table(df).to_string())
-    best_epoch = fit(learn, config, monitor_for(config.task), resume=resume)
-    result = finish(learn, config, df, best_epoch)
+    process_state()  # first: it picks this process's device and rank
+    with quiet_unless_main():
+        config, df, learn = setup(config)
+        print(f"{len(df)} images of {df['lesion_id'].nunique()} lesions; split by lesion (seed {config.seed}):")
+        print(split_table(df).to_string())
+        if world_size() > 1:
+            print(f"data-parallel on {world_size()} processes: {config.bs} images per process, "
+                  f"{config.bs * world_size()} per step, lr {config.lr:g} (README: more than one GPU)")
+        best_epoch = fit(learn, config, monitor_for(config.task), resume=resume)
+    if not is_main_process():
+        return TrainResult(learn=learn, df=df, card={})
+    processes = world_size()
+    with alone():
+        result = finish(learn, config, df, best_epoch, processes)
     shutil.rmtree(checkpoint_dir(config.out), ignore_errors=True)
     return result

@@ -1,0 +1,139 @@
+"""Data-parallel training over several processes (GPUs or machines) with fastai's DistributedTrainer and Accelerate.
+
+`accelerate launch -m skincancer train ...` (or `torchrun`) starts one process per GPU; each sets RANK and
+WORLD_SIZE, which fastai's `rank_distrib`/`num_distrib` read. Every process builds the same split, DataLoaders and
+learner; during `fit` the model is wrapped in DistributedDataParallel and each process trains on its own share of
+every epoch. Only the main process (rank 0) writes files and prints. Accelerate is imported only when there is more
+than one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+
+def world_size() -> int:
+    """How many processes train together (1 when not launched distributed)."""
+    from fastai.torch_core import num_distrib
+
+    return max(num_distrib(), 1)
+
+
+def is_main_process() -> bool:
+    """Whether this process writes files and prints: rank 0, or the only process."""
+    from fastai.torch_core import rank_distrib
+
+    return rank_distrib() == 0
+
+
+def quiet_unless_main() -> contextlib.AbstractContextManager:
+    """A context that discards what the other processes of a distributed run print (their errors still show)."""
+    if is_main_process():
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(open(os.devnull, "w"))
+
+
+@contextlib.contextmanager
+def alone() -> Iterator[None]:
+    """Run as if this process had trained alone, for work only the main process does after fitting (evaluation).
+
+    fastai all-gathers predictions across processes whenever WORLD_SIZE says there are several, which would wait
+    forever for processes that are not predicting.
+    """
+    old = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("WORLD_SIZE", None)
+        else:
+            os.environ["WORLD_SIZE"] = old
+
+
+def _use_cpu() -> bool:
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def process_state():
+    """Accelerate's PartialState, set up on this process's device (gloo on CPUs), or None with one process.
+
+    It must exist before any DataLoader is built: it picks this process's GPU, and fastai's `default_device`
+    follows it.
+    """
+    if world_size() <= 1:
+        return None
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        from .errors import SkinCancerError
+
+        raise SkinCancerError("training on several processes needs Hugging Face Accelerate: pip install accelerate") \
+            from None
+    return PartialState(cpu=_use_cpu())
+
+
+def local_main_process_first() -> contextlib.AbstractContextManager:
+    """A context that the first process of each machine runs first, the others of that machine after it.
+
+    For work each machine needs once, such as building the presized cache on its own disk.
+    """
+    state = process_state()
+    return state.local_main_process_first() if state is not None else contextlib.nullcontext()
+
+
+def data_parallel(sync_bn: bool = False, **kwargs):
+    """fastai's DistributedTrainer callback, with index broadcasts that also work on the gloo (CPU) backend.
+
+    fastai's DistributedDL broadcasts each epoch's sample order as a CUDA tensor, which gloo cannot take. SyncBatchNorm
+    is off by default: each GPU's batch (64 or more in our recipes) gives sound statistics, SyncBatchNorm adds an
+    all-reduce per layer per step, and it does not run on CPUs. `kwargs` go to `accelerate.Accelerator`.
+    """
+    import torch
+    import torch.distributed as dist
+    from fastai.distributed import DistributedDL, DistributedTrainer
+
+    class BroadcastDL(DistributedDL):
+        def _broadcast(self, t, rank):
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            t = torch.tensor(t, dtype=torch.long, device=device)
+            dist.broadcast(t, rank)
+            return t.cpu().tolist()
+
+    class DataParallel(DistributedTrainer):
+        def before_fit(self):
+            self.plain_model = self.learn.model
+            super().before_fit()
+
+        def after_fit(self):
+            super().after_fit()
+            # with sync_bn the trained model is a copy with SyncBatchNorm layers that share the plain model's
+            # tensors; the plain one keeps the layers a single process has, so exports look the same
+            self.learn.model = self.plain_model
+
+        def _wrap_dl(self, dl):
+            return dl if isinstance(dl, DistributedDL) else BroadcastDL(dl, device=self.learn.model.device)
+
+    kwargs.setdefault("cpu", _use_cpu())
+    return DataParallel(sync_bn=sync_bn, **kwargs)
+
+
+@contextlib.contextmanager
+def distributed_fit(learn) -> Iterator[list]:
+    """Yield the callbacks that make `learn.fit` data-parallel (none with one process); no progress bar off rank 0.
+
+    Pass them to each `fit(cbs=...)` rather than adding them to the learner, so an exported learner never carries
+    them. `learn.distrib_ctx()` is fastai's equivalent for notebooks on GPUs.
+    """
+    if world_size() <= 1:
+        yield []
+        return
+    process_state()
+    hidden = [] if is_main_process() or not hasattr(learn, "progress") else [learn.progress]
+    with learn.removed_cbs(hidden):
+        yield [data_parallel()]
+
