@@ -4,8 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DATA   ?= ../shared/data/ham10000_200x150
 ARGS   ?=
+MODEL  ?= models/skincancer.pkl
 
-.PHONY: test train clean-venv
+.PHONY: test train app clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ test: $(VENV)/.installed
 
 train: $(VENV)/.installed
 	$(PY) -m skincancer train --data $(DATA) $(ARGS)
+
+app: $(VENV)/.installed
+	$(PY) -m skincancer app --model $(MODEL) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,4 @@
-"""Command line: `python -m skincancer download|train|evaluate|predict ...`."""
+"""Command line: `python -m skincancer download|train|evaluate|predict|app ...`."""
 
 from __future__ import annotations
 
@@ -86,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--trust-pickle", action="store_true",
                    help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     r.add_argument("images", nargs="+", help="image files")
+
+    a = sub.add_parser("app", help="serve a local web page (Gradio) to predict uploaded or camera photos")
+    a.add_argument("--model", required=True, help="exported learner (.pkl)")
+    a.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to others)")
+    a.add_argument("--port", type=_positive_int, default=7860)
+    a.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted, in MB")
+    a.add_argument("--trust-pickle", action="store_true",
+                   help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     return p
 
 
@@ -160,6 +169,14 @@ def cmd_predict(args) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def cmd_app(args) -> int:
+    """Run `app`: serve the web page until interrupted."""
+    from .app import serve
+
+    serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, trusted=args.trust_pickle)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input prints `error: ...` and returns 2 instead of a traceback."""
     args = build_parser().parse_args(argv)
@@ -167,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     try:
         return {"download": cmd_download, "train": cmd_train, "evaluate": cmd_evaluate,
-                "predict": cmd_predict}[args.command](args)
+                "predict": cmd_predict, "app": cmd_app}[args.command](args)
     except SkinCancerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

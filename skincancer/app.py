@@ -1,0 +1,127 @@
+"""A local web app for an exported model (Gradio): upload or camera in, label, probabilities and Grad-CAM out.
+
+`python -m skincancer app --model models/skincancer.pkl` serves it on http://127.0.0.1:7860. The model is fixed
+when the app starts; the page only sends images. Uploads are decoded by `predict.open_image`, so a corrupt or
+non-image file, or one too large, gets a message on the page and the app goes on serving.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import SkinCancerError
+from .predict import DISCLAIMER, Classifier, open_image
+
+MAX_UPLOAD_MB = 10.0  # a dermoscopy JPEG is a few MB; the limit is enforced by Gradio before a file is stored
+
+INTRO = f"""# skincancer: a dermoscopy classifier
+
+> **{DISCLAIMER}** It was trained on HAM10000 dermoscopy photos from a few centres and skin types and can fail
+> silently on other cameras, skin tones and populations. See a dermatologist about any lesion that worries you.
+
+Upload a dermoscopy photo of one lesion, or take one with the camera. Images are processed on this computer only;
+Gradio keeps uploads in its temporary folder for at most an hour.
+"""
+
+
+def _gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry from a tool that sees patient photos
+    try:
+        import gradio
+    except ImportError:
+        raise SkinCancerError("the app needs Gradio: pip install 'gradio>=6,<7' (it is in requirements.txt)") from None
+    return gradio
+
+
+def verdict(clf: Classifier, result: dict) -> str:
+    """The result as Markdown: the label at the model's operating threshold and the probability of malignancy."""
+    p = result["malignant_probability"]
+    if set(clf.classes) == {"benign", "malignant"}:
+        rule = clf.card.get("threshold_rule", {})
+        chosen = (f", chosen for {rule['target_sensitivity']:.0%} sensitivity on the validation split"
+                  if "target_sensitivity" in rule else "")
+        head = ("Malignant: worth a closer look" if result["label"] == "malignant"
+                else "Benign by this model's threshold")
+        return (f"### {head}\n\nProbability of malignancy **{p:.2f}** (operating threshold {clf.threshold:.2f}"
+                f"{chosen}).\n\n*{DISCLAIMER}*")
+    return (f"### Most likely: {result['label']}\n\nProbability of malignancy (mel + bcc + akiec) **{p:.2f}**."
+            f"\n\n*{DISCLAIMER}*")
+
+
+def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6)) -> tuple[str, Any, Any]:
+    """(Markdown verdict, class probabilities, Grad-CAM overlay) for an uploaded file; a message when it is unusable."""
+    from .gradcam import gradcam
+
+    if not path:
+        return "Upload a photo of a lesion, or take one with the camera.", None, None
+    name = Path(path).name
+    size = Path(path).stat().st_size
+    if size > max_bytes:
+        return (f"**{name}** is {size / 1e6:.1f} MB, over this app's limit of {max_bytes / 1e6:.0f} MB. "
+                "Upload a smaller photo."), None, None
+    try:
+        image = open_image(path)
+    except SkinCancerError as e:
+        reason = str(e).replace(str(path), name)  # the user knows the file by its name, not Gradio's temporary path
+        return f"Could not use this upload: {reason}. Upload a JPEG or PNG photo of one lesion.", None, None
+    result = clf.predict(image)
+    _, overlay = gradcam(clf.learn, image)
+    return verdict(clf, result), result["probabilities"], overlay
+
+
+def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
+    """The Gradio Blocks page for `clf`: upload and camera tabs, verdict, class probabilities, Grad-CAM."""
+    gr = _gradio()
+
+    max_bytes = int(max_upload_mb * 1e6)
+
+    def run(path):
+        return analyse(clf, path, max_bytes)
+
+    with gr.Blocks(title="skincancer (research tool, not a diagnosis)", analytics_enabled=False,
+                   delete_cache=(600, 3600)) as demo:
+        gr.Markdown(INTRO)
+        with gr.Row():
+            with gr.Column():
+                with gr.Tab("Upload"):
+                    upload = gr.File(label=f"Lesion photo (JPEG or PNG, up to {max_upload_mb:g} MB)",
+                                     file_types=["image"], type="filepath", elem_id="upload")
+                with gr.Tab("Camera"):
+                    # image_mode=None: the snapshot's path is passed on as it is, decoded only by open_image
+                    camera = gr.Image(label="Camera", sources=["webcam"], type="filepath", image_mode=None,
+                                      elem_id="camera")
+            with gr.Column():
+                result = gr.Markdown(elem_id="verdict")
+                # no heading: the Label's heading is the top class, which need not be the label at the threshold
+                probs = gr.Label(label="Class probabilities", num_top_classes=len(clf.classes), show_heading=False,
+                                 elem_id="probs")
+                overlay = gr.Image(label="Grad-CAM: where the network looked for malignancy", type="pil",
+                                   interactive=False, elem_id="gradcam")
+        outputs = [result, probs, overlay]
+        # one request at a time: a fastai learner is not safe to call from several threads at once
+        upload.upload(run, upload, outputs, api_name="predict_upload", concurrency_limit=1)
+        camera.change(run, camera, outputs, api_name="predict_camera", concurrency_limit=1)
+        upload.clear(lambda: run(None), None, outputs, api_name=False)
+    return demo
+
+
+def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = MAX_UPLOAD_MB,
+          trusted: bool = False) -> None:
+    """Load the model and serve the app until interrupted; binds to 127.0.0.1 unless told otherwise."""
+    from .predict import load
+
+    gr = _gradio()
+    if max_upload_mb <= 0:
+        raise SkinCancerError(f"max_upload_mb: {max_upload_mb} must be positive")
+    clf = load(model, trusted=trusted)
+    demo = build_app(clf, max_upload_mb)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: serving on {host}: anyone who can reach this machine can use the app (no login)")
+    print(DISCLAIMER)
+    # no share link and no fonts from the internet: patient photos and the page stay on this machine
+    demo.launch(server_name=host, server_port=port, max_file_size=f"{int(max_upload_mb * 1e6)}b", share=False,
+                ssr_mode=False, footer_links=[], theme=gr.themes.Default(font=["ui-sans-serif", "system-ui",
+                                                                                "sans-serif"],
+                                                                          font_mono=["ui-monospace", "monospace"]))

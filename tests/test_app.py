@@ -1,0 +1,193 @@
+"""The web app, served on a free port with a model trained in the tests: gradio_client, then headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+from skincancer.app import analyse
+from skincancer.cli import build_parser
+from skincancer.predict import DISCLAIMER, load
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# as the machine's probe runs it: no sandbox as root, and none of the background calls a closed network refuses
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(trained, tmp_path_factory):
+    """The app of the `trained` model, started by the CLI on a free port with a 1 MB upload limit."""
+    work = tmp_path_factory.mktemp("app")
+    port = _free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(work / "gradio"), "PYTHONPATH": str(ROOT)}
+    log = open(work / "app.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "skincancer", "app", "--model", str(trained), "--port", str(port),
+                             "--max-upload-mb", "1"], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log.seek(0)
+            pytest.fail(f"the app did not start:\n{log.read()[-3000:]}")
+        time.sleep(1)
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(app_url):
+    """A gradio_client for the app."""
+    from gradio_client import Client
+
+    return Client(app_url, verbose=False)
+
+
+def _predict(client, path):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), api_name="/predict_upload")
+
+
+def test_an_upload_gets_the_label_at_the_threshold_probabilities_and_gradcam(client, trained, original_images):
+    image = original_images[0]
+    text, probs, overlay = _predict(client, image)
+    expected = load(trained).predict(image)
+    shown = {c["label"]: c["confidence"] for c in probs["confidences"]}
+    assert shown == pytest.approx(expected["probabilities"], abs=1e-4)
+    assert f"**{expected['malignant_probability']:.2f}**" in text
+    assert ("Malignant: worth a closer look" if expected["label"] == "malignant" else "Benign by this model") in text
+    assert DISCLAIMER in text
+    with Image.open(overlay) as im:  # the Grad-CAM overlay, at the photo's size
+        assert im.size == Image.open(image).size
+
+
+def test_a_corrupt_or_non_image_upload_gets_a_message_and_the_app_keeps_serving(client, tmp_path, original_images):
+    garbage = tmp_path / "notes.jpg"
+    garbage.write_bytes(b"these are not the pixels you are looking for" * 20)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(original_images[1].read_bytes()[:3000])
+    for bad in (garbage, truncated):
+        text, probs, overlay = _predict(client, bad)
+        assert text.startswith("Could not use this upload: ") and bad.name in text, text
+        assert str(tmp_path) not in text and "gradio" not in text  # names the file, not a server path
+        assert not probs and overlay is None
+    assert "Probability of malignancy" in _predict(client, original_images[1])[0]
+
+
+def test_an_upload_over_the_limit_is_refused_and_the_app_keeps_serving(client, tmp_path, original_images):
+    big = tmp_path / "big.png"
+    Image.effect_noise((700, 700), 64).convert("RGB").save(big)  # noise does not compress: about 1.5 MB
+    assert big.stat().st_size > 1_000_000
+    with pytest.raises(Exception, match="(?i)size|large|413"):
+        _predict(client, big)
+    assert "Probability of malignancy" in _predict(client, original_images[2])[0]
+
+
+def test_the_app_listens_on_loopback_unless_told_otherwise(app_url):
+    assert build_parser().parse_args(["app", "--model", "m.pkl"]).host == "127.0.0.1"
+    assert app_url.startswith("http://127.0.0.1:")
+
+
+def test_analyse_turns_bad_input_into_messages(trained, tmp_path):
+    clf = load(trained)
+    assert "Upload a photo" in analyse(clf, None)[0]
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"x" * 2000)
+    text, probs, overlay = analyse(clf, str(photo), max_bytes=1000)
+    assert "photo.jpg" in text and "over this app's limit" in text and probs is None and overlay is None
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Debian's Chromium, headless, driven by Playwright; a fake camera stands in for a webcam."""
+    if CHROMIUM is None:
+        msg = "Debian's chromium is not installed (apt-get install chromium); .ci/run installs it"
+        pytest.fail(msg) if os.environ.get("CI") else pytest.skip(msg)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS + [
+            "--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def _page(chromium, app_url):
+    from playwright.sync_api import expect
+
+    page = chromium.new_context(viewport={"width": 1280, "height": 1000}, permissions=["camera"]).new_page()
+    page.goto(app_url)
+    expect(page.get_by_text(DISCLAIMER).first).to_be_visible(timeout=60_000)
+    return page
+
+
+def _expect_result(page):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#verdict")).to_contain_text("Probability of malignancy", timeout=120_000)
+    expect(page.locator("#verdict")).to_contain_text(DISCLAIMER)
+    expect(page.locator("#gradcam img")).to_be_visible(timeout=30_000)
+    expect(page.locator("#probs")).to_contain_text("malignant")
+
+
+def test_an_upload_in_chromium_shows_the_result_and_a_screenshot_is_saved(chromium, app_url, original_images,
+                                                                        tmp_path):
+    page = _page(chromium, app_url)
+    page.locator("#upload input[type=file]").set_input_files(str(original_images[3]))
+    _expect_result(page)
+    shot = Path(os.environ.get("SKINCANCER_SCREENSHOT_DIR", tmp_path)) / "app.png"
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(shot), full_page=True)
+    with Image.open(shot) as im:
+        assert im.format == "PNG" and im.size[0] >= 1280
+
+
+def test_a_corrupt_upload_in_chromium_shows_a_message(chromium, app_url, tmp_path):
+    from playwright.sync_api import expect
+
+    bad = tmp_path / "lesion.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a JPEG" * 50)
+    page = _page(chromium, app_url)
+    page.locator("#upload input[type=file]").set_input_files(str(bad))
+    expect(page.locator("#verdict")).to_contain_text("Could not use this upload: lesion.jpg", timeout=60_000)
+
+
+def test_a_camera_snapshot_in_chromium_is_predicted(chromium, app_url):
+    page = _page(chromium, app_url)
+    page.get_by_role("tab", name="Camera").click()
+    page.locator("#camera button").filter(has_text="Webcam").click()  # Chromium's fake camera: a test pattern
+    # capture only once the stream plays: a snapshot taken before is empty
+    page.wait_for_function("document.querySelector('#camera video')?.readyState >= 2", timeout=60_000)
+    page.locator("#camera button[aria-label='capture photo']").click(timeout=60_000)
+    _expect_result(page)
