@@ -100,9 +100,10 @@ def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
                 overlay = gr.Image(label="Grad-CAM: where the network looked for malignancy", type="pil",
                                    interactive=False, elem_id="gradcam")
         outputs = [result, probs, overlay]
-        # one request at a time: a fastai learner is not safe to call from several threads at once
-        upload.upload(run, upload, outputs, api_name="predict_upload", concurrency_limit=1)
-        camera.change(run, camera, outputs, api_name="predict_camera", concurrency_limit=1)
+        # one prediction at a time across both inputs: a fastai learner is not safe to call from several threads
+        one_at_a_time = dict(concurrency_limit=1, concurrency_id="model")
+        upload.upload(run, upload, outputs, api_name="predict_upload", **one_at_a_time)
+        camera.change(run, camera, outputs, api_name="predict_camera", **one_at_a_time)
         upload.clear(lambda: run(None), None, outputs, api_name=False)
     return demo
 

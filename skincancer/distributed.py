@@ -28,11 +28,14 @@ def is_main_process() -> bool:
     return rank_distrib() == 0
 
 
-def quiet_unless_main() -> contextlib.AbstractContextManager:
+@contextlib.contextmanager
+def quiet_unless_main() -> Iterator[None]:
     """A context that discards what the other processes of a distributed run print (their errors still show)."""
     if is_main_process():
-        return contextlib.nullcontext()
-    return contextlib.redirect_stdout(open(os.devnull, "w"))
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 @contextlib.contextmanager
