@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -115,6 +116,21 @@ def test_an_upload_over_the_limit_is_refused_and_the_app_keeps_serving(client, t
 def test_the_app_listens_on_loopback_unless_told_otherwise(app_url):
     assert build_parser().parse_args(["app", "--model", "m.pkl"]).host == "127.0.0.1"
     assert app_url.startswith("http://127.0.0.1:")
+
+
+def test_the_page_takes_images_only_never_a_path_on_the_server(client, app_url, original_images):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert set(api) == {"/predict_upload", "/predict_camera"}
+    assert all(len(e["parameters"]) == 1 for e in api.values())
+    # a request naming a file that exists on the server, instead of uploading it, is refused
+    call = f"{app_url}gradio_api/call/predict_upload"
+    body = json.dumps({"data": [{"path": str(original_images[0]), "meta": {"_type": "gradio.FileData"}}]}).encode()
+    request = urllib.request.Request(call, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        event = json.load(r)["event_id"]
+    with urllib.request.urlopen(f"{call}/{event}", timeout=60) as r:
+        stream = r.read().decode()
+    assert "event: error" in stream and "Probability" not in stream, stream
 
 
 def test_analyse_turns_bad_input_into_messages(trained, tmp_path):
