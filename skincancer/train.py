@@ -54,17 +54,41 @@ def resolve_arch(arch: str | Callable) -> str | Callable:
     return arch
 
 
-def pretrained_weights_file(arch: str | Callable) -> Path | None:
-    """Where torch caches the ImageNet weights fastai uses for a torchvision `arch` (None for timm names)."""
-    import torch
+def imagenet_weights(arch: str | Callable):
+    """The torchvision weights enum fastai loads for `arch` when pretrained (None for timm names)."""
     import torchvision.models as tvm
     from fastai.vision.learner import model_meta
 
     fn = resolve_arch(arch)
-    if not callable(fn):
+    return tvm.get_model_weights(fn)[model_meta.get(fn, {}).get("weights", "DEFAULT")] if callable(fn) else None
+
+
+def pretrained_weights_file(arch: str | Callable) -> Path | None:
+    """Where torch caches the ImageNet weights fastai uses for a torchvision `arch` (None for timm names)."""
+    import torch
+
+    weights = imagenet_weights(arch)
+    if weights is None:
         return None
-    url = tvm.get_model_weights(fn)[model_meta.get(fn, {}).get("weights", "DEFAULT")].url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / weights.url.rsplit("/", 1)[-1]
+
+
+# what loading a checkpoint raises when it is missing, cannot be downloaded, or is not a checkpoint
+WEIGHT_ERRORS = (OSError, RuntimeError, EOFError, ValueError, ImportError, pickle.UnpicklingError)
+
+
+def ensure_pretrained_weights(arch: str | Callable) -> None:
+    """Find the ImageNet weights in torch's cache, or download them, before any long work: a missing file fails now.
+
+    Names torchvision does not know (timm) are checked when the learner is built.
+    """
+    weights = imagenet_weights(arch)
+    if weights is None:
+        return
+    try:
+        weights.get_state_dict(progress=True)
+    except WEIGHT_ERRORS as e:
+        raise _pretrained_error(arch, e) from e
 
 
 def _pretrained_error(arch, cause: BaseException) -> SkinCancerError:
@@ -170,7 +194,7 @@ def make_learner(dls, task: str = "binary", arch: str | Callable = "resnet50", p
     try:
         learn = vision_learner(dls, fn, pretrained=pretrained, metrics=metrics_for(task), loss_func=loss_func,
                                **kwargs)
-    except (OSError, RuntimeError, EOFError, ValueError, ImportError, pickle.UnpicklingError) as e:
+    except WEIGHT_ERRORS as e:
         if not pretrained:
             raise
         raise _pretrained_error(arch, e) from e
@@ -513,7 +537,9 @@ def setup(config: TrainConfig):
     if n_train < config.bs:
         raise SkinCancerError(f"bs: {config.bs} is more than the {n_train} training images, so an epoch would have no "
                               "full batch; lower --bs or use more images")
-    with local_main_process_first():  # distributed: one process per machine builds the cache, the others read it
+    with local_main_process_first():  # distributed: one process per machine downloads and presizes
+        if config.pretrained:  # before the data: a missing checkpoint should not wait for the cache to be built
+            ensure_pretrained_weights(config.arch)
         dls = make_dataloaders(df, config.task, config.size, config.bs, config.presize,
                                sampler=config.imbalance == "sampler", num_workers=config.num_workers,
                                cache=(config.cache_dir or True) if config.cache else False)

@@ -120,6 +120,7 @@ def test_missing_weights_offline_name_the_cache_file_and_the_switch(tmp_path, mo
 
 def test_cli_train_offline_is_one_clear_error(tmp_path, monkeypatch, ham_dir, capsys):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv("SKINCANCER_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(torch.hub, "download_url_to_file",
                         lambda *a, **k: (_ for _ in ()).throw(urllib.error.URLError("offline")))
     code = cli.main(["train", "--data", str(ham_dir), "--limit", "60", "--size", "32", "--epochs", "1", "--bs", "16",
@@ -127,6 +128,7 @@ def test_cli_train_offline_is_one_clear_error(tmp_path, monkeypatch, ham_dir, ca
     err = capsys.readouterr().err
     assert code == 2 and "resnet50-11ad3fa6.pth" in err and "Traceback" not in err
     assert not (tmp_path / "m.pkl").exists()
+    assert not (tmp_path / "cache").exists()  # it failed before presizing a single image
 
 
 def test_a_corrupt_cached_checkpoint_says_to_delete_it(tmp_path, monkeypatch, small_dls):
