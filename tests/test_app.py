@@ -133,6 +133,16 @@ def test_the_page_takes_images_only_never_a_path_on_the_server(client, app_url, 
     assert "event: error" in stream and "Probability" not in stream, stream
 
 
+def test_the_verdict_of_a_seven_class_model_names_the_diagnosis():
+    from types import SimpleNamespace
+
+    from skincancer.app import verdict
+
+    clf = SimpleNamespace(classes=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], card={}, threshold=0.5)
+    text = verdict(clf, {"label": "mel", "malignant_probability": 0.61, "probabilities": {}})
+    assert text.startswith("### Most likely: mel") and "(mel + bcc + akiec) **0.61**" in text and DISCLAIMER in text
+
+
 def test_analyse_turns_bad_input_into_messages(trained, tmp_path):
     clf = load(trained)
     assert "Upload a photo" in analyse(clf, None)[0]
