@@ -121,8 +121,13 @@ def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860, max_uplo
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: serving on {host}: anyone who can reach this machine can use the app (no login)")
     print(DISCLAIMER)
-    # no share link and no fonts from the internet: patient photos and the page stay on this machine
-    demo.launch(server_name=host, server_port=port, max_file_size=f"{int(max_upload_mb * 1e6)}b", share=False,
-                ssr_mode=False, footer_links=[], theme=gr.themes.Default(font=["ui-sans-serif", "system-ui",
-                                                                                "sans-serif"],
-                                                                          font_mono=["ui-monospace", "monospace"]))
+    print(f"starting the app for {clf.path.name} at http://{host}:{port} (Ctrl+C stops it)", flush=True)
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    try:
+        # no share link and no web fonts: patient photos and the page stay on this machine
+        demo.launch(server_name=host, server_port=port, max_file_size=f"{int(max_upload_mb * 1e6)}b", share=False,
+                    ssr_mode=False, footer_links=[], theme=theme, quiet=True)
+    except OSError as e:  # Gradio's words for a port in use or an address this machine does not have
+        raise SkinCancerError(f"--host {host} --port {port}: cannot listen there ({str(e).split('. ')[0]}); "
+                              "pick another --port") from None

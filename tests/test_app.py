@@ -118,6 +118,14 @@ def test_the_app_listens_on_loopback_unless_told_otherwise(app_url):
     assert app_url.startswith("http://127.0.0.1:")
 
 
+def test_a_port_in_use_is_one_clear_error(app_url, trained):
+    port = app_url.rstrip("/").rsplit(":", 1)[1]
+    run = subprocess.run([sys.executable, "-m", "skincancer", "app", "--model", str(trained), "--port", port],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 2 and f"--port {port}: cannot listen there" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+
+
 def test_the_page_takes_images_only_never_a_path_on_the_server(client, app_url, original_images):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     assert set(api) == {"/predict_upload", "/predict_camera"}
