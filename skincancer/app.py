@@ -56,15 +56,15 @@ def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_M
 
     if not path:
         return "Upload a photo of a lesion, or take one with the camera.", None, None
-    name = Path(path).name
-    size = Path(path).stat().st_size
+    file = Path(path)
+    name, size = file.name, file.stat().st_size
     if size > max_bytes:
         return (f"**{name}** is {size / 1e6:.1f} MB, over this app's limit of {max_bytes / 1e6:.0f} MB. "
                 "Upload a smaller photo."), None, None
     try:
-        image = open_image(path)
+        image = open_image(file)
     except SkinCancerError as e:
-        reason = str(e).replace(str(path), name)  # the user knows the file by its name, not Gradio's temporary path
+        reason = str(e).replace(str(file), name)  # the user knows the file by its name, not Gradio's temporary path
         return f"Could not use this upload: {reason}. Upload a JPEG or PNG photo of one lesion.", None, None
     result = clf.predict(image)
     _, overlay = gradcam(clf.learn, image)

@@ -80,10 +80,11 @@ WEIGHT_ERRORS = (OSError, RuntimeError, EOFError, ValueError, ImportError, pickl
 def ensure_pretrained_weights(arch: str | Callable) -> None:
     """Find the ImageNet weights in torch's cache, or download them, before any long work: a missing file fails now.
 
-    Names torchvision does not know (timm) are checked when the learner is built.
+    A cached file is not read here (the learner reads it, and reports a corrupt one). Names torchvision does not
+    know (timm) are checked when the learner is built.
     """
     weights = imagenet_weights(arch)
-    if weights is None:
+    if weights is None or pretrained_weights_file(arch).exists():
         return
     try:
         weights.get_state_dict(progress=True)
