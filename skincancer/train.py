@@ -147,22 +147,37 @@ def make_loss(task: str, train_labels=None, imbalance: str = "loss", label_smoot
 
 
 def compile_model(**kwargs):
-    """A fastai callback that runs the model through torch.compile while fitting, and leaves it plain after.
+    """A fastai callback that trains through torch.compile (static shapes) and validates eagerly.
 
-    Pass it to `fit(cbs=...)`, not `add_cb`: a learner keeps added callbacks, so an exported learner would
-    compile again whenever someone fits it later.
+    Only the training step is compiled: its batches all have one shape (fastai drops the last partial training
+    batch), so one graph is built. Compiling validation too would add a graph for gradient-free mode and another
+    for the last, smaller validation batch, and PyTorch compiles that one with dynamic shapes, slower for every
+    batch after it. Pass it to `fit(cbs=...)`, not `add_cb`: a learner keeps added callbacks, so an exported
+    learner would compile again whenever someone fits it later.
     """
     from fastai.callback.core import Callback
+    from fastai.torch_core import get_model
+
+    kwargs.setdefault("dynamic", False)
 
     class CompileModel(Callback):
         order = -1  # with ChannelsLast, before anything wraps the model
 
         def before_fit(self):
-            self.learn.model.compile(**kwargs)
+            self.model_ = get_model(self.learn.model)
+            self.model_.compile(**kwargs)
+            self.compiled = self.model_._compiled_call_impl
+
+        def before_train(self):
+            self.model_._compiled_call_impl = self.compiled
+
+        def before_validate(self):
+            self.model_._compiled_call_impl = None  # nn.Module.__call__ runs the plain forward
 
         def after_fit(self):
-            # nn.Module.compile keeps the compiled forward here; dropped so the learner can be pickled
-            self.learn.model._compiled_call_impl = None
+            # dropped so the learner can be pickled and predicts eagerly
+            self.model_._compiled_call_impl = None
+            self.model_ = self.compiled = None
 
     return CompileModel()
 

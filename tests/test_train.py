@@ -178,3 +178,28 @@ def test_a_learner_with_the_gpu_optimiser_trains_and_exports(small_dls, tmp_path
     learn.export(tmp_path / "gpu.pkl")  # the learner keeps opt_func: it must pickle
     assert type(learn.opt.opt).__name__ == "AdamW"
     assert unpickle_learner(tmp_path / "gpu.pkl").dls.vocab == ["benign", "malignant"]
+
+
+def test_compile_builds_one_training_graph_and_validates_eagerly(small_dls, tmp_path):
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from skincancer.train import compile_model
+
+    # 60 images at bs 8: full training batches, and a last validation batch smaller than the others
+    assert len(small_dls.valid_ds) % small_dls.valid.bs != 0
+    learn = make_learner(small_dls, "binary", "resnet18", pretrained=False)
+    plain = learn.model
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        with learn.no_bar(), learn.no_logging():
+            # dynamo's graph capture is what recompiles; the "eager" backend skips the slow code generation
+            learn.fit_one_cycle(2, 1e-3, cbs=[compile_model(backend="eager")])
+        graphs, captured = counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 1 and captured > 0  # one graph for training: no grad-free, no dynamic-shape recompiles
+    assert learn.model is plain and plain._compiled_call_impl is None
+    assert "CompileModel" not in [type(cb).__name__ for cb in learn.cbs]
+    learn.export(tmp_path / "compiled.pkl")
