@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode files every epoch instead of training from the presized image cache")
     t.add_argument("--cache-dir", help="where presized caches live (default: $SKINCANCER_CACHE or "
                                        "~/.cache/skincancer)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the training step (a minute or more to compile; README: Speed)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (a minute or more to compile; README: Speed)")
     t.add_argument("--checkpoint-every", type=float, default=60.0,
                    help="seconds between resumable checkpoints (0: after every epoch)")
     t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
