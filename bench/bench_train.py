@@ -2,6 +2,7 @@
 
     python bench/bench_train.py --data DIR                      # seed and ours, binary, 224 px, from scratch
     python bench/bench_train.py --data DIR --runs ours --epochs 40 --set mixup=0.4 --set size=160
+    python bench/bench_train.py --data DIR --runs ours --set augment=one-pass --set compile=true
     python bench/bench_train.py --smoke                         # seconds on a CPU; CI runs it to keep it working
 
 The seed recipe is fastai's defaults as the seed projects wrote them: DataBlock reading files with `Resize(460)`
@@ -121,7 +122,7 @@ def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
         sync()
         wall = time.perf_counter() - start
     learn.remove_cb(timer)
-    keys = ("epochs", "size", "bs", "lr", "label_smoothing", "mixup", "imbalance", "compile", "cache")
+    keys = ("epochs", "size", "bs", "lr", "label_smoothing", "mixup", "augment", "imbalance", "compile", "cache")
     return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, best_epoch=best,
                 settings={k: getattr(config, k) for k in keys})
 

@@ -20,7 +20,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for every subcommand."""
-    from .data import TASKS
+    from .data import AUGMENTS, TASKS
     from .train import IMBALANCE
 
     p = argparse.ArgumentParser(prog="python -m skincancer",
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-weighted loss (default), balanced sampling, or none")
     t.add_argument("--label-smoothing", type=float, help="default: the recipe's")
     t.add_argument("--mixup", type=float, help="MixUp Beta alpha, 0 for none (default: the recipe's)")
+    t.add_argument("--augment", choices=AUGMENTS, default="two-pass",
+                   help="two-pass: fastai's aug_transforms with a random crop (default); one-pass: the crop folded "
+                        "into the zoom, one resample at the final size")
     t.add_argument("--target-sensitivity", type=float, default=0.90,
                    help="the operating threshold is chosen on the validation split to reach this sensitivity")
     t.add_argument("--valid-pct", type=float, default=0.15)
@@ -128,6 +131,7 @@ def cmd_train(args) -> int:
     config = TrainConfig(data=args.data, task=args.task, arch=args.arch, pretrained=args.pretrained,
                          epochs=args.epochs, size=args.size, presize=args.presize, bs=args.bs, lr=args.lr,
                          imbalance=args.imbalance, label_smoothing=args.label_smoothing, mixup=args.mixup,
+                         augment=args.augment,
                          seed=args.seed, cache=args.cache, cache_dir=args.cache_dir, compile=args.compile,
                          checkpoint_every=args.checkpoint_every,
                          target_sensitivity=args.target_sensitivity,

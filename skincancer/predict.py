@@ -163,6 +163,7 @@ def inference_learner(card: dict, weights: str | Path, cpu: bool = True):
         raise SkinCancerError(f"{weights}: the model card lacks {', '.join(missing)}; it cannot be rebuilt safely")
     if card.get("weights_sha256") and sha256_file(weights) != card["weights_sha256"]:
         raise SkinCancerError(f"{weights}: sha256 does not match the model card; the file was changed or torn")
+    # only the validation transforms matter here, and they are the same resize for every `augment`
     dblock = make_datablock(card["task"], int(card["size"]), int(card["presize"]))
     with tempfile.TemporaryDirectory() as tmp:
         # fastai infers the pipeline's types from one item, as export does: a blank image, then emptied

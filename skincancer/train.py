@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .data import (SPLITS, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
+from .data import (AUGMENTS, SPLITS, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
                    is_malignant_class, make_dataloaders, malignant_probability, prepare, split_table)
 from .distributed import (alone, distributed_fit, is_main_process, local_main_process_first, process_state,
                           quiet_unless_main, world_size)
@@ -242,6 +242,7 @@ class TrainConfig:
     target_sensitivity: float = 0.90   # the operating threshold is chosen on valid to reach it
     label_smoothing: float | None = None
     mixup: float | None = None         # MixUp alpha; 0 turns it off
+    augment: str = "two-pass"          # skincancer.data.AUGMENTS: how the batch augmentation resamples
     seed: int = 42
     valid_pct: float = 0.15
     test_pct: float = 0.15
@@ -260,6 +261,8 @@ class TrainConfig:
         check_task(self.task)
         if self.imbalance not in IMBALANCE:
             raise SkinCancerError(f"imbalance: {self.imbalance!r} is not one of {', '.join(IMBALANCE)}")
+        if self.augment not in AUGMENTS:
+            raise SkinCancerError(f"augment: {self.augment!r} is not one of {', '.join(AUGMENTS)}")
         recipe = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in RECIPES[self.pretrained].items()}
         for name in ("epochs", "size", "bs", "lr"):
             if recipe[name] <= 0:
@@ -304,8 +307,8 @@ def stop_on_nan():
 
 # the settings a resumed run must share with the interrupted one
 RESUME_KEYS = ("data", "task", "arch", "pretrained", "epochs", "size", "presize", "bs", "lr", "freeze_epochs",
-               "imbalance", "label_smoothing", "mixup", "seed", "valid_pct", "test_pct", "limit", "drop_missing",
-               "class_map")
+               "imbalance", "label_smoothing", "mixup", "augment", "seed", "valid_pct", "test_pct", "limit",
+               "drop_missing", "class_map")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -558,7 +561,7 @@ def setup(config: TrainConfig):
             ensure_pretrained_weights(config.arch)
         dls = make_dataloaders(df, config.task, config.size, config.bs, config.presize,
                                sampler=config.imbalance == "sampler", num_workers=config.num_workers,
-                               cache=(config.cache_dir or True) if config.cache else False)
+                               cache=(config.cache_dir or True) if config.cache else False, augment=config.augment)
     train_labels = df.loc[df["split"] == "train", "label"]
     loss = make_loss(config.task, train_labels, config.imbalance, config.label_smoothing)
     learn = make_learner(dls, config.task, config.arch, config.pretrained, loss_func=loss,

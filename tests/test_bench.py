@@ -29,3 +29,11 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     for r in rows:
         assert r["images_per_s"] > 0 and r["epochs"] == 1 and 0 <= r["valid_auroc"] <= 1
     assert rows[1]["settings"]["cache"] is True
+
+
+def test_augmentation_benchmark_smoke_times_both_pipelines(ham_dir):
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_augment.py"), "--smoke"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for figure in ("two-pass", "one-pass", "ms/batch", "ratio one-pass / two-pass, images/s"):
+        assert figure in run.stdout

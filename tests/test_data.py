@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from conftest import copy_images
 from skincancer import SkinCancerError
-from skincancer.data import (BINARY_CLASSES, DX_CLASSES, MALIGNANT_DX, add_labels, check_no_lesion_leak,
-                             class_weights, classes_for, label_of, make_dataloaders, malignant_probability,
+from skincancer.data import (BINARY_CLASSES, DX_CLASSES, MALIGNANT_DX, add_labels, augmentations,
+                             check_no_lesion_leak, class_weights, classes_for, label_of, make_dataloaders, malignant_probability,
                              prepare, read_metadata, sample_by_label, split_by_lesion)
 
 
@@ -216,6 +216,28 @@ def test_dataloaders_presize_augment_normalise_and_keep_the_vocab(ham_dir):
     assert tuple(x.shape) == (16, 3, 48, 48)
     assert abs(float(x.mean())) < 1.0 and 0.3 < float(x.std()) < 3.0  # ImageNet-normalised, not 0..1
     assert set(y.tolist()) <= {0, 1}
+
+
+def test_one_pass_augmentation_resamples_once_and_validates_like_two_pass():
+    import torch
+    from fastai.vision.all import AffineCoordTfm, IntToFloatTensor, Pipeline, RandomResizedCropGPU, TensorImage
+
+    def resamplers(tfms):
+        return [t for t in tfms if isinstance(t, (AffineCoordTfm, RandomResizedCropGPU))]
+
+    one, two = augmentations(48, "one-pass"), augmentations(48, "two-pass")
+    assert len(resamplers(two)) == 2 and len(resamplers(one)) == 1  # fastai's affine at 72 px, then the crop
+    assert resamplers(one)[0].size == 48  # the one resample produces the final size
+    torch.manual_seed(0)
+    x = TensorImage(torch.randint(0, 256, (4, 3, 72, 72), dtype=torch.uint8))
+    out = {(name, split): Pipeline([IntToFloatTensor(), *augmentations(48, name)], split_idx=split)(x)
+           for name in ("one-pass", "two-pass") for split in (0, 1)}
+    assert all(tuple(y.shape) == (4, 3, 48, 48) for y in out.values())
+    # validation (and so prediction) sees the same resized image either way; training images are augmented
+    assert torch.allclose(out["one-pass", 1], out["two-pass", 1], atol=1e-3)
+    assert not torch.allclose(out["one-pass", 0], out["one-pass", 1], atol=1e-1)
+    with pytest.raises(SkinCancerError, match="augment: 'three-pass'"):
+        augmentations(48, "three-pass")
 
 
 def test_balanced_sampler_draws_malignant_about_half_the_time(ham_dir):

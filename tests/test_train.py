@@ -147,6 +147,8 @@ def test_config_rejects_nonsense():
         TrainConfig(data=".", out="models/model.pt").resolved()
     with pytest.raises(SkinCancerError, match="label_smoothing"):
         TrainConfig(data=".", label_smoothing=1.5).resolved()
+    with pytest.raises(SkinCancerError, match="augment: 'random' is not one of two-pass, one-pass"):
+        TrainConfig(data=".", augment="random").resolved()
 
 
 def test_each_start_gets_its_own_recipe_and_explicit_settings_win():

@@ -1,0 +1,103 @@
+"""Input-pipeline benchmark: training batches from the presized cache, two-pass against one-pass augmentation.
+
+    python bench/bench_augment.py --data DIR [--size 224] [--bs 256] [--batches 50]
+    python bench/bench_augment.py --smoke      # seconds on a CPU; CI runs it to keep it working
+
+Times what a training epoch spends before the model sees a batch: gathering it from the presized cache (on the GPU
+when there is one) and fastai's batch transforms, for `--augment two-pass` (fastai's `aug_transforms` with
+`min_scale`: an affine resample at the presize, then a random crop resampled to the size) and `one-pass` (the crop
+folded into the zoom: one resample at the size). On CUDA it also counts the host synchronisations per batch, which
+stop the CPU from queueing the next kernels while the GPU works. It asserts nothing about speed: compare the ratio
+measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("SKINCANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
+sys.path.insert(0, str(ROOT))
+
+
+def sync() -> None:
+    """Wait for the GPU, so host clocks measure finished work."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_loader(dl, batches: int) -> tuple[float, float | None]:
+    """(seconds per batch, host syncs per batch or None off CUDA) over `batches` batches after one warm-up batch."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    it = iter(dl)
+    next(it)
+    sync()
+    n, syncs = 0, 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if cuda:
+            torch.cuda.set_sync_debug_mode("warn")
+        start = time.perf_counter()
+        try:
+            for _ in range(batches):
+                next(it)
+                n += 1
+        except StopIteration:
+            pass
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+        sync()
+        seconds = time.perf_counter() - start
+        syncs = sum("synchroniz" in str(w.message) for w in caught)
+    if n == 0:
+        raise SystemExit("no batch after the warm-up one: use more images (--limit) or a smaller --bs")
+    return seconds / n, (syncs / n if cuda else None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print a table with the ratio."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(SHARED / "ham10000_200x150"))
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--bs", type=int, default=256)
+    p.add_argument("--batches", type=int, default=50, help="timed batches per variant (at most one epoch)")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--cache-dir", help="presize cache (default: a temporary folder)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run: 200 images, 32 px, bs 16, 4 batches")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.limit, args.size, args.bs, args.batches = 200, 32, 16, 4
+
+    import torch
+
+    from skincancer.data import AUGMENTS, make_dataloaders, prepare
+
+    df = prepare(args.data, "binary", limit=args.limit)
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="skincancer-cache-")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {device}; {int((df['split'] == 'train').sum())} training images, {args.size} px, bs {args.bs}, "
+          f"torch {torch.__version__}")
+    rows = {}
+    for augment in AUGMENTS:
+        dls = make_dataloaders(df, "binary", args.size, args.bs, cache=cache_dir, augment=augment)
+        per_batch, syncs = time_loader(dls.train, args.batches)
+        rows[augment] = per_batch
+        print(f"{augment:<9} {per_batch * 1000:8.1f} ms/batch {args.bs / per_batch:9.0f} images/s"
+              + ("" if syncs is None else f"   {syncs:.1f} host syncs/batch"), flush=True)
+    print(f"ratio one-pass / two-pass, images/s: {rows['two-pass'] / rows['one-pass']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
