@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--presize", type=_positive_int, help="item resize before GPU augmentation (default 1.5x size)")
     t.add_argument("--bs", type=_positive_int, help="batch size (default: the recipe's)")
     t.add_argument("--lr", type=float, help="peak one-cycle learning rate (default: the recipe's)")
+    t.add_argument("--wd", type=float, help="AdamW weight decay (default: fastai's, 0.01)")
     t.add_argument("--seed", type=int, default=42, help="seed for the split, sampling and training")
     t.add_argument("--limit", type=_positive_int, help="train on a label-stratified sample of about N images")
     t.add_argument("--imbalance", choices=IMBALANCE, default="loss",
@@ -130,6 +131,7 @@ def cmd_train(args) -> int:
 
     config = TrainConfig(data=args.data, task=args.task, arch=args.arch, pretrained=args.pretrained,
                          epochs=args.epochs, size=args.size, presize=args.presize, bs=args.bs, lr=args.lr,
+                         wd=args.wd,
                          imbalance=args.imbalance, label_smoothing=args.label_smoothing, mixup=args.mixup,
                          augment=args.augment,
                          seed=args.seed, cache=args.cache, cache_dir=args.cache_dir, compile=args.compile,

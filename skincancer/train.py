@@ -237,6 +237,7 @@ class TrainConfig:
     presize: int | None = None         # None: default_presize(size)
     bs: int | None = None
     lr: float | None = None
+    wd: float | None = None            # AdamW's decoupled weight decay; None: fastai's default (0.01)
     freeze_epochs: int = 1
     imbalance: str = "loss"
     target_sensitivity: float = 0.90   # the operating threshold is chosen on valid to reach it
@@ -273,6 +274,8 @@ class TrainConfig:
             raise SkinCancerError(f"mixup: {recipe['mixup']} must be 0 (off) or a positive Beta alpha")
         if not 0 < self.target_sensitivity <= 1:
             raise SkinCancerError(f"target_sensitivity: {self.target_sensitivity} must be in (0, 1]")
+        if self.wd is not None and self.wd < 0:
+            raise SkinCancerError(f"wd: {self.wd} must be 0 or more")
         if not str(self.out).endswith(".pkl"):
             raise SkinCancerError(f"out: {self.out} must end in .pkl")
         return dataclasses.replace(self, **recipe, presize=self.presize or default_presize(recipe["size"]))
@@ -306,9 +309,9 @@ def stop_on_nan():
 
 
 # the settings a resumed run must share with the interrupted one
-RESUME_KEYS = ("data", "task", "arch", "pretrained", "epochs", "size", "presize", "bs", "lr", "freeze_epochs",
-               "imbalance", "label_smoothing", "mixup", "augment", "seed", "valid_pct", "test_pct", "limit",
-               "drop_missing", "class_map")
+RESUME_KEYS = ("data", "task", "arch", "pretrained", "epochs", "size", "presize", "bs", "lr", "wd",
+               "freeze_epochs", "imbalance", "label_smoothing", "mixup", "augment", "seed", "valid_pct", "test_pct",
+               "limit", "drop_missing", "class_map")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -454,7 +457,7 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
                     learn.freeze() if phase["frozen"] else learn.unfreeze()
                 cbs = [tracker, checkpoint, stop_on_nan(), *parallel,
                        *([compile_model()] if config.compile else [])]
-                learn.fit_one_cycle(phase["epochs"], phase["lr"], start_epoch=start, cbs=cbs,
+                learn.fit_one_cycle(phase["epochs"], phase["lr"], wd=config.wd, start_epoch=start, cbs=cbs,
                                     **phase["kwargs"])
                 best_epoch = checkpoint.best_epoch
     finally:

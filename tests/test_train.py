@@ -68,6 +68,18 @@ def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir):
     assert 0.0 <= card["metrics"]["test"]["macro_auroc"] <= 1.0
 
 
+def test_weight_decay_and_one_pass_augmentation_reach_the_run(tmp_path, ham_dir):
+    from fastai.vision.all import RandomResizedCropGPU
+
+    from skincancer.train import train
+
+    result = train(TrainConfig(data=str(ham_dir), pretrained=False, limit=60, size=32, bs=8, epochs=1, wd=0.05,
+                               augment="one-pass", num_workers=0, out=str(tmp_path / "m.pkl")))
+    assert {g["wd"] for g in result.learn.opt.hypers} == {0.05}
+    assert not any(isinstance(t, RandomResizedCropGPU) for t in result.learn.dls.train.after_batch.fs)
+    assert result.card["config"]["wd"] == 0.05 and result.card["config"]["augment"] == "one-pass"
+
+
 def test_bad_training_input_is_an_error_line_not_a_traceback(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "nowhere"), "--no-pretrained"]) == 2
     err = capsys.readouterr().err
@@ -147,6 +159,8 @@ def test_config_rejects_nonsense():
         TrainConfig(data=".", out="models/model.pt").resolved()
     with pytest.raises(SkinCancerError, match="label_smoothing"):
         TrainConfig(data=".", label_smoothing=1.5).resolved()
+    with pytest.raises(SkinCancerError, match="wd: -0.1 must be 0 or more"):
+        TrainConfig(data=".", wd=-0.1).resolved()
     with pytest.raises(SkinCancerError, match="augment: 'random' is not one of two-pass, one-pass"):
         TrainConfig(data=".", augment="random").resolved()
 
