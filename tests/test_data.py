@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from conftest import copy_images
 from skincancer import SkinCancerError
 from skincancer.data import (BINARY_CLASSES, DX_CLASSES, MALIGNANT_DX, add_labels, augmentations,
-                             check_no_lesion_leak, class_weights, classes_for, label_of, make_dataloaders, malignant_probability,
-                             prepare, read_metadata, sample_by_label, split_by_lesion)
+                             check_no_lesion_leak, class_weights, classes_for, label_of, make_dataloaders,
+                             malignant_probability, prepare, read_metadata, sample_by_label, split_by_lesion)
 
 
 # --- reading the folder layouts ----------------------------------------------------------------
