@@ -40,18 +40,26 @@ def sync() -> None:
 
 
 def epoch_timer():
-    """A fastai callback recording each epoch's wall time (training and validation)."""
+    """A fastai callback recording each epoch's wall time, and the part of it spent validating."""
     from fastai.callback.core import Callback
 
     class EpochTimer(Callback):
         order = 100
 
         def before_fit(self):
-            self.times = []
+            self.times, self.valid_times = [], []
 
         def before_epoch(self):
             sync()
             self.start = time.perf_counter()
+
+        def before_validate(self):
+            sync()
+            self.valid_start = time.perf_counter()
+
+        def after_validate(self):
+            sync()
+            self.valid_times.append(time.perf_counter() - self.valid_start)
 
         def after_epoch(self):
             sync()
@@ -100,7 +108,8 @@ def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
         learn.fit_one_cycle(epochs, cbs=[timer])
         sync()
         wall = time.perf_counter() - start
-    return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, settings=dict(size=size, bs=bs))
+    return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, valid_s=timer.valid_times,
+                settings=dict(size=size, bs=bs))
 
 
 def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
@@ -123,7 +132,7 @@ def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
         wall = time.perf_counter() - start
     learn.remove_cb(timer)
     keys = ("epochs", "size", "bs", "lr", "label_smoothing", "mixup", "augment", "imbalance", "compile", "cache")
-    return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, best_epoch=best,
+    return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, valid_s=timer.valid_times, best_epoch=best,
                 settings={k: getattr(config, k) for k in keys})
 
 
@@ -222,8 +231,9 @@ def main(argv: list[str] | None = None) -> int:
             res.update({f"tta_{k}": v for k, v in scores(learn, df, tta=True).items()})
         later = sorted(res["epoch_s"][1:]) or res["epoch_s"]
         res["steady_images_per_s"] = n_train / later[len(later) // 2]  # median epoch after the first
+        res["valid_share"] = sum(res["valid_s"]) / sum(res["epoch_s"])  # of the epochs' time, spent validating
         rows.append(res)
-        print(json.dumps({k: v for k, v in res.items() if k != "epoch_s"}), flush=True)
+        print(json.dumps({k: v for k, v in res.items() if k not in ("epoch_s", "valid_s")}), flush=True)
         if args.out:
             with open(args.out, "a", encoding="utf-8") as f:
                 f.write(json.dumps(res) + "\n")
@@ -236,12 +246,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"synthetic ResNet50 step at {args.size}px, bs 256, bf16, channels_last, "
                   f"compile={compiled}: {synthetic_ceiling(args.size, compile=compiled):.0f} images/s")
 
-    print(f"\n{'run':<6} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'prep s':>7} "
+    print(f"\n{'run':<6} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'valid %':>7} {'prep s':>7} "
           f"{'valid AUROC':>11} {'test AUROC':>10} {'valid bal acc':>13}")
     for r in rows:
         print(f"{r['name']:<6} {r['epochs']:>6} {r['images_per_s']:>9.0f} {r['steady_images_per_s']:>9.0f} "
-              f"{r['fit_s']:>7.1f} {r['prep_s']:>7.1f} {r['valid_auroc']:>11.3f} {r['test_auroc']:>10.3f} "
-              f"{r['valid_bal_acc']:>13.3f}")
+              f"{r['fit_s']:>7.1f} {100 * r['valid_share']:>7.1f} {r['prep_s']:>7.1f} {r['valid_auroc']:>11.3f} "
+              f"{r['test_auroc']:>10.3f} {r['valid_bal_acc']:>13.3f}")
     by_name = {r["name"]: r for r in rows}
     if {"seed", "ours"} <= by_name.keys():
         print(f"ratio ours / seed, images/s end to end: "

@@ -28,6 +28,7 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     assert [r["name"] for r in rows] == ["seed", "ours"]
     for r in rows:
         assert r["images_per_s"] > 0 and r["epochs"] == 1 and 0 <= r["valid_auroc"] <= 1
+        assert 0 < r["valid_share"] < 1  # validation is timed as part of each epoch
     assert rows[1]["settings"]["cache"] is True
 
 
