@@ -14,24 +14,11 @@ measured in one run.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 import warnings
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SKINCANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
-sys.path.insert(0, str(ROOT))
-
-
-def sync() -> None:
-    """Wait for the GPU, so host clocks measure finished work."""
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from common import SHARED, sync
 
 
 def time_loader(dl, batches: int) -> tuple[float, float | None]:

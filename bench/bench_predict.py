@@ -10,15 +10,13 @@ speed: figures depend on the machine, so compare ratios measured in the same run
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SKINCANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
+from common import SHARED
 
 
 def timed(fn, *args, **kwargs):

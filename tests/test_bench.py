@@ -8,22 +8,25 @@ import sys
 from conftest import ROOT
 
 
-def test_predict_benchmark_smoke_prints_its_figures(ham_dir):
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_predict.py"), "--smoke"],
+def smoke(script: str, *args: str) -> str:
+    """Run a benchmark script's --smoke mode; return its stdout after checking that it exited 0."""
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
+def test_predict_benchmark_smoke_prints_its_figures(ham_dir):
+    stdout = smoke("bench_predict.py")
     for figure in ("load (safetensors, default)", "single-image latency", "predict_batch", "ratio batch / loop"):
-        assert figure in run.stdout
+        assert figure in stdout
 
 
 def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir, tmp_path):
     import json
 
     out = tmp_path / "runs.jsonl"
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert "ratio ours / seed, images/s end to end" in run.stdout
+    assert "ratio ours / seed, images/s end to end" in smoke("bench_train.py", "--out", str(out))
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["name"] for r in rows] == ["seed", "ours"]
     for r in rows:
@@ -33,8 +36,6 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
 
 
 def test_augmentation_benchmark_smoke_times_both_pipelines(ham_dir):
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_augment.py"), "--smoke"],
-                         capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
+    stdout = smoke("bench_augment.py")
     for figure in ("two-pass", "one-pass", "ms/batch", "ratio one-pass / two-pass, images/s"):
-        assert figure in run.stdout
+        assert figure in stdout
