@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-pickle", action="store_true",
                    help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     e.add_argument("--bs", type=_positive_int, default=64, help="batch size")
-    e.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the AUROC interval")
+    e.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the AUROC interval (of lesions where lesion ids are known)")
     e.add_argument("--out", required=True, help="folder for metrics.json and the PNG plots")
 
     d = sub.add_parser("download", help="download, verify and extract HAM10000 (the ISIC 2018 Task 3 files)")

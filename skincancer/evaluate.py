@@ -52,31 +52,50 @@ def choose_threshold(p_malignant, is_malignant, target_sensitivity: float = TARG
     return float(positives[max(k, 1) - 1])
 
 
-def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0,
-                    level: float = 0.95) -> tuple[float | None, float | None]:
-    """Percentile bootstrap interval of the AUROC (resampling images); (None, None) if undefined."""
-    from sklearn.metrics import roc_auc_score
+def weighted_aurocs(is_malignant, p_malignant, weights) -> np.ndarray:
+    """AUROC under each row of `weights` (replicates, images): the Mann-Whitney statistic, ties counting a half."""
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    order = np.argsort(p, kind="stable")
+    p, y, w = p[order], y[order], np.atleast_2d(np.asarray(weights, dtype=np.float64))[:, order]
+    starts = np.flatnonzero(np.r_[True, p[1:] != p[:-1]])  # runs of tied scores
+    pos = np.add.reduceat(w * y, starts, axis=1)
+    neg = np.add.reduceat(w * ~y, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg  # negative weight scored strictly lower
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
 
+
+def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                    groups=None) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of the AUROC, resampling whole `groups` (lesions) or else images.
+
+    Photos of one lesion are not independent: resampling them one by one gives too narrow an interval, so
+    pass each image's lesion_id where it is known. (None, None) if the AUROC is undefined.
+    """
     y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
     if n_boot <= 0 or y.all() or not y.any():
         return None, None
+    codes = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    n_groups = int(codes.max()) + 1
     rng = np.random.default_rng(seed)
     scores = []
-    for _ in range(n_boot):
-        idx = rng.integers(0, len(y), len(y))
-        if y[idx].any() and not y[idx].all():
-            scores.append(roc_auc_score(y[idx], p[idx]))
+    for start in range(0, n_boot, 100):  # 100 replicates at a time bound the memory on large sets
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=min(100, n_boot - start))
+        scores.append(weighted_aurocs(y, p, counts[:, codes]))  # an image counts as often as its group is drawn
+    scores = np.concatenate(scores)
+    scores = scores[np.isfinite(scores)]  # replicates that drew a single class
     lo, hi = np.percentile(scores, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return float(lo), float(hi)
 
 
 def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=None, n_boot: int = 0,
-                           seed: int = 0) -> dict:
+                           seed: int = 0, groups=None) -> dict:
     """Metrics for class probabilities `probs` (n, k) and integer `targets` (n,); undefined ones are None.
 
     accuracy and balanced_accuracy use the predicted class; auroc and everything at the threshold are about
     malignant vs benign, with malignant predicted when its probability reaches `threshold`. With `dx`
     (each image's diagnosis), per-diagnosis recall says how often each diagnosis got the right benign/malignant call.
+    With `groups` (each image's lesion_id), the AUROC's bootstrap interval resamples lesions, not images.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -95,7 +114,9 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     n_pos, n_neg = tp + fn, tn + fp
     ppv = _ratio(tp, tp + fp)
     sens = _ratio(tp, n_pos)
-    lo, hi = bootstrap_auroc(truth, p_mal, n_boot, seed)
+    if groups is not None and len(groups) != len(targets):
+        raise SkinCancerError(f"{len(groups)} lesion ids do not match {len(targets)} targets")
+    lo, hi = bootstrap_auroc(truth, p_mal, n_boot, seed, groups=groups)
     out = {
         "n": int(len(targets)),
         "n_malignant": n_pos,
@@ -103,6 +124,7 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
         "balanced_accuracy": _balanced_accuracy(targets, pred),
         "auroc": float(roc_auc_score(truth, p_mal)) if n_pos and n_neg else None,
         "auroc_ci95": [lo, hi] if lo is not None else None,
+        "auroc_ci95_resampled": ("lesions" if groups is not None else "images") if lo is not None else None,
         "threshold": float(threshold),
         "sensitivity": sens,
         "specificity": _ratio(tn, n_neg),
@@ -136,7 +158,8 @@ def metrics_table(metrics: dict) -> str:
         v = metrics[k]
         text = "null (undefined)" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
         if k == "auroc" and metrics.get("auroc_ci95"):
-            text += f"  (95% CI {metrics['auroc_ci95'][0]:.4f}-{metrics['auroc_ci95'][1]:.4f})"
+            by = f", resampling {metrics['auroc_ci95_resampled']}" if metrics.get("auroc_ci95_resampled") else ""
+            text += f"  (95% CI {metrics['auroc_ci95'][0]:.4f}-{metrics['auroc_ci95'][1]:.4f}{by})"
         rows.append(f"  {k:<18}{text}")
     rows.append(f"  {'threshold':<18}{metrics['threshold']:.4f} (probability of malignancy)")
     for d, r in (metrics.get("per_diagnosis_recall") or {}).items():
@@ -321,6 +344,13 @@ def plot_top_losses(df: pd.DataFrame, probs, targets, classes, k: int = 9):
 
 # --- the whole evaluation ------------------------------------------------------------------------
 
+def lesion_groups(df: pd.DataFrame):
+    """Each image's lesion_id for a lesion-level bootstrap, or None where the frame has no usable lesion ids."""
+    if "lesion_id" not in df.columns or df["lesion_id"].isna().any():
+        return None
+    return df["lesion_id"].astype(str).to_numpy()
+
+
 def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int = 64, n_boot: int = 1000,
              gradcam_images: int = 8) -> dict:
     """Predict a labelled frame with a loaded model, write OUT/metrics.json and the PNG plots, return the metrics."""
@@ -330,7 +360,8 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = clf.classes
     probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs)
-    metrics = classification_metrics(probs, targets, classes, clf.threshold, dx=df["dx"].to_numpy(), n_boot=n_boot)
+    metrics = classification_metrics(probs, targets, classes, clf.threshold, dx=df["dx"].to_numpy(), n_boot=n_boot,
+                                     groups=lesion_groups(df))
     card = clf.card
     metrics["threshold_rule"] = card.get("threshold_rule", "0.5 (no rule recorded in the model card)")
     metrics["tta"] = tta

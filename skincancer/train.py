@@ -467,7 +467,7 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
 
 def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict]:
     """Choose the operating threshold on valid, then metrics of valid and test at it; return (metrics, rule)."""
-    from .evaluate import choose_threshold, classification_metrics, predict_frame
+    from .evaluate import choose_threshold, classification_metrics, lesion_groups, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
     preds = {s: predict_frame(learn, df[df["split"] == s]) for s in ("valid", "test") if (df["split"] == s).any()}
@@ -475,7 +475,7 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
     threshold = choose_threshold(malignant_probability(probs, classes), is_malignant_class(classes)[targets],
                                  target_sensitivity)
     metrics = {s: classification_metrics(p, t, classes, threshold, dx=df.loc[df["split"] == s, "dx"].to_numpy(),
-                                         n_boot=1000, seed=0)
+                                         n_boot=1000, seed=0, groups=lesion_groups(df[df["split"] == s]))
                for s, (p, t) in preds.items()}
     rule = {"target_sensitivity": target_sensitivity, "chosen_on": "valid",
             "how": "the highest threshold whose validation sensitivity for malignant reaches the target",

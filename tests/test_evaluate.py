@@ -14,7 +14,8 @@ from sklearn.metrics import f1_score, precision_score, roc_auc_score
 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
-from skincancer.evaluate import bootstrap_auroc, choose_threshold, classification_metrics, read_labels
+from skincancer.evaluate import (bootstrap_auroc, choose_threshold, classification_metrics, read_labels,
+                                 weighted_aurocs)
 from skincancer.gradcam import gradcam
 from skincancer.predict import load
 
@@ -58,6 +59,35 @@ def test_metrics_at_the_threshold_agree_with_sklearn():
     assert lo < m["auroc"] < hi and hi - lo < 0.2
     c = m["confusion_at_threshold"]
     assert c["tp"] + c["fn"] == m["n_malignant"] and sum(c.values()) == m["n"] == 400
+
+
+def test_weighted_aurocs_are_sklearns_with_sample_weights_ties_included():
+    rng = np.random.default_rng(1)
+    y = rng.random(300) < 0.3
+    p = np.round(rng.normal(0.4 + 0.2 * y, 0.2), 1)  # rounded: many tied scores
+    w = rng.integers(0, 4, size=(5, 300))
+    expected = [roc_auc_score(y, p, sample_weight=row) for row in w]
+    assert weighted_aurocs(y, p, w) == pytest.approx(expected, abs=1e-12)
+    assert weighted_aurocs(y, p, np.ones(300))[0] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+
+
+def test_the_auroc_interval_resamples_lesions_not_their_photos():
+    probs, targets = _binary_case()
+    y, p = targets.astype(bool), probs[:, 1]
+    one_each = bootstrap_auroc(y, p, n_boot=500, seed=3)
+    # every lesion photographed three times: three copies of each image, one lesion id for each triple
+    lesions = np.repeat([f"lesion{i:04d}" for i in range(len(y))], 3)  # ids sort in image order: same draws
+    y3, p3 = np.repeat(y, 3), np.repeat(p, 3)
+    by_lesion = bootstrap_auroc(y3, p3, n_boot=500, seed=3, groups=lesions)
+    by_image = bootstrap_auroc(y3, p3, n_boot=500, seed=3)
+    assert by_lesion == pytest.approx(one_each)  # copies add no information, so no precision
+    assert by_image[1] - by_image[0] < 0.7 * (by_lesion[1] - by_lesion[0])  # resampling photos overstates it
+    m = classification_metrics(probs, targets, ["benign", "malignant"], n_boot=100, groups=np.arange(len(y)))
+    assert m["auroc_ci95_resampled"] == "lesions"
+    assert classification_metrics(probs, targets, ["benign", "malignant"], n_boot=100)["auroc_ci95_resampled"] \
+        == "images"
+    with pytest.raises(SkinCancerError, match="3 lesion ids do not match 400 targets"):
+        classification_metrics(probs, targets, ["benign", "malignant"], n_boot=100, groups=["a", "b", "c"])
 
 
 def test_undefined_metrics_are_null_not_misleading():
