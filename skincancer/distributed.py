@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -36,6 +38,31 @@ def quiet_unless_main() -> Iterator[None]:
         return
     with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
         yield
+
+
+def from_main_process(fn: Callable[[], T]) -> T:
+    """`fn()` computed by the main process alone and sent to the others; a SkinCancerError it raises, raised on all.
+
+    For what every process must agree on, read from files another process may still be writing (a resumed run's
+    progress): processes that disagree on where to start would wait for each other forever.
+    """
+    if world_size() <= 1:
+        return fn()
+    import torch.distributed as dist
+
+    from .errors import SkinCancerError
+
+    box: list = [None]
+    if is_main_process():
+        try:
+            box[0] = ("value", fn())
+        except SkinCancerError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise SkinCancerError(value)
+    return value
 
 
 @contextlib.contextmanager

@@ -19,8 +19,8 @@ import pandas as pd
 from . import __version__
 from .data import (AUGMENTS, SPLITS, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
                    is_malignant_class, make_dataloaders, malignant_probability, prepare, split_table)
-from .distributed import (alone, distributed_fit, is_main_process, local_main_process_first, process_state,
-                          quiet_unless_main, world_size)
+from .distributed import (alone, distributed_fit, from_main_process, is_main_process, local_main_process_first,
+                          process_state, quiet_unless_main, world_size)
 from .errors import SkinCancerError
 from .evaluate import metrics_table
 from .files import atomic_path, model_files, sha256_file, write_json_atomic
@@ -425,7 +425,8 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
     interrupted run with the same settings left in checkpoint_dir(config.out).
     """
     folder = checkpoint_dir(config.out)
-    state = read_resume_state(folder, config) if resume else None
+    # one reading for all processes: a leftover process still writing checkpoints must not make them disagree
+    state = from_main_process(lambda: read_resume_state(folder, config)) if resume else None
     if is_main_process():  # the other processes of a distributed run only read checkpoints
         if state is None:
             shutil.rmtree(folder, ignore_errors=True)

@@ -79,6 +79,22 @@ def make_ham(tmp_path, ham_dir, small_rows):
     return make
 
 
+def wait_for_checkpoint(state_file: Path, epoch: int, proc, timeout: float = 240) -> None:
+    """Wait until a training process has checkpointed `epoch` (0-based); fail if it exits or time runs out."""
+    import json
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(state_file.read_text())["epoch"] >= epoch:
+                return
+        except (FileNotFoundError, ValueError, KeyError):
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"no checkpoint of epoch {epoch} appeared (exit status {proc.poll()})")
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, ham_dir) -> Path:
     """A binary model trained for one epoch on ~300 images by `python -m skincancer train`."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import ROOT, SMALL
+from conftest import ROOT, SMALL, wait_for_checkpoint
 from skincancer.distributed import alone, world_size
 
 
@@ -18,14 +20,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes started by `pid`, and theirs, from /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        children = [p for p, parent in parents.items() if parent == current]
+        found += children
+        todo += children
+    return found
+
+
+def _launch() -> list[str]:
+    """`accelerate launch` of two CPU processes on a free port."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port())]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
 def test_two_processes_train_and_only_the_main_one_exports(tmp_path, ham_dir):
     out = tmp_path / "models" / "ddp.pkl"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", str(_free_port())]
     train = ["-m", "skincancer", "train", "--data", str(ham_dir), *SMALL, "--epochs", "2", "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(launch + train, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    run = subprocess.run(_launch() + train, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
     # one process printed and wrote: one split table, one export line, one set of files and no leftovers
@@ -46,6 +69,42 @@ def test_two_processes_train_and_only_the_main_one_exports(tmp_path, ham_dir):
     image = next((ham_dir / "images").glob("*.jpg"))
     res = load(out).predict(image)  # the safe path: the card and the safetensors weights
     assert res["label"] in ("benign", "malignant") and 0.0 <= res["malignant_probability"] <= 1.0
+
+
+def test_two_processes_resume_a_killed_run(tmp_path, ham_dir):
+    import signal
+
+    from skincancer.train import checkpoint_dir
+
+    out = tmp_path / "ddp.pkl"
+    train = ["-m", "skincancer", "train", "--data", str(ham_dir), *SMALL, "--epochs", "3", "--checkpoint-every", "0",
+             "--out", str(out)]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(_launch() + train, cwd=tmp_path, env=ENV, stdout=log, stderr=log)
+        try:
+            wait_for_checkpoint(checkpoint_dir(out) / "state.json", 0, proc, timeout=600)
+        finally:
+            # the launcher and its workers die together, as on a lost machine (each worker has a session of
+            # its own, so killing the launcher's process group would leave them running)
+            for pid in [*_descendants(proc.pid), proc.pid]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+    done = json.loads((checkpoint_dir(out) / "state.json").read_text())["epoch"]
+    assert not out.exists() and done < 2
+
+    # other settings: the main process refuses, and the other one hears it rather than waiting forever
+    other = [*train[:train.index("3")], "4", *train[train.index("3") + 1:], "--resume"]
+    run = subprocess.run(_launch() + other, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0 and "used other settings (epochs: 3 then, 4 now)" in run.stderr
+
+    run = subprocess.run(_launch() + train + ["--resume"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count(f"resuming from {checkpoint_dir(out)}: phase 1, epoch {done + 2} of 3") == 1
+    assert run.stdout.count("exported ") == 1 and not checkpoint_dir(out).exists()
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["processes"] == 2 and card["config"]["epochs"] == 3
 
 
 def test_alone_hides_the_other_processes_and_restores_them(monkeypatch):

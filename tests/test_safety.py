@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from conftest import wait_for_checkpoint
 from skincancer import SkinCancerError
 from skincancer.predict import load, open_image
 
@@ -192,21 +193,6 @@ def test_a_diverging_loss_stops_training_with_a_clear_error(ham_dir, tmp_path):
     assert not (tmp_path / "m.pkl").exists()
 
 
-def _wait_for_epoch(state_file, epoch, proc, timeout=240):
-    import json
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if json.loads(state_file.read_text())["epoch"] >= epoch:
-                return
-        except (FileNotFoundError, ValueError, KeyError):
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"no checkpoint of epoch {epoch} appeared (exit status {proc.poll()})")
-
-
 def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, capsys):
     import json
     import subprocess
@@ -221,7 +207,7 @@ def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, ca
     with open(tmp_path / "log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "skincancer", *args], stdout=log, stderr=log)
         try:
-            _wait_for_epoch(checkpoint_dir(out) / "state.json", 1, proc)
+            wait_for_checkpoint(checkpoint_dir(out) / "state.json", 1, proc)
         finally:
             proc.kill()  # as a crash or a lost machine would
             proc.wait()
