@@ -187,6 +187,30 @@ def test_evaluate_needs_labels_with_images(trained, originals_dir, tmp_path, cap
 
 # --- Grad-CAM ------------------------------------------------------------------------------------
 
+def test_gradcam_puts_the_heat_where_the_evidence_is(trained):
+    import torch
+    from torch import nn
+
+    class RedMeansMalignant(nn.Module):  # the score is the mean of the first (red) channel
+        def forward(self, acts):
+            s = acts[:, 0].mean(dim=(1, 2))
+            return torch.stack([-s, s], dim=1)
+
+    learn = load(trained).learn
+    model = learn.model
+    learn.model = nn.Sequential(nn.AvgPool2d(8), RedMeansMalignant())  # "body": the image, 8x coarser
+    try:
+        photo = np.zeros((150, 200, 3), np.uint8)
+        photo[:75, 100:, 0] = 255  # red in the top-right quarter only: a flip or a transpose moves it
+        heat, _ = gradcam(learn, Image.fromarray(photo), target="malignant")
+    finally:
+        learn.model = model
+    assert heat.shape == (150, 200)
+    quarters = {(r, c): float(heat[r * 75:(r + 1) * 75, c * 100:(c + 1) * 100].mean()) for r in (0, 1) for c in (0, 1)}
+    # hot where the red is; the rest cools (a blurred edge, as upsampling a coarse map gives), never flipped
+    assert quarters[0, 1] > 0.8 and max(quarters[0, 0], quarters[1, 1]) < 0.3 and quarters[1, 0] < 0.1, quarters
+
+
 def test_gradcam_map_and_overlay_on_a_real_lesion(trained, original_images):
     clf = load(trained)
     pred = clf.predict(original_images[0])["label"]
