@@ -29,7 +29,7 @@ def time_loader(dl, batches: int) -> tuple[float, float | None]:
     it = iter(dl)
     next(it)
     sync()
-    n, syncs = 0, 0
+    n = 0
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if cuda:

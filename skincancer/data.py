@@ -215,6 +215,13 @@ def check_task(task: str) -> str:
     return task
 
 
+def check_augment(augment: str) -> str:
+    """Return `augment` if it is a known augmentation (AUGMENTS), else raise SkinCancerError."""
+    if augment not in AUGMENTS:
+        raise SkinCancerError(f"augment: {augment!r} is not one of {', '.join(AUGMENTS)}")
+    return augment
+
+
 def classes_for(task: str) -> tuple[str, ...]:
     """The fixed, ordered vocabulary of a task (malignant is last for `binary`)."""
     return BINARY_CLASSES if check_task(task) == "binary" else DX_CLASSES
@@ -343,9 +350,7 @@ def augmentations(size: int, augment: str = "two-pass", min_scale: float = 0.75,
     """
     from fastai.vision.all import Normalize, aug_transforms, imagenet_stats
 
-    if augment not in AUGMENTS:
-        raise SkinCancerError(f"augment: {augment!r} is not one of {', '.join(AUGMENTS)}")
-    if augment == "one-pass":
+    if check_augment(augment) == "one-pass":
         zoom = dict(min_zoom=1.0, max_zoom=max_zoom / min_scale ** 0.5)
     else:
         zoom = dict(min_scale=min_scale, max_zoom=max_zoom)

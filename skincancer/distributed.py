@@ -13,6 +13,8 @@ import contextlib
 import os
 from typing import Callable, Iterator, TypeVar
 
+from .errors import SkinCancerError
+
 T = TypeVar("T")
 
 
@@ -49,8 +51,6 @@ def from_main_process(fn: Callable[[], T]) -> T:
     if world_size() <= 1:
         return fn()
     import torch.distributed as dist
-
-    from .errors import SkinCancerError
 
     box: list = [None]
     if is_main_process():
@@ -100,8 +100,6 @@ def process_state():
     try:
         from accelerate import PartialState
     except ImportError:
-        from .errors import SkinCancerError
-
         raise SkinCancerError("training on several processes needs Hugging Face Accelerate: pip install accelerate") \
             from None
     return PartialState(cpu=_use_cpu())

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .data import (AUGMENTS, SPLITS, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
+from .data import (SPLITS, check_augment, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
                    is_malignant_class, make_dataloaders, malignant_probability, prepare, split_table)
 from .distributed import (alone, distributed_fit, from_main_process, is_main_process, local_main_process_first,
                           process_state, quiet_unless_main, world_size)
@@ -262,8 +262,7 @@ class TrainConfig:
         check_task(self.task)
         if self.imbalance not in IMBALANCE:
             raise SkinCancerError(f"imbalance: {self.imbalance!r} is not one of {', '.join(IMBALANCE)}")
-        if self.augment not in AUGMENTS:
-            raise SkinCancerError(f"augment: {self.augment!r} is not one of {', '.join(AUGMENTS)}")
+        check_augment(self.augment)
         recipe = {k: v if getattr(self, k) is None else getattr(self, k) for k, v in RECIPES[self.pretrained].items()}
         for name in ("epochs", "size", "bs", "lr"):
             if recipe[name] <= 0:
@@ -471,12 +470,13 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
     from .evaluate import choose_threshold, classification_metrics, lesion_groups, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
-    preds = {s: predict_frame(learn, df[df["split"] == s]) for s in ("valid", "test") if (df["split"] == s).any()}
+    parts = {s: df[df["split"] == s] for s in ("valid", "test") if (df["split"] == s).any()}
+    preds = {s: predict_frame(learn, part) for s, part in parts.items()}
     probs, targets = preds["valid"]
     threshold = choose_threshold(malignant_probability(probs, classes), is_malignant_class(classes)[targets],
                                  target_sensitivity)
-    metrics = {s: classification_metrics(p, t, classes, threshold, dx=df.loc[df["split"] == s, "dx"].to_numpy(),
-                                         n_boot=1000, seed=0, groups=lesion_groups(df[df["split"] == s]))
+    metrics = {s: classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=1000, seed=0,
+                                         groups=lesion_groups(parts[s]))
                for s, (p, t) in preds.items()}
     rule = {"target_sensitivity": target_sensitivity, "chosen_on": "valid",
             "how": "the highest threshold whose validation sensitivity for malignant reaches the target",
