@@ -3,8 +3,119 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import numpy as np
+
+# Modules that leave every pixel where it is: their output cell i sits where their input cell i sat.
+_POINTWISE = ("BatchNorm2d", "GroupNorm", "InstanceNorm2d", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "SiLU", "GELU",
+              "Mish", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Identity", "Dropout", "Dropout2d")
+# Tensor operations that do the same (residual sums, gates, channel concatenation, stochastic depth).
+_POINTWISE_OPS = {"add", "iadd", "sub", "mul", "imul", "truediv", "relu", "relu_", "sigmoid", "silu", "gelu",
+                  "cat", "contiguous", "clone", "stochastic_depth", "dropout", "getattr", "size"}
+_GLOBAL = "global"  # a pooled (1x1) tensor, as a squeeze-and-excitation gate makes: it has no position
+_grids: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+Grid = tuple[tuple[float, float], tuple[float, float]]  # (step, first) in y, then in x
+
+
+def _pair(v) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else tuple(v)
+
+
+def _through(module, grid: Grid) -> Grid | None:
+    """The grid after a convolution or pooling: out cell i looks at in cells [s*i - p, s*i - p + d*(k-1)]."""
+    if isinstance(module.padding, str):  # "same"/"valid": no fixed pixel offset to trace
+        return None
+    k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
+    p, d = _pair(module.padding), _pair(getattr(module, "dilation", 1))
+    return tuple((a * s_, b + a * ((k_ - 1) / 2 * d_ - p_)) for (a, b), k_, s_, p_, d_ in zip(grid, k, s, p, d))
+
+
+def feature_grid(body) -> Grid | None:
+    """Where the body's output cells sit in its input, ((step_y, first_y), (step_x, first_x)), or None if unknown.
+
+    Cell (i, j) of the feature map is centred on input pixel (first_y + step_y * i, first_x + step_x * j), traced
+    through the body's convolutions and pools with torch.fx. For torchvision's ResNets the first cell sits on pixel
+    0 (the corner), not half a step in, which is what a plain resize of the map assumes.
+    """
+    if body not in _grids:
+        try:
+            _grids[body] = _trace_grid(body)
+        except Exception:  # not traceable (data-dependent control flow, say): the caller falls back to a plain resize
+            _grids[body] = None
+    return _grids[body]
+
+
+def _trace_grid(body) -> Grid | None:
+    from torch import fx
+
+    gm = fx.symbolic_trace(body)
+    modules = dict(gm.named_modules())
+    grids: dict = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            grids[node] = ((1.0, 0.0), (1.0, 0.0))
+            continue
+        if node.op == "output":
+            out = grids.get(node.args[0])
+            return out if isinstance(out, tuple) else None
+        if node.op == "get_attr":
+            continue
+        inputs = [grids[n] for n in node.all_input_nodes if n in grids]
+        placed = {g for g in inputs if isinstance(g, tuple)}
+        if len(placed) > 1 and not all(_close(g, next(iter(placed))) for g in placed):
+            return None  # branches that disagree: no single grid
+        if not placed:  # constants, shapes, or what only pooled tensors feed
+            if _GLOBAL in inputs:
+                grids[node] = _GLOBAL
+            continue
+        grid = next(iter(placed))
+        if node.op == "call_module":
+            module = modules[node.target]
+            kind = type(module).__name__
+            if kind in ("Conv2d", "MaxPool2d", "AvgPool2d"):
+                grid = _through(module, grid)
+                if grid is None:
+                    return None
+            elif kind in ("AdaptiveAvgPool2d", "AdaptiveMaxPool2d") and _pair(module.output_size) == (1, 1):
+                grid = _GLOBAL
+            elif kind not in _POINTWISE:
+                return None
+        elif getattr(node.target, "__name__", str(node.target)).strip("_") not in _POINTWISE_OPS:
+            return None  # a reshape, permute, interpolation or pooling we cannot place: give up rather than guess
+        grids[node] = grid
+    return None
+
+
+def _close(g, h) -> bool:
+    return all(abs(x - y) < 1e-6 for gx, hx in zip(g, h) for x, y in zip(gx, hx))
+
+
+def upsample_map(cam, grid: Grid | None, input_hw: tuple[int, int], out_hw: tuple[int, int]):
+    """Resample a feature-map heat `cam` (h, w) to an image of `out_hw` that was squished to `input_hw` for the model.
+
+    Each output pixel takes the bilinear value at the point of the feature grid it falls on (the cells at the
+    image's border extend outwards). Without a known `grid`, cells are assumed evenly spread with half a step
+    at each border, as a plain resize assumes.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    cam = torch.as_tensor(cam, dtype=torch.float32)
+    n_hw = cam.shape[-2:]
+    if grid is not None and any(abs(step * n - size) > step for (step, _), n, size in zip(grid, n_hw, input_hw)):
+        grid = None  # the traced grid does not span the input: it was not this map's
+    if grid is None:
+        grid = tuple((s / n, (s / n - 1) / 2) for s, n in zip(input_hw, n_hw))
+    axes = []
+    for (step, first), size, n, out in zip(grid, input_hw, n_hw, out_hw):
+        pixel = (torch.arange(out, dtype=torch.float64) + 0.5) * size / out - 0.5  # in the model's input
+        cell = (pixel - first) / step
+        axes.append((2 * cell / (n - 1) - 1) if n > 1 else torch.zeros_like(cell))
+    gy, gx = torch.meshgrid(*axes, indexing="ij")
+    where = torch.stack([gx, gy], dim=-1).float()[None]
+    return F.grid_sample(cam[None, None], where, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
 
 
 def _target_index(classes: list[str], target: str | int | None, probs) -> int:
@@ -18,7 +129,8 @@ def _target_index(classes: list[str], target: str | int | None, probs) -> int:
 def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45):
     """Heat map (H, W) in [0, 1] at the image's size and an RGB overlay, for `target` (default: malignant or argmax).
 
-    The map comes from the gradients of the class score with respect to the last convolutional block (the body).
+    The map comes from the gradients of the class score with respect to the last convolutional block (the body),
+    and is laid on the image where the body's cells sit (`feature_grid`).
     """
     import torch
     from matplotlib import colormaps
@@ -53,8 +165,8 @@ def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45):
     if cam.max() > 0:
         cam = cam / cam.max()
     # the model saw the photo squished to a square, so stretching the map back to the photo's shape is exact
-    heat = np.asarray(Image.fromarray((cam * 255).astype(np.uint8)).resize(img.size, Image.BILINEAR),
-                      dtype=np.float32) / 255.0
+    heat = upsample_map(cam, feature_grid(body), tuple(x.shape[-2:]), (img.height, img.width)).numpy()
+    heat = np.clip(heat, 0.0, 1.0)
     colour = colormaps["jet"](heat)[..., :3] * 255
     # colour in proportion to the heat: where nothing raised the score the photo shows through unchanged
     a = (alpha * heat)[..., None]

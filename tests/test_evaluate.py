@@ -16,7 +16,7 @@ from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
 from skincancer.evaluate import (bootstrap_auroc, choose_threshold, classification_metrics, read_labels,
                                  weighted_aurocs)
-from skincancer.gradcam import gradcam
+from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
 PLOTS = {"roc.png", "pr.png", "confusion.png", "reliability.png", "threshold.png", "top_losses.png", "gradcam.png"}
@@ -187,28 +187,88 @@ def test_evaluate_needs_labels_with_images(trained, originals_dir, tmp_path, cap
 
 # --- Grad-CAM ------------------------------------------------------------------------------------
 
-def test_gradcam_puts_the_heat_where_the_evidence_is(trained):
+def _red_means_malignant(body):
+    """A model whose malignant score is the mean of the body's first channel: red makes it malignant."""
     import torch
     from torch import nn
 
-    class RedMeansMalignant(nn.Module):  # the score is the mean of the first (red) channel
+    class Score(nn.Module):
         def forward(self, acts):
             s = acts[:, 0].mean(dim=(1, 2))
             return torch.stack([-s, s], dim=1)
 
-    learn = load(trained).learn
-    model = learn.model
-    learn.model = nn.Sequential(nn.AvgPool2d(8), RedMeansMalignant())  # "body": the image, 8x coarser
+    return nn.Sequential(body, Score())
+
+
+def _gradcam_with(learn, model, photo):
+    kept, learn.model = learn.model, model
     try:
-        photo = np.zeros((150, 200, 3), np.uint8)
-        photo[:75, 100:, 0] = 255  # red in the top-right quarter only: a flip or a transpose moves it
         heat, _ = gradcam(learn, Image.fromarray(photo), target="malignant")
     finally:
-        learn.model = model
+        learn.model = kept
+    return heat
+
+
+def test_gradcam_puts_the_heat_where_the_evidence_is(trained):
+    from torch import nn
+
+    photo = np.zeros((150, 200, 3), np.uint8)
+    photo[:75, 100:, 0] = 255  # red in the top-right quarter only: a flip or a transpose moves it
+    heat = _gradcam_with(load(trained).learn, _red_means_malignant(nn.AvgPool2d(8)), photo)  # the image, 8x coarser
     assert heat.shape == (150, 200)
     quarters = {(r, c): float(heat[r * 75:(r + 1) * 75, c * 100:(c + 1) * 100].mean()) for r in (0, 1) for c in (0, 1)}
     # hot where the red is; the rest cools (a blurred edge, as upsampling a coarse map gives), never flipped
     assert quarters[0, 1] > 0.8 and max(quarters[0, 0], quarters[1, 1]) < 0.3 and quarters[1, 0] < 0.1, quarters
+
+
+def test_gradcam_cells_land_where_the_body_looked(trained):
+    """A ResNet-like body (3x3 convolutions of stride 2, padding 1) centres cell i on pixel 8i, not 8i + 3.5."""
+    import torch
+    from torch import nn
+
+    convs = [nn.Conv2d(3 if i == 0 else 1, 1, 3, stride=2, padding=1, bias=False) for i in range(3)]
+    with torch.no_grad():
+        for conv in convs:
+            conv.weight.zero_()
+            conv.weight[0, 0] = 1 / 9  # an average of the red channel, then of that
+    learn = load(trained).learn
+    model = _red_means_malignant(nn.Sequential(*convs))
+    photo = np.zeros((150, 200, 3), np.uint8)
+    photo[..., 0] = 124  # the red that ImageNet normalisation turns into 0: only the spot raises the score
+    size = learn.dls.test_dl([Image.fromarray(photo)], num_workers=0).one_batch()[0].shape[-1]  # the model's input
+    # a red spot on the input pixel that cell (3, 5) of the map is centred on, (24, 40), drawn in the 200x150 photo
+    cy, cx = (24 + 0.5) * 150 / size - 0.5, (40 + 0.5) * 200 / size - 0.5
+    photo[round(cy) - 4:round(cy) + 5, round(cx) - 5:round(cx) + 6, 0] = 255
+    heat = _gradcam_with(learn, model, photo)
+    y, x = np.unravel_index(heat.argmax(), heat.shape)
+    # a plain resize of the map would put the hot cell 3.5 input pixels down and right: 8 and 11 photo pixels
+    assert abs(y - cy) <= 2 and abs(x - cx) <= 2, ((y, x), (cy, cx))
+
+
+def _receptive_field_centre(body, size: int, cell: int) -> float:
+    """The middle of the input pixels that feature cell (cell, cell) depends on, measured with gradients."""
+    import torch
+
+    x = torch.rand(1, 3, size, size, requires_grad=True)
+    grad = torch.autograd.grad(body(x)[0, :, cell, cell].sum(), x)[0].abs().sum(dim=(0, 1))
+    cols = (grad.sum(0) > 0).nonzero().flatten()
+    return (int(cols.min()) + int(cols.max())) / 2
+
+
+def test_feature_grid_matches_the_receptive_fields():
+    import torchvision
+    from fastai.vision.all import create_body
+    from torch import nn
+
+    resnet = create_body(torchvision.models.resnet18(weights=None)).eval()  # residual branches, a max pool
+    vgg_like = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                             nn.BatchNorm2d(4), nn.MaxPool2d(2)).eval()  # pools of 2 put cells between pixels
+    for body, size, cell in [(resnet, 512, 8), (vgg_like, 64, 8)]:  # cells whose field is inside the image
+        (step_y, first_y), (step_x, first_x) = feature_grid(body)
+        assert (step_y, first_y) == (step_x, first_x)
+        assert first_x + step_x * cell == _receptive_field_centre(body, size, cell)
+    assert feature_grid(resnet) == ((32, 0), (32, 0)) and feature_grid(vgg_like) == ((4, 1.5), (4, 1.5))
+    assert feature_grid(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())) is None  # nowhere to place: plain resize
 
 
 def test_gradcam_map_and_overlay_on_a_real_lesion(trained, original_images):
