@@ -148,6 +148,7 @@ def inference_learner(card: dict, weights: str | Path, cpu: bool = True):
     """A learner rebuilt from the card and safetensors weights: no pickle is read, so no code is run."""
     import tempfile
 
+    import torch
     from fastai.torch_core import default_device
 
     from fastai.losses import CrossEntropyLossFlat
@@ -174,10 +175,20 @@ def inference_learner(card: dict, weights: str | Path, cpu: bool = True):
         dls = dblock.dataloaders(rows, bs=64, num_workers=0, device=device).new_empty()
     if [str(c) for c in dls.vocab] != list(card["classes"]):
         raise SkinCancerError(f"{weights}: classes {card['classes']} do not match task {card['task']!r}")
-    learn = vision_learner(dls, resolve_arch(card["arch"]), pretrained=False, n_out=len(card["classes"]),
-                           normalize=False, loss_func=CrossEntropyLossFlat())
+    loss_func = CrossEntropyLossFlat()
+
+    def build():
+        return vision_learner(dls, resolve_arch(card["arch"]), pretrained=False, n_out=len(card["classes"]),
+                              normalize=False, loss_func=loss_func)
+
     try:
-        learn.model.load_state_dict(load_file(str(weights)))
+        state = load_file(str(weights))
+        with torch.device("meta"):  # shapes only: initialising weights the file replaces was most of the load time
+            learn = build()
+        learn.model.load_state_dict(state, assign=True)
+        if any(t.is_meta for t in learn.model.buffers()):  # buffers made at init that no file holds: build for real
+            learn = build()
+            learn.model.load_state_dict(state)
         learn.model.to(dls.device)
     except Exception as e:  # wrong architecture, truncated file, not safetensors at all
         raise SkinCancerError(f"{weights}: weights do not fit {card['arch']} with {len(card['classes'])} "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import shutil
 import struct
@@ -81,6 +82,54 @@ def test_tampered_weights_are_refused(export_copy):
     weights.write_bytes(bytes(data))
     with pytest.raises(SkinCancerError, match="sha256 does not match the model card"):
         load(export_copy)
+
+
+def _rewrite_weights(export, change):
+    """Save `change(state)` as the export's weights, with a card that vouches for them (so only the fit is tested)."""
+    from safetensors.torch import load_file, save_file
+
+    from skincancer.files import sha256_file
+
+    weights, card_path = export.with_suffix(".safetensors"), export.with_suffix(".json")
+    save_file(change(load_file(str(weights))), str(weights))
+    card = json.loads(card_path.read_text())
+    card["weights_sha256"] = sha256_file(weights)
+    card_path.write_text(json.dumps(card))
+
+
+@pytest.mark.parametrize("change", ["missing", "reshaped"])
+def test_weights_that_do_not_fit_the_architecture_are_refused(export_copy, change):
+    def edit(state):
+        name = next(k for k in state if k.endswith("weight") and state[k].ndim == 4)
+        if change == "missing":
+            del state[name]
+        else:
+            state[name] = state[name][:, :1].contiguous()
+        return state
+
+    _rewrite_weights(export_copy, edit)
+    with pytest.raises(SkinCancerError, match="weights do not fit"):
+        load(export_copy)
+
+
+def test_buffers_no_file_holds_are_built_for_real(trained, export_copy, original_images, monkeypatch):
+    """Models are built without memory and filled from the file; a buffer made at init (not saved) still works."""
+    import fastai.vision.learner
+    import torch
+
+    real = fastai.vision.learner.vision_learner
+
+    def with_init_buffer(*args, **kwargs):
+        learn = real(*args, **kwargs)
+        learn.model.register_buffer("made_at_init", torch.ones(3), persistent=False)
+        return learn
+
+    monkeypatch.setattr(fastai.vision.learner, "vision_learner", with_init_buffer)
+    clf = load(export_copy)  # a path not loaded before, so not from load's cache
+    assert not clf.learn.model.made_at_init.is_meta and clf.learn.model.made_at_init.sum() == 3
+    probs = [list(r["probabilities"].values()) for r in clf.predict_batch(original_images[:3])]
+    expected = [list(r["probabilities"].values()) for r in load(trained).predict_batch(original_images[:3])]
+    np.testing.assert_allclose(probs, expected, atol=1e-6)
 
 
 def test_safe_weights_predict_what_the_pickle_predicts(trained, original_images):
