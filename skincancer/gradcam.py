@@ -60,13 +60,11 @@ def _trace_grid(body) -> Grid | None:
         if node.op == "output":
             out = grids.get(node.args[0])
             return out if isinstance(out, tuple) else None
-        if node.op == "get_attr":
-            continue
         inputs = [grids[n] for n in node.all_input_nodes if n in grids]
-        placed = {g for g in inputs if isinstance(g, tuple)}
-        if len(placed) > 1 and not all(_close(g, next(iter(placed))) for g in placed):
+        placed = {g for g in inputs if isinstance(g, tuple)}  # grids are sums of halves: exact, so a set compares them
+        if len(placed) > 1:
             return None  # branches that disagree: no single grid
-        if not placed:  # constants, shapes, or what only pooled tensors feed
+        if not placed:  # parameters, constants, shapes, or what only pooled tensors feed
             if _GLOBAL in inputs:
                 grids[node] = _GLOBAL
             continue
@@ -86,10 +84,6 @@ def _trace_grid(body) -> Grid | None:
             return None  # a reshape, permute, interpolation or pooling we cannot place: give up rather than guess
         grids[node] = grid
     return None
-
-
-def _close(g, h) -> bool:
-    return all(abs(x - y) < 1e-6 for gx, hx in zip(g, h) for x, y in zip(gx, hx))
 
 
 def upsample_map(cam, grid: Grid | None, input_hw: tuple[int, int], out_hw: tuple[int, int]):
