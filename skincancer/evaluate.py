@@ -162,8 +162,13 @@ def metrics_table(metrics: dict) -> str:
             text += f"  (95% CI {metrics['auroc_ci95'][0]:.4f}-{metrics['auroc_ci95'][1]:.4f}{by})"
         rows.append(f"  {k:<18}{text}")
     rows.append(f"  {'threshold':<18}{metrics['threshold']:.4f} (probability of malignancy)")
-    for d, r in (metrics.get("per_diagnosis_recall") or {}).items():
-        rows.append(f"  recall {d:<11}{r:.4f}{'  (malignant)' if d in MALIGNANT_DX else ''}")
+    if metrics.get("per_class_recall"):
+        rows.append("  recall per class (the predicted class is the true one):")
+        rows += [f"    {c:<16}{'null' if r is None else f'{r:.4f}'}" for c, r in metrics["per_class_recall"].items()]
+    if metrics.get("per_diagnosis_recall"):
+        rows.append("  recall per diagnosis (called malignant or benign rightly at the threshold):")
+        rows += [f"    {d:<16}{r:.4f}{'  (malignant)' if d in MALIGNANT_DX else ''}"
+                 for d, r in metrics["per_diagnosis_recall"].items()]
     return "\n".join(rows)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -14,8 +15,8 @@ from sklearn.metrics import f1_score, precision_score, roc_auc_score
 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
-from skincancer.evaluate import (bootstrap_auroc, choose_threshold, classification_metrics, read_labels,
-                                 weighted_aurocs)
+from skincancer.evaluate import (bootstrap_auroc, choose_threshold, classification_metrics, metrics_table,
+                                 read_labels, weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -281,3 +282,21 @@ def test_gradcam_map_and_overlay_on_a_real_lesion(trained, original_images):
     change = np.abs(np.asarray(overlay, dtype=float) - photo).sum(-1)
     hot, cold = heat >= np.quantile(heat, 0.8), heat <= np.quantile(heat, 0.2)
     assert change[hot].mean() > change[cold].mean()  # colour goes where the heat is
+
+
+def test_metrics_table_tells_class_recall_from_the_benign_malignant_call():
+    targets = np.array([0, 4, 4, 5, 5, 5])  # akiec, mel, mel, nv, nv, nv
+    probs = np.full((6, 7), 0.01)
+    probs[[0, 1, 2, 3, 4, 5], [1, 4, 5, 5, 5, 0]] = 0.94  # akiec -> bcc, mel -> mel, mel -> nv, nv, nv, nv -> akiec
+    dx = np.array(DX_CLASSES)[targets]
+    table = metrics_table(classification_metrics(probs, targets, DX_CLASSES, threshold=0.5, dx=dx))
+    by_class = table.split("recall per class")[1].split("recall per diagnosis")[0]
+    by_call = table.split("recall per diagnosis")[1]
+    # 7-class recall: akiec named bcc is wrong; the benign/malignant call on it (malignant) is right
+    assert re.search(r"akiec\s+0\.0000", by_class) and re.search(r"akiec\s+1\.0000", by_call)
+    assert re.search(r"mel\s+0\.5000", by_class) and re.search(r"nv\s+0\.6667", by_class)
+    assert re.search(r"mel\s+0\.5000", by_call) and re.search(r"nv\s+0\.6667", by_call)
+    assert re.search(r"bcc\s+null", by_class)  # no bcc image: undefined, not 0
+    binary = metrics_table(classification_metrics(probs[:, [5, 4]], (targets == 4).astype(int),
+                                                  ["benign", "malignant"], dx=dx))
+    assert "recall per class" not in binary and "recall per diagnosis" in binary
