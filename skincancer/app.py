@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .data import DX_NAMES
 from .errors import SkinCancerError
 from .predict import DISCLAIMER, Classifier, open_image
 
@@ -36,18 +37,21 @@ def _gradio():
 
 
 def verdict(clf: Classifier, result: dict) -> str:
-    """The result as Markdown: the label at the model's operating threshold and the probability of malignancy."""
-    p = result["malignant_probability"]
-    if set(clf.classes) == {"benign", "malignant"}:
-        rule = clf.card.get("threshold_rule", {})
-        chosen = (f", chosen for {rule['target_sensitivity']:.0%} sensitivity on the validation split"
-                  if "target_sensitivity" in rule else "")
-        head = ("Malignant: worth a closer look" if result["label"] == "malignant"
-                else "Benign by this model's threshold")
-        return (f"### {head}\n\nProbability of malignancy **{p:.2f}** (operating threshold {clf.threshold:.2f}"
-                f"{chosen}).\n\n*{DISCLAIMER}*")
-    return (f"### Most likely: {result['label']}\n\nProbability of malignancy (mel + bcc + akiec) **{p:.2f}**."
-            f"\n\n*{DISCLAIMER}*")
+    """Markdown: the call at the operating threshold, the probability of malignancy, a dx model's top diagnosis."""
+    rule = clf.card.get("threshold_rule", {})
+    chosen = (f", chosen for {rule['target_sensitivity']:.0%} sensitivity on the validation split"
+              if isinstance(rule, dict) and "target_sensitivity" in rule else "")
+    head = ("Malignant: worth a closer look" if result["call"] == "malignant"
+            else "Benign by this model's threshold")
+    seven = set(clf.classes) != {"benign", "malignant"}
+    summed = " (mel + bcc + akiec)" if seven else ""
+    text = (f"### {head}\n\nProbability of malignancy{summed} **{result['malignant_probability']:.2f}** "
+            f"(operating threshold {clf.threshold:.2f}{chosen}).")
+    if seven:
+        label = result["label"]
+        text += (f"\n\nMost likely diagnosis: **{label}** ({DX_NAMES.get(label, label)}, "
+                 f"probability {result['probabilities'].get(label, float('nan')):.2f}).")
+    return f"{text}\n\n*{DISCLAIMER}*"
 
 
 def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6)) -> tuple[str, Any, Any]:

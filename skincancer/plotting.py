@@ -120,7 +120,7 @@ def plot_history(recorder):
 
 
 def plot_prediction(clf, image, result: dict | None = None):
-    """The photo, its Grad-CAM overlay and the class probabilities, titled with the label and the disclaimer."""
+    """The photo, its Grad-CAM overlay and the class probabilities, titled with the call and the disclaimer."""
     from .gradcam import gradcam
     from .predict import DISCLAIMER, open_image
 
@@ -136,7 +136,9 @@ def plot_prediction(clf, image, result: dict | None = None):
     probs = pd.Series(result["probabilities"]).sort_values()
     probs.plot.barh(ax=axes[2], color=["crimson" if m else "steelblue" for m in is_malignant_class(probs.index)])
     axes[2].set(xlim=(0, 1), title="class probabilities")
-    fig.suptitle(f"{result['label']}: probability of malignancy {result['malignant_probability']:.2f} "
+    call, label = result["call"], result["label"]
+    head = call if label == call else f"{call} (most likely diagnosis: {label})"  # dx models name the diagnosis
+    fig.suptitle(f"{head}: probability of malignancy {result['malignant_probability']:.2f} "
                  f"(operating threshold {clf.threshold:.2f})\n{DISCLAIMER}", fontsize=10)
     fig.tight_layout()
     return fig

@@ -95,11 +95,11 @@ class Classifier:
     def _result(self, name: str, probs: np.ndarray) -> dict:
         classes = self.classes
         p_mal = float(malignant_probability(probs, classes))
-        if task_of(classes) == "binary":
-            label = "malignant" if p_mal >= self.threshold else "benign"
-        else:
-            label = classes[int(np.argmax(probs))]
-        return {"image": name, "label": label, "malignant_probability": p_mal,
+        # the call at the operating threshold, for every task: a dx model's most likely diagnosis can be benign
+        # while its malignant diagnoses together pass the threshold chosen for the target sensitivity
+        call = "malignant" if p_mal >= self.threshold else "benign"
+        label = call if task_of(classes) == "binary" else classes[int(np.argmax(probs))]
+        return {"image": name, "label": label, "call": call, "malignant_probability": p_mal,
                 "probabilities": {c: float(p) for c, p in zip(classes, probs)}}
 
     def _probs(self, images: list, bs: int) -> np.ndarray:

@@ -141,14 +141,20 @@ def test_the_page_takes_images_only_never_a_path_on_the_server(client, app_url, 
     assert "event: error" in stream and "Probability" not in stream, stream
 
 
-def test_the_verdict_of_a_seven_class_model_names_the_diagnosis():
+def test_the_verdict_of_a_seven_class_model_gives_the_call_at_the_threshold_and_names_the_diagnosis():
     from types import SimpleNamespace
 
     from skincancer.app import verdict
 
-    clf = SimpleNamespace(classes=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], card={}, threshold=0.5)
-    text = verdict(clf, {"label": "mel", "malignant_probability": 0.61, "probabilities": {}})
-    assert text.startswith("### Most likely: mel") and "(mel + bcc + akiec) **0.61**" in text and DISCLAIMER in text
+    clf = SimpleNamespace(classes=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], card={}, threshold=0.3)
+    # nv is the most likely diagnosis, but mel + bcc + akiec (0.35) pass the threshold: the call is malignant
+    result = {"label": "nv", "call": "malignant", "malignant_probability": 0.35, "probabilities": {"nv": 0.6}}
+    text = verdict(clf, result)
+    assert text.startswith("### Malignant: worth a closer look")
+    assert "(mel + bcc + akiec) **0.35** (operating threshold 0.30)" in text
+    assert "Most likely diagnosis: **nv** (melanocytic nevus, probability 0.60)" in text and DISCLAIMER in text
+    benign = verdict(clf, {**result, "call": "benign", "malignant_probability": 0.1})
+    assert benign.startswith("### Benign by this model's threshold") and "**nv**" in benign
 
 
 def test_analyse_turns_bad_input_into_messages(trained, tmp_path):

@@ -91,7 +91,8 @@ def test_cli_predict_prints_json_lines_and_fails_on_a_bad_image(trained, origina
     assert cli.main(["predict", "--model", str(trained), *map(str, original_images[:2])]) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["image"] for x in lines] == [str(p) for p in original_images[:2]]
-    assert all(set(x) == {"image", "label", "malignant_probability", "probabilities"} for x in lines)
+    assert all(set(x) == {"image", "label", "call", "malignant_probability", "probabilities"} for x in lines)
+    assert all(x["call"] == x["label"] for x in lines)  # binary: the label is the call at the threshold
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff garbage")
     assert cli.main(["predict", "--model", str(trained), str(bad), str(original_images[0])]) == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.error
 
@@ -12,6 +13,7 @@ import torch
 from skincancer import SkinCancerError, cli
 from skincancer.data import prepare
 from skincancer.files import sha256_file
+from skincancer.predict import load
 from conftest import SMALL
 from skincancer.train import TrainConfig, export, make_dataloaders, make_learner, pretrained_weights_file
 
@@ -59,13 +61,21 @@ def test_a_failed_export_leaves_the_previous_model_intact(trained, tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pkl"]  # no temporary files left behind
 
 
-def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir):
+def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir, original_images):
     out = tmp_path / "dx.pkl"
     assert cli.main(["train", "--data", str(ham_dir), "--task", "dx", *SMALL, "--size", "32",
                      "--out", str(out)]) == 0
     card = json.loads(out.with_suffix(".json").read_text())
     assert len(card["classes"]) == 7 and card["monitor"] == "balanced_accuracy"
     assert 0.0 <= card["metrics"]["test"]["macro_auroc"] <= 1.0
+    # predict: the label is the most likely diagnosis, the call the benign/malignant decision at the threshold
+    clf = load(out)
+    res = clf.predict(original_images[0])
+    assert res["label"] == max(res["probabilities"], key=res["probabilities"].get)
+    p = res["malignant_probability"]
+    for threshold, call in ((p - 1e-6, "malignant"), (p + 1e-6, "benign")):
+        moved = dataclasses.replace(clf, card={**clf.card, "threshold": threshold}).predict(original_images[0])
+        assert moved["call"] == call and moved["label"] == res["label"]
 
 
 def test_weight_decay_and_one_pass_augmentation_reach_the_run(tmp_path, ham_dir):
