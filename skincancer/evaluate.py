@@ -147,6 +147,14 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     return {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in out.items()}
 
 
+def predicted_classes(probs, classes, threshold: float = 0.5) -> np.ndarray:
+    """Each image's predicted class index: the call at `threshold` for a binary model, the most likely class else."""
+    probs = np.asarray(probs)
+    if task_of(classes) == "binary":
+        return (malignant_probability(probs, classes) >= threshold).astype(int)  # (benign, malignant)
+    return probs.argmax(axis=1)
+
+
 def metrics_table(metrics: dict) -> str:
     """A short text table of the headline numbers."""
     keys = ["n", "n_malignant", "auroc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "ppv",
@@ -267,17 +275,20 @@ def plot_pr(is_malignant, p_malignant, ax=None):
 
 
 def plot_confusion(targets, preds, classes, ax=None, title: str = "Confusion matrix"):
-    """Confusion matrix with counts, rows the truth."""
+    """Confusion matrix, rows the truth: counts, coloured by the share of each row (classes are far from balanced)."""
     from sklearn.metrics import confusion_matrix
 
     plt = pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(1.2 * len(classes) + 2,) * 2)
     cm = confusion_matrix(targets, preds, labels=list(range(len(classes))))
-    ax.imshow(cm, cmap="Blues")
+    # coloured by counts, nv's 1,000 images would wash out every other row
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+        ax.text(j, i, f"{v}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                color="white" if share[i, j] > 0.5 else "black")
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
-           xlabel="predicted", ylabel="actual", title=title)
+           xlabel="predicted", ylabel="actual", title=f"{title}\n(count and share of the actual class)")
     return fig
 
 
@@ -325,10 +336,11 @@ def _thumb(path: str, size: int = 160):
     return img
 
 
-def plot_top_losses(df: pd.DataFrame, probs, targets, classes, k: int = 9):
-    """The `k` images the model got most wrong (highest cross-entropy), with truth and prediction."""
+def plot_top_losses(df: pd.DataFrame, probs, targets, classes, k: int = 9, preds=None):
+    """The `k` images with the highest cross-entropy, with truth and prediction (`preds`, else the top class)."""
     plt = pyplot()
     probs, targets = np.asarray(probs), np.asarray(targets)
+    preds = probs.argmax(axis=1) if preds is None else np.asarray(preds)
     losses = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1))
     order = np.argsort(-losses)[:k]
     cols = 3
@@ -339,7 +351,7 @@ def plot_top_losses(df: pd.DataFrame, probs, targets, classes, k: int = 9):
     for ax, i in zip(axes.flat, order):
         row = df.iloc[i]
         ax.imshow(_thumb(row["path"]))
-        pred = int(probs[i].argmax())
+        pred = int(preds[i])
         ax.set_title(f"{row['image_id']} ({row['dx']})\nactual {classes[targets[i]]}, predicted {classes[pred]}\n"
                      f"loss {losses[i]:.2f}, p(actual) {probs[i, targets[i]]:.2f}", fontsize=8)
     fig.suptitle("Top losses")
@@ -373,8 +385,10 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     metrics["model"] = str(clf.path)
     truth = is_malignant_class(classes)[targets]
     p_mal = malignant_probability(probs, classes)
-    figures = {"confusion.png": plot_confusion(targets, probs.argmax(axis=1), classes),
-               "top_losses.png": plot_top_losses(df, probs, targets, classes)}
+    preds = predicted_classes(probs, classes, clf.threshold)
+    rule = f"at threshold {clf.threshold:.3f}" if task_of(classes) == "binary" else "most likely diagnosis"
+    figures = {"confusion.png": plot_confusion(targets, preds, classes, title=f"Confusion matrix, {rule}"),
+               "top_losses.png": plot_top_losses(df, probs, targets, classes, preds=preds)}
     if metrics["auroc"] is not None:  # curves need both classes
         figures.update({"roc.png": plot_roc(truth, p_mal, clf.threshold), "pr.png": plot_pr(truth, p_mal),
                         "reliability.png": plot_reliability(truth, p_mal),

@@ -16,7 +16,7 @@ from sklearn.metrics import f1_score, precision_score, roc_auc_score
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
 from skincancer.evaluate import (bootstrap_auroc, choose_threshold, classification_metrics, metrics_table,
-                                 read_labels, weighted_aurocs)
+                                 predicted_classes, read_labels, weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -300,3 +300,14 @@ def test_metrics_table_tells_class_recall_from_the_benign_malignant_call():
     binary = metrics_table(classification_metrics(probs[:, [5, 4]], (targets == 4).astype(int),
                                                   ["benign", "malignant"], dx=dx))
     assert "recall per class" not in binary and "recall per diagnosis" in binary
+
+
+def test_predicted_classes_follow_the_threshold_for_binary_and_the_top_class_for_dx():
+    probs = np.array([[0.65, 0.35], [0.8, 0.2], [0.45, 0.55]])
+    # 0.35 is malignant at a 0.3 threshold although benign is the more likely class
+    assert predicted_classes(probs, ["benign", "malignant"], threshold=0.3).tolist() == [1, 0, 1]
+    assert predicted_classes(probs, ["benign", "malignant"], threshold=0.6).tolist() == [0, 0, 0]
+    m = classification_metrics(probs, np.array([1, 0, 1]), ["benign", "malignant"], threshold=0.3)
+    assert m["confusion_at_threshold"] == {"tp": 2, "fn": 0, "tn": 1, "fp": 0}  # the same call as the plots'
+    seven = np.eye(7)[[5, 4]] * 0.5 + 0.5 / 7
+    assert predicted_classes(seven, DX_CLASSES, threshold=0.01).tolist() == [5, 4]  # dx: most likely diagnosis
