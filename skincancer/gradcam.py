@@ -7,6 +7,9 @@ import weakref
 
 import numpy as np
 
+from .data import is_malignant_class
+from .errors import SkinCancerError
+
 # Modules that leave every pixel where it is: their output cell i sits where their input cell i sat.
 _POINTWISE = ("BatchNorm2d", "GroupNorm", "InstanceNorm2d", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "SiLU", "GELU",
               "Mish", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "Identity", "Dropout", "Dropout2d")
@@ -112,19 +115,25 @@ def upsample_map(cam, grid: Grid | None, input_hw: tuple[int, int], out_hw: tupl
     return F.grid_sample(cam[None, None], where, mode="bilinear", padding_mode="border", align_corners=True)[0, 0]
 
 
-def _target_index(classes: list[str], target: str | int | None, probs) -> int:
+def _target_indices(classes: list[str], target: str | int | None, probs) -> list[int]:
     if isinstance(target, int):
-        return target
-    if target is not None:
-        return classes.index(target)
-    return classes.index("malignant") if "malignant" in classes else int(probs.argmax())
+        return [target]
+    if target in (None, "malignant") and is_malignant_class(classes).any():
+        return [int(i) for i in np.flatnonzero(is_malignant_class(classes))]
+    if target is None:
+        return [int(probs.argmax())]
+    if target not in classes:
+        raise SkinCancerError(f"target: {target!r} is not one of the model's classes ({', '.join(classes)})")
+    return [classes.index(target)]
 
 
 def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45):
-    """Heat map (H, W) in [0, 1] at the image's size and an RGB overlay, for `target` (default: malignant or argmax).
+    """Heat map (H, W) in [0, 1] at the image's size and an RGB overlay, for `target` (default: malignant).
 
     The map comes from the gradients of the class score with respect to the last convolutional block (the body),
-    and is laid on the image where the body's cells sit (`feature_grid`).
+    and is laid on the image where the body's cells sit (`feature_grid`). `target` is a class name or index;
+    'malignant' (the default) is a 7-diagnosis model's mel, bcc and akiec together; a model with no malignant
+    class gets its most likely class.
     """
     import torch
     from matplotlib import colormaps
@@ -148,9 +157,11 @@ def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45):
             x = x.detach().clone().requires_grad_(True)  # gradients flow even through a frozen body
             logits = model(x)
             probs = torch.softmax(logits.float(), dim=1)[0].detach().cpu().numpy()
-            idx = _target_index([str(c) for c in learn.dls.vocab], target, probs)
+            idx = _target_indices([str(c) for c in learn.dls.vocab], target, probs)
             model.zero_grad()
-            logits[0, idx].backward()
+            # one class: its logit; a group (a dx model's mel, bcc, akiec): the log-sum-exp of theirs, the score
+            # whose softmax share is the group's probability, so the map is of the probability of malignancy
+            torch.logsumexp(logits[0, idx].float(), dim=0).backward()
     finally:
         handle.remove()
     acts, grads = store["acts"].detach(), store["acts"].grad.detach()

@@ -222,6 +222,35 @@ def test_gradcam_puts_the_heat_where_the_evidence_is(trained):
     assert quarters[0, 1] > 0.8 and max(quarters[0, 0], quarters[1, 1]) < 0.3 and quarters[1, 0] < 0.1, quarters
 
 
+def test_a_seven_class_gradcam_maps_malignancy_by_default_and_any_class_on_request(trained):
+    """mel's logit follows red, nv's green; nv wins the argmax, yet the default map is of malignancy (mel's red)."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+
+    class Score(nn.Module):
+        def forward(self, acts):
+            red, green = acts[:, 0].mean(dim=(1, 2)), acts[:, 1].mean(dim=(1, 2))
+            zero = torch.zeros_like(red)
+            by_class = {"mel": red, "nv": green + 10.0}
+            return torch.stack([by_class.get(c, zero) for c in DX_CLASSES], dim=1)
+
+    dls = load(trained).learn.dls
+    learn = SimpleNamespace(dls=SimpleNamespace(test_dl=dls.test_dl, vocab=list(DX_CLASSES)),
+                            model=nn.Sequential(nn.AvgPool2d(8), Score()))
+    photo = np.zeros((150, 200, 3), np.uint8)
+    photo[:75, 100:, 0] = 255  # red: top right
+    photo[75:, :100, 1] = 255  # green: bottom left
+    top_right, bottom_left = (slice(0, 75), slice(100, 200)), (slice(75, 150), slice(0, 100))
+    for target, hot, cold in [(None, top_right, bottom_left), ("malignant", top_right, bottom_left),
+                              ("nv", bottom_left, top_right)]:
+        heat, _ = gradcam(learn, Image.fromarray(photo), target=target)
+        assert heat[hot].mean() > 0.8 and heat[cold].mean() < 0.1, (target, heat[hot].mean(), heat[cold].mean())
+    with pytest.raises(SkinCancerError, match="'melanoma' is not one of the model's classes"):
+        gradcam(learn, Image.fromarray(photo), target="melanoma")
+
+
 def test_gradcam_cells_land_where_the_body_looked(trained):
     """A ResNet-like body (3x3 convolutions of stride 2, padding 1) centres cell i on pixel 8i, not 8i + 3.5."""
     import torch
