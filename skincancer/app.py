@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .data import DX_NAMES
+from .data import DX_NAMES, task_of
 from .errors import SkinCancerError
 from .predict import DISCLAIMER, Classifier, open_image
 
@@ -43,7 +43,7 @@ def verdict(clf: Classifier, result: dict) -> str:
               if isinstance(rule, dict) and "target_sensitivity" in rule else "")
     head = ("Malignant: worth a closer look" if result["call"] == "malignant"
             else "Benign by this model's threshold")
-    seven = set(clf.classes) != {"benign", "malignant"}
+    seven = task_of(clf.classes) == "dx"
     summed = " (mel + bcc + akiec)" if seven else ""
     text = (f"### {head}\n\nProbability of malignancy{summed} **{result['malignant_probability']:.2f}** "
             f"(operating threshold {clf.threshold:.2f}{chosen}).")
