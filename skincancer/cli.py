@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "into the zoom, one resample at the final size")
     t.add_argument("--target-sensitivity", type=float, default=0.90,
                    help="the operating threshold is chosen on the validation split to reach this sensitivity")
+    t.add_argument("--split-from", help="a model's NAME.split.csv: train, validate and test on the images and "
+                                        "split recorded there (to compare models on the same test images)")
     t.add_argument("--valid-pct", type=float, default=0.15)
     t.add_argument("--test-pct", type=float, default=0.15)
     t.add_argument("--drop-missing", action="store_true", help="drop (with a warning) images missing on disk")
@@ -139,6 +141,7 @@ def cmd_train(args) -> int:
                          checkpoint_every=args.checkpoint_every,
                          target_sensitivity=args.target_sensitivity,
                          valid_pct=args.valid_pct, test_pct=args.test_pct, limit=args.limit,
+                         split_from=args.split_from,
                          drop_missing=args.drop_missing, class_map=read_class_map(args.class_map),
                          num_workers=args.workers, out=args.out)
     train(config, resume=args.resume)

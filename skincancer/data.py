@@ -310,11 +310,56 @@ def sample_by_label(df: pd.DataFrame, n: int, seed: int = 42, min_lesions: int =
     return df[df["lesion_id"].isin(set(keep))].reset_index(drop=True)
 
 
+def read_split(split_csv: str | Path, df: pd.DataFrame) -> pd.Series:
+    """The split recorded in a NAME.split.csv (image_id, lesion_id, split), for the images of `df` it names.
+
+    Images of `df` the file does not name get no split (NaN); an image the file names that `df` lacks, a lesion id
+    that differs from the metadata's, or a lesion in two splits raises SkinCancerError naming the file.
+    """
+    split_csv = Path(split_csv)
+    if not split_csv.is_file():
+        raise SkinCancerError(f"{split_csv}: no such split file (a model's NAME.split.csv)")
+    recorded = read_table(split_csv)
+    _require_columns(recorded, ["image_id", "split"], split_csv)
+    bad = recorded.loc[~recorded["split"].isin(SPLITS), "split"].unique()
+    if len(bad):
+        raise SkinCancerError(f"{split_csv}: split values {first_few(map(repr, bad))} are not {', '.join(SPLITS)}")
+    dup = recorded.loc[recorded["image_id"].duplicated(), "image_id"].unique()
+    if len(dup):
+        raise SkinCancerError(f"{split_csv}: {len(dup)} image_id(s) appear more than once: {first_few(dup)}")
+    recorded = recorded.set_index("image_id")
+    unknown = recorded.index.difference(df["image_id"])
+    if len(unknown):
+        raise SkinCancerError(f"{split_csv}: {len(unknown)} image(s) are not in this data set: {first_few(unknown)}")
+    if "lesion_id" in recorded.columns:
+        ours = df.set_index("image_id")["lesion_id"].reindex(recorded.index)
+        moved = recorded.index[ours != recorded["lesion_id"]]
+        if len(moved):
+            raise SkinCancerError(f"{split_csv}: {len(moved)} image(s) belong to another lesion in this data set's "
+                                  f"metadata: {first_few(moved)}")
+    split = df["image_id"].map(recorded["split"]).rename("split")
+    check_no_lesion_leak(df.assign(split=split).dropna(subset=["split"]), source=split_csv)
+    return split
+
+
 def prepare(root: str | Path, task: str = "binary", valid_pct: float = 0.15, test_pct: float = 0.15,
             seed: int = 42, limit: int | None = None, drop_missing: bool = False,
-            class_map: dict[str, str] | None = None) -> pd.DataFrame:
-    """Metadata with `label` and `split` columns: read, label, optionally sample, split by lesion."""
+            class_map: dict[str, str] | None = None, split_from: str | Path | None = None) -> pd.DataFrame:
+    """Metadata with `label` and `split` columns: read, label, then sample and split by lesion, or reuse a split.
+
+    With `split_from` (a model's NAME.split.csv) the images it names keep the split recorded there, whatever the
+    task or seed, and no other image is used: models trained apart can be compared on the same test images.
+    """
     df = add_labels(read_metadata(root, drop_missing=drop_missing, class_map=class_map), task)
+    if split_from is not None:
+        if limit:
+            raise SkinCancerError("limit and split_from (--limit, --split-from): a recorded split already decides "
+                                  "which images are used")
+        df = df.assign(split=read_split(split_from, df)).dropna(subset=["split"]).reset_index(drop=True)
+        missing = [s for s in ("train", "valid") if not (df["split"] == s).any()]
+        if missing:
+            raise SkinCancerError(f"{split_from}: no image in the {' or '.join(missing)} split")
+        return df
     if limit:
         df = sample_by_label(df, limit, seed=seed)
     return df.assign(split=split_by_lesion(df, valid_pct, test_pct, seed=seed))
@@ -325,12 +370,13 @@ def split_table(df: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(["split", "label"]).size().unstack(fill_value=0).reindex(SPLITS).fillna(0).astype(int)
 
 
-def check_no_lesion_leak(df: pd.DataFrame) -> None:
-    """Raise SkinCancerError if any lesion appears in more than one split."""
+def check_no_lesion_leak(df: pd.DataFrame, source: str | Path | None = None) -> None:
+    """Raise SkinCancerError (naming `source`, if given) if any lesion appears in more than one split."""
     n_splits = df.groupby("lesion_id")["split"].nunique()
     leaked = n_splits.index[n_splits > 1]
     if len(leaked):
-        raise SkinCancerError(f"{len(leaked)} lesion(s) appear in more than one split: {first_few(leaked)}")
+        where = f"{source}: " if source is not None else ""
+        raise SkinCancerError(f"{where}{len(leaked)} lesion(s) appear in more than one split: {first_few(leaked)}")
 
 
 # --- fastai ----------------------------------------------------------------------------------

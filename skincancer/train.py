@@ -248,6 +248,7 @@ class TrainConfig:
     valid_pct: float = 0.15
     test_pct: float = 0.15
     limit: int | None = None
+    split_from: str | None = None      # a model's NAME.split.csv: reuse its split (and images) instead of drawing one
     drop_missing: bool = False
     class_map: dict[str, str] | None = None  # folder-per-class sets: class folder name -> diagnosis
     num_workers: int | None = None
@@ -310,7 +311,7 @@ def stop_on_nan():
 # the settings a resumed run must share with the interrupted one
 RESUME_KEYS = ("data", "task", "arch", "pretrained", "epochs", "size", "presize", "bs", "lr", "wd",
                "freeze_epochs", "imbalance", "label_smoothing", "mixup", "augment", "seed", "valid_pct", "test_pct",
-               "limit", "drop_missing", "class_map")
+               "limit", "split_from", "drop_missing", "class_map")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -554,7 +555,7 @@ def setup(config: TrainConfig):
     config = config.resolved()
     set_seed(config.seed, reproducible=True)
     df = prepare(config.data, config.task, config.valid_pct, config.test_pct, config.seed, config.limit,
-                 config.drop_missing, config.class_map)
+                 config.drop_missing, config.class_map, config.split_from)
     check_no_lesion_leak(df)
     n_train = int((df["split"] == "train").sum())
     if n_train < config.bs:
@@ -602,7 +603,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     process_state()  # first: it picks this process's device and rank
     with quiet_unless_main():
         config, df, learn = setup(config)
-        print(f"{len(df)} images of {df['lesion_id'].nunique()} lesions; split by lesion (seed {config.seed}):")
+        how = f"the split of {config.split_from}" if config.split_from else f"split by lesion (seed {config.seed})"
+        print(f"{len(df)} images of {df['lesion_id'].nunique()} lesions; {how}:")
         print(split_table(df).to_string())
         if world_size() > 1:
             print(f"data-parallel on {world_size()} processes: {config.bs} images per process, "

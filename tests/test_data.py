@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -202,6 +204,44 @@ def test_limit_samples_whole_lesions_in_label_proportion(ham_dir):
     assert (small.drop_duplicates("lesion_id")["label"].value_counts() >= 3).all()
     assert small["label"].value_counts(normalize=True)["nv"] == pytest.approx(0.67, abs=0.08)
     assert small["image_id"].equals(sample_by_label(df, 300, seed=1)["image_id"])
+
+
+def test_a_recorded_split_is_reused_whatever_the_task_and_seed(ham_dir, tmp_path):
+    binary = prepare(ham_dir, "binary", limit=200, seed=3)
+    recorded = tmp_path / "model.split.csv"
+    binary[["image_id", "lesion_id", "split"]].to_csv(recorded, index=False)
+    dx = prepare(ham_dir, "dx", seed=99, split_from=recorded)
+    assert dx.set_index("image_id")["split"].sort_index().equals(binary.set_index("image_id")["split"].sort_index())
+    assert set(dx["label"]) <= set(DX_CLASSES) and len(dx) == len(binary)  # only the recorded images, relabelled
+    with pytest.raises(SkinCancerError, match="limit and split_from"):
+        prepare(ham_dir, limit=100, split_from=recorded)
+
+
+def _split_file(tmp_path, rows, name="bad.split.csv"):
+    path = tmp_path / name
+    pd.DataFrame(rows, columns=["image_id", "lesion_id", "split"]).to_csv(path, index=False)
+    return path
+
+
+def test_a_bad_split_file_is_refused_naming_it(ham_dir, tmp_path):
+    meta = read_metadata(ham_dir)
+    shared = meta.groupby("lesion_id").filter(lambda g: len(g) > 1).iloc[:2]  # two photos of one lesion
+    (a, la), (b, lb) = shared[["image_id", "lesion_id"]].itertuples(index=False)
+    other = meta.loc[meta["lesion_id"] != la].iloc[0]
+    cases = {
+        "not in this data set: ISIC_9999999": [("ISIC_9999999", "HAM_x", "train"), (a, la, "valid")],
+        "'holdout'.*are not train, valid, test": [(a, la, "holdout")],
+        "1 lesion\\(s\\) appear in more than one split": [(a, la, "train"), (b, lb, "test")],
+        "1 image\\(s\\) belong to another lesion": [(a, other["lesion_id"], "train")],
+        "no image in the valid split": [(a, la, "train"), (b, lb, "train")],
+        "appear more than once": [(a, la, "train"), (a, la, "valid")],
+    }
+    for message, rows in cases.items():
+        path = _split_file(tmp_path, rows)
+        with pytest.raises(SkinCancerError, match=f"{re.escape(str(path))}: .*{message}"):
+            prepare(ham_dir, split_from=path)
+    with pytest.raises(SkinCancerError, match="no such split file"):
+        prepare(ham_dir, split_from=tmp_path / "none.csv")
 
 
 # --- DataBlock ---------------------------------------------------------------------------------

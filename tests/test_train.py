@@ -229,3 +229,14 @@ def test_compile_builds_one_training_graph_and_validates_eagerly(small_dls, tmp_
     assert learn.model is plain and plain._compiled_call_impl is None
     assert "CompileModel" not in [type(cb).__name__ for cb in learn.cbs]
     learn.export(tmp_path / "compiled.pkl")
+
+
+def test_a_run_can_reuse_another_models_split(trained, ham_dir, tmp_path):
+    from skincancer.train import setup
+
+    recorded = trained.with_suffix(".split.csv")  # the binary smoke model's split, reused by a dx run
+    config, df, _ = setup(TrainConfig(data=str(ham_dir), task="dx", pretrained=False, size=32, bs=8, epochs=1,
+                                      split_from=str(recorded), num_workers=0, out=str(tmp_path / "dx.pkl")))
+    want = pd.read_csv(recorded).set_index("image_id")["split"].sort_index()
+    assert df.set_index("image_id")["split"].sort_index().equals(want)
+    assert "split_from" in dataclasses.asdict(config) and config.split_from == str(recorded)  # on the card
