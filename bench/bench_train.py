@@ -1,6 +1,7 @@
 """Training benchmark: the seed recipe against ours on the same data and split, measured in one run.
 
     python bench/bench_train.py --data DIR                      # seed and ours, binary, 224 px, from scratch
+    python bench/bench_train.py --data DIR --runs ours --size 128 --epochs 60   # ours at the from-scratch default
     python bench/bench_train.py --data DIR --runs ours --epochs 40 --set mixup=0.4 --set size=160
     python bench/bench_train.py --data DIR --runs ours --set augment=one-pass --set compile=true
     python bench/bench_train.py --smoke                         # seconds on a CPU; CI runs it to keep it working
@@ -8,7 +9,8 @@
 The seed recipe is fastai's defaults as the seed projects wrote them: DataBlock reading files with `Resize(460)`
 (scaled with --size), `aug_transforms(size)`, bs 64, fp16 (on a GPU), `fit_one_cycle` at fastai's default rate.
 Ours is `skincancer.train` with its defaults (presized cache on the GPU, bf16, channels_last, the from-scratch
-recipe), overridden by --set. Both train from random weights on the package's lesion-grouped split.
+recipe), overridden by --set. Both train from random weights at --size (224 unless given; the from-scratch default
+is 128) on the package's lesion-grouped split.
 
 Prints, per run: training images/s end to end (every epoch's training and validation, divided into the
 training images seen), the fit's wall time, the time to prepare the data, and AUROC and balanced accuracy on
@@ -119,7 +121,7 @@ def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
         sync()
         wall = time.perf_counter() - start
     learn.remove_cb(timer)
-    keys = ("epochs", "size", "bs", "lr", "label_smoothing", "mixup", "augment", "imbalance", "compile", "cache")
+    keys = ("seed", "epochs", "size", "bs", "lr", "wd", "label_smoothing", "mixup", "augment", "imbalance", "compile", "cache")
     return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, valid_s=timer.valid_times, best_epoch=best,
                 settings={k: getattr(config, k) for k in keys})
 
@@ -175,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(SHARED / "ham10000_200x150"))
     p.add_argument("--runs", default="seed,ours", help="comma-separated: seed, ours")
     p.add_argument("--epochs", type=int, help="epochs for both (default: 5 for seed, the recipe's for ours)")
-    p.add_argument("--size", type=int, default=224, help="image size of the seed recipe")
+    p.add_argument("--size", type=int, help="image size of both runs (default 224; --set size=N overrides ours)")
     p.add_argument("--limit", type=int)
     p.add_argument("--set", action="append", default=[], help="TrainConfig override for ours, key=value")
     p.add_argument("--tta", action="store_true", help="also score ours with test-time augmentation")
@@ -191,8 +193,11 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = parse_sets(args.set)
     if args.smoke:
-        args.limit, args.size, args.epochs = 200, 32, 1
-        overrides = {"size": 32, "bs": 32, "checkpoint_every": 0, **overrides}
+        args.limit, args.size, args.epochs = 200, args.size or 32, 1
+        overrides = {"bs": 32, "checkpoint_every": 0, **overrides}
+    args.size = args.size or 224
+    # one size for both unless told otherwise, so that the printed ratio compares like with like
+    overrides.setdefault("size", args.size)
     if args.epochs:
         overrides.setdefault("epochs", args.epochs)
     if args.limit:
@@ -234,14 +239,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"synthetic ResNet50 step at {args.size}px, bs 256, bf16, channels_last, "
                   f"compile={compiled}: {synthetic_ceiling(args.size, compile=compiled):.0f} images/s")
 
-    print(f"\n{'run':<6} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'valid %':>7} {'prep s':>7} "
+    print(f"\n{'run':<6} {'size':>4} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'valid %':>7} {'prep s':>7} "
           f"{'valid AUROC':>11} {'test AUROC':>10} {'valid bal acc':>13}")
     for r in rows:
-        print(f"{r['name']:<6} {r['epochs']:>6} {r['images_per_s']:>9.0f} {r['steady_images_per_s']:>9.0f} "
+        print(f"{r['name']:<6} {r['settings']['size']:>4} {r['epochs']:>6} {r['images_per_s']:>9.0f} {r['steady_images_per_s']:>9.0f} "
               f"{r['fit_s']:>7.1f} {100 * r['valid_share']:>7.1f} {r['prep_s']:>7.1f} {r['valid_auroc']:>11.3f} "
               f"{r['test_auroc']:>10.3f} {r['valid_bal_acc']:>13.3f}")
     by_name = {r["name"]: r for r in rows}
     if {"seed", "ours"} <= by_name.keys():
+        if by_name["seed"]["settings"]["size"] != by_name["ours"]["settings"]["size"]:
+            print("note: the two runs used different image sizes, so the ratio is not like for like")
         print(f"ratio ours / seed, images/s end to end: "
               f"{by_name['ours']['images_per_s'] / by_name['seed']['images_per_s']:.2f}x")
     return 0
