@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-dir", help="where presized caches live (default: $SKINCANCER_CACHE or "
                                        "~/.cache/skincancer)")
     t.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step (a minute or more to compile; README: Speed)")
+                   help="torch.compile the training step: ~30 s to compile; on one H100 it paid at 224 px (with "
+                        "--augment one-pass) after ~30 epochs and was slower at 128 px (README: Speed)")
     t.add_argument("--checkpoint-every", type=float, default=60.0,
                    help="seconds between resumable checkpoints (0: after every epoch)")
     t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
