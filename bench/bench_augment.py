@@ -1,4 +1,5 @@
-"""Input-pipeline benchmark: training batches from the presized cache, two-pass against one-pass augmentation.
+"""Input-pipeline benchmark: training batches from the presized cache, two-pass against one-pass augmentation,
+each with fastai's transforms and with skincancer.augment's (the same images, no host synchronisations).
 
     python bench/bench_augment.py --data DIR [--size 224] [--bs 256] [--batches 50]
     python bench/bench_augment.py --smoke      # seconds on a CPU; CI runs it to keep it working
@@ -14,9 +15,11 @@ measured in one run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 import warnings
+from unittest import mock
 
 from common import SHARED, sync
 
@@ -68,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    import skincancer.augment
     from skincancer.data import AUGMENTS, make_dataloaders, prepare
 
     df = prepare(args.data, "binary", limit=args.limit)
@@ -77,12 +81,19 @@ def main(argv: list[str] | None = None) -> int:
           f"torch {torch.__version__}")
     rows = {}
     for augment in AUGMENTS:
-        dls = make_dataloaders(df, "binary", args.size, args.bs, cache=cache_dir, augment=augment)
-        per_batch, syncs = time_loader(dls.train, args.batches)
-        rows[augment] = per_batch
-        print(f"{augment:<9} {per_batch * 1000:8.1f} ms/batch {args.bs / per_batch:9.0f} images/s"
-              + ("" if syncs is None else f"   {syncs:.1f} host syncs/batch"), flush=True)
-    print(f"ratio one-pass / two-pass, images/s: {rows['two-pass'] / rows['one-pass']:.2f}x")
+        for transforms in ("fastai", "ours"):
+            # fastai's: the transforms as `aug_transforms` returns them; ours: skincancer.augment's sync-free ones
+            with mock.patch.object(skincancer.augment, "without_host_syncs", list) if transforms == "fastai" \
+                    else contextlib.nullcontext():
+                dls = make_dataloaders(df, "binary", args.size, args.bs, cache=cache_dir, augment=augment)
+            per_batch, syncs = time_loader(dls.train, args.batches)
+            rows[augment, transforms] = per_batch
+            print(f"{augment:<9} {transforms:<7} {per_batch * 1000:8.1f} ms/batch {args.bs / per_batch:9.0f} images/s"
+                  + ("" if syncs is None else f"   {syncs:.1f} host syncs/batch"), flush=True)
+    for augment in AUGMENTS:
+        print(f"ratio ours / fastai's transforms, {augment}, images/s: "
+              f"{rows[augment, 'fastai'] / rows[augment, 'ours']:.2f}x")
+    print(f"ratio one-pass / two-pass, images/s: {rows['two-pass', 'ours'] / rows['one-pass', 'ours']:.2f}x")
     return 0
 
 

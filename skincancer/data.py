@@ -393,17 +393,20 @@ def augmentations(size: int, augment: str = "two-pass", min_scale: float = 0.75,
     image at its own size, then a random square crop of at least `min_scale` of its area is resampled to `size`.
     `one-pass` folds that crop into the zoom (up to max_zoom / sqrt(min_scale)), so each image is resampled once,
     at `size`: less work and less blur, the same kind of views. Validation images get the same resize either way.
+    The affine part computes fastai's images without reading values back from the GPU (skincancer.augment).
     """
     from fastai.vision.all import Normalize, aug_transforms, imagenet_stats
+
+    from .augment import without_host_syncs
 
     if check_augment(augment) == "one-pass":
         zoom = dict(min_zoom=1.0, max_zoom=max_zoom / min_scale ** 0.5)
     else:
         zoom = dict(min_scale=min_scale, max_zoom=max_zoom)
     # A lesion has no up or down: flip both axes and rotate freely (reflection padding fills corners).
-    return [*aug_transforms(size=size, flip_vert=True, max_rotate=180.0, max_lighting=0.2, max_warp=0.1,
-                            p_affine=0.9, **zoom),
-            Normalize.from_stats(*imagenet_stats)]
+    tfms = aug_transforms(size=size, flip_vert=True, max_rotate=180.0, max_lighting=0.2, max_warp=0.1,
+                          p_affine=0.9, **zoom)
+    return [*without_host_syncs(tfms), Normalize.from_stats(*imagenet_stats)]
 
 
 def make_datablock(task: str = "binary", size: int = 224, presize: int | None = None, augment: str = "two-pass"):
@@ -495,8 +498,13 @@ def presized_dl_class(base):
             super().__init__(dataset, **kwargs)
 
         def create_batches(self, samps):
-            for idxs in self.chunkify(samps):
-                i = torch.as_tensor(list(idxs), device=self.images.device)
+            batches = [list(idxs) for idxs in self.chunkify(samps)]
+            flat = torch.as_tensor([i for idxs in batches for i in idxs], dtype=torch.long)
+            if self.images.is_cuda:  # one asynchronous copy an epoch, not a blocking one every batch
+                flat = flat.pin_memory().to(self.images.device, non_blocking=True)
+            start = 0
+            for idxs in batches:
+                i, start = flat[start:start + len(idxs)], start + len(idxs)
                 # NHWC storage seen as NCHW: the batch arrives in channels_last layout at no cost
                 yield TensorImage(self.images[i].permute(0, 3, 1, 2)), TensorCategory(self.targets[i])
 
