@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     for augment in AUGMENTS:
         for transforms in ("fastai", "ours"):
             # fastai's: the transforms as `aug_transforms` returns them; ours: skincancer.augment's sync-free ones
-            with mock.patch.object(skincancer.augment, "without_host_syncs", list) if transforms == "fastai" \
-                    else contextlib.nullcontext():
+            fastais = mock.patch.object(skincancer.augment, "without_host_syncs", list)
+            with fastais if transforms == "fastai" else contextlib.nullcontext():
                 dls = make_dataloaders(df, "binary", args.size, args.bs, cache=cache_dir, augment=augment)
             per_batch, syncs = time_loader(dls.train, args.batches)
             rows[augment, transforms] = per_batch

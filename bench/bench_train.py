@@ -121,7 +121,8 @@ def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
         sync()
         wall = time.perf_counter() - start
     learn.remove_cb(timer)
-    keys = ("seed", "epochs", "size", "bs", "lr", "wd", "label_smoothing", "mixup", "augment", "imbalance", "compile", "cache")
+    keys = ("seed", "epochs", "size", "bs", "lr", "wd", "label_smoothing", "mixup", "augment", "imbalance", "compile",
+            "cache")
     return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, valid_s=timer.valid_times, best_epoch=best,
                 settings={k: getattr(config, k) for k in keys})
 
@@ -239,11 +240,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"synthetic ResNet50 step at {args.size}px, bs 256, bf16, channels_last, "
                   f"compile={compiled}: {synthetic_ceiling(args.size, compile=compiled):.0f} images/s")
 
-    print(f"\n{'run':<6} {'size':>4} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'valid %':>7} {'prep s':>7} "
-          f"{'valid AUROC':>11} {'test AUROC':>10} {'valid bal acc':>13}")
+    print(f"\n{'run':<6} {'size':>4} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'valid %':>7} "
+          f"{'prep s':>7} {'valid AUROC':>11} {'test AUROC':>10} {'valid bal acc':>13}")
     for r in rows:
-        print(f"{r['name']:<6} {r['settings']['size']:>4} {r['epochs']:>6} {r['images_per_s']:>9.0f} {r['steady_images_per_s']:>9.0f} "
-              f"{r['fit_s']:>7.1f} {100 * r['valid_share']:>7.1f} {r['prep_s']:>7.1f} {r['valid_auroc']:>11.3f} "
+        print(f"{r['name']:<6} {r['settings']['size']:>4} {r['epochs']:>6} {r['images_per_s']:>9.0f} "
+              f"{r['steady_images_per_s']:>9.0f} {r['fit_s']:>7.1f} {100 * r['valid_share']:>7.1f} {r['prep_s']:>7.1f} {r['valid_auroc']:>11.3f} "
               f"{r['test_auroc']:>10.3f} {r['valid_bal_acc']:>13.3f}")
     by_name = {r["name"]: r for r in rows}
     if {"seed", "ours"} <= by_name.keys():

@@ -502,9 +502,7 @@ def presized_dl_class(base):
             flat = torch.as_tensor([i for idxs in batches for i in idxs], dtype=torch.long)
             if self.images.is_cuda:  # one asynchronous copy an epoch, not a blocking one every batch
                 flat = flat.pin_memory().to(self.images.device, non_blocking=True)
-            start = 0
-            for idxs in batches:
-                i, start = flat[start:start + len(idxs)], start + len(idxs)
+            for i in torch.split(flat, [len(idxs) for idxs in batches]):
                 # NHWC storage seen as NCHW: the batch arrives in channels_last layout at no cost
                 yield TensorImage(self.images[i].permute(0, 3, 1, 2)), TensorCategory(self.targets[i])
 

@@ -118,8 +118,9 @@ def upsample_map(cam, grid: Grid | None, input_hw: tuple[int, int], out_hw: tupl
 def _target_indices(classes: list[str], target: str | int | None, probs) -> list[int]:
     if isinstance(target, int):
         return [target]
-    if target in (None, "malignant") and is_malignant_class(classes).any():
-        return [int(i) for i in np.flatnonzero(is_malignant_class(classes))]
+    malignant = np.flatnonzero(is_malignant_class(classes))
+    if target in (None, "malignant") and len(malignant):
+        return [int(i) for i in malignant]
     if target is None:
         return [int(probs.argmax())]
     if target not in classes:
