@@ -88,12 +88,22 @@ def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0
     return float(lo), float(hi)
 
 
+def predicted_classes(probs, classes, threshold: float = 0.5) -> np.ndarray:
+    """Each image's predicted class index: the call at `threshold` for a binary model, the most likely class else."""
+    probs = np.asarray(probs)
+    if task_of(classes) == "binary":
+        return (malignant_probability(probs, classes) >= threshold).astype(int)  # (benign, malignant)
+    return probs.argmax(axis=1)
+
+
 def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=None, n_boot: int = 0,
                            seed: int = 0, groups=None) -> dict:
     """Metrics for class probabilities `probs` (n, k) and integer `targets` (n,); undefined ones are None.
 
-    accuracy and balanced_accuracy use the predicted class; auroc and everything at the threshold are about
-    malignant vs benign, with malignant predicted when its probability reaches `threshold`. With `dx`
+    auroc and everything at the threshold are about malignant vs benign, with malignant predicted when its
+    probability reaches `threshold`. accuracy and balanced_accuracy score `predicted_classes`: for a binary model
+    the same call at the threshold (so balanced_accuracy is the mean of sensitivity and specificity), for a `dx`
+    model the most likely of the 7 diagnoses. With `dx`
     (each image's diagnosis), per-diagnosis recall says how often each diagnosis got the right benign/malignant call.
     With `groups` (each image's lesion_id), the AUROC's bootstrap interval resamples lesions, not images.
     """
@@ -105,7 +115,7 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
                               f"and {len(classes)} classes")
     if len(targets) == 0:
         raise SkinCancerError("no images to evaluate")
-    pred = probs.argmax(axis=1)
+    pred = predicted_classes(probs, classes, threshold)
     truth = is_malignant_class(classes)[targets]
     p_mal = malignant_probability(probs, classes)
     said = p_mal >= threshold

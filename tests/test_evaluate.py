@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from sklearn.metrics import f1_score, precision_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, roc_auc_score
 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
@@ -55,6 +55,11 @@ def test_metrics_at_the_threshold_agree_with_sklearn():
     assert m["specificity"] == pytest.approx((~said[targets == 0]).mean())
     assert m["ppv"] == pytest.approx(precision_score(targets, said))
     assert m["f1"] == pytest.approx(f1_score(targets, said))
+    # accuracy and balanced accuracy make the same call, not the most likely class (which is the call at 0.5)
+    assert m["accuracy"] == pytest.approx((said == targets).mean())
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, said))
+    assert m["balanced_accuracy"] == pytest.approx((m["sensitivity"] + m["specificity"]) / 2)
+    assert m["balanced_accuracy"] != pytest.approx(balanced_accuracy_score(targets, probs.argmax(axis=1)))
     assert m["auroc"] == pytest.approx(roc_auc_score(targets, probs[:, 1]))
     lo, hi = m["auroc_ci95"]
     assert lo < m["auroc"] < hi and hi - lo < 0.2
@@ -110,6 +115,11 @@ def test_seven_class_metrics_sum_the_malignant_diagnoses():
     p_mal = probs[:, [DX_CLASSES.index(d) for d in ("akiec", "bcc", "mel")]].sum(1)
     assert m["auroc"] == pytest.approx(roc_auc_score(mal, p_mal))
     assert m["per_diagnosis_recall"]["mel"] == pytest.approx((p_mal[dx == "mel"] >= 0.5).mean())
+    # 7-class accuracy is by the most likely diagnosis, whatever the malignancy threshold
+    low = classification_metrics(probs, targets, DX_CLASSES, threshold=0.1)
+    for m_ in (m, low):
+        assert m_["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(targets, probs.argmax(axis=1)))
+    assert low["sensitivity"] > m["sensitivity"]
     missing_class = classification_metrics(probs[targets != 3], targets[targets != 3], DX_CLASSES)
     assert missing_class["macro_auroc"] is None
 
