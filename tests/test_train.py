@@ -240,3 +240,34 @@ def test_a_run_can_reuse_another_models_split(trained, ham_dir, tmp_path):
     want = pd.read_csv(recorded).set_index("image_id")["split"].sort_index()
     assert df.set_index("image_id")["split"].sort_index().equals(want)
     assert "split_from" in dataclasses.asdict(config) and config.split_from == str(recorded)  # on the card
+
+
+def _tiny_learner():
+    """A linear model on 64 random vectors: fastai's training loop in a fraction of a second."""
+    import fastai.callback.progress  # noqa: F401  (fastai's progress bar and Learner.no_bar, as in training)
+    from fastai.data.core import DataLoaders
+    from fastai.learner import Learner
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    items = list(zip(x, (x[:, 0] > 0).long()))
+    dls = DataLoaders.from_dsets(items, items, bs=8, device="cpu")
+    return Learner(dls, torch.nn.Linear(4, 2), loss_func=torch.nn.CrossEntropyLoss())
+
+
+def test_training_stops_with_a_clear_error_when_the_loss_stops_being_finite():
+    from fastai.callback.core import Callback
+
+    from skincancer.train import stop_on_nan
+
+    class PoisonLoss(Callback):  # the loss of the third batch of the second epoch is NaN
+        def after_loss(self):
+            if self.training and self.epoch == 1 and self.iter == 2:
+                self.learn.loss_grad = self.loss_grad * float("nan")
+                self.learn.loss = self.loss_grad.clone()
+
+    learn = _tiny_learner()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(1, 1e-2, cbs=[PoisonLoss(), stop_on_nan()])  # finite losses: it trains without a word
+        with pytest.raises(SkinCancerError, match=r"became nan at epoch 2, iteration 3; nothing was exported"):
+            learn.fit(3, 1e-2, cbs=[PoisonLoss(), stop_on_nan()])
