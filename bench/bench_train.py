@@ -244,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'prep s':>7} {'valid AUROC':>11} {'test AUROC':>10} {'valid bal acc':>13}")
     for r in rows:
         print(f"{r['name']:<6} {r['settings']['size']:>4} {r['epochs']:>6} {r['images_per_s']:>9.0f} "
-              f"{r['steady_images_per_s']:>9.0f} {r['fit_s']:>7.1f} {100 * r['valid_share']:>7.1f} {r['prep_s']:>7.1f} {r['valid_auroc']:>11.3f} "
-              f"{r['test_auroc']:>10.3f} {r['valid_bal_acc']:>13.3f}")
+              f"{r['steady_images_per_s']:>9.0f} {r['fit_s']:>7.1f} {100 * r['valid_share']:>7.1f} {r['prep_s']:>7.1f} "
+              f"{r['valid_auroc']:>11.3f} {r['test_auroc']:>10.3f} {r['valid_bal_acc']:>13.3f}")
     by_name = {r["name"]: r for r in rows}
     if {"seed", "ours"} <= by_name.keys():
         if by_name["seed"]["settings"]["size"] != by_name["ours"]["settings"]["size"]:

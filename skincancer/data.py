@@ -32,7 +32,8 @@ DX_NAMES: dict[str, str] = {
 }
 
 METADATA_CSV = "HAM10000_metadata.csv"
-METADATA_NAMES = (METADATA_CSV, "HAM10000_metadata.tab", "HAM10000_metadata.tsv", "HAM10000_metadata")  # Dataverse: .tab
+# the Harvard Dataverse serves the metadata as .tab
+METADATA_NAMES = (METADATA_CSV, "HAM10000_metadata.tab", "HAM10000_metadata.tsv", "HAM10000_metadata")
 # folder-per-class sets (e.g. Kaggle's "skin cancer ISIC 9 classes"): class folder name -> HAM10000 diagnosis,
 # whose benign/malignant label follows; override with class_map / --class-map
 DEFAULT_CLASS_MAP: dict[str, str] = {

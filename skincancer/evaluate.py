@@ -157,14 +157,6 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     return {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in out.items()}
 
 
-def predicted_classes(probs, classes, threshold: float = 0.5) -> np.ndarray:
-    """Each image's predicted class index: the call at `threshold` for a binary model, the most likely class else."""
-    probs = np.asarray(probs)
-    if task_of(classes) == "binary":
-        return (malignant_probability(probs, classes) >= threshold).astype(int)  # (benign, malignant)
-    return probs.argmax(axis=1)
-
-
 def metrics_table(metrics: dict) -> str:
     """A short text table of the headline numbers."""
     keys = ["n", "n_malignant", "auroc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "ppv",
@@ -354,8 +346,8 @@ def plot_top_losses(df: pd.DataFrame, probs, targets, classes, k: int = 9, preds
     losses = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1))
     order = np.argsort(-losses)[:k]
     cols = 3
-    fig, axes = plt.subplots(math.ceil(len(order) / cols), cols, figsize=(3.2 * cols, 3.4 * math.ceil(len(order) / cols)),
-                             squeeze=False)
+    rows = math.ceil(len(order) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, order):

@@ -530,7 +530,7 @@ def save_weights(model, path: str | Path) -> None:
 
 
 def export(learn, out: str | Path, card: dict, df: pd.DataFrame) -> dict[str, Path]:
-    """Export the learner (.pkl), its weights (.safetensors), card and split atomically; a failure keeps the old ones."""
+    """Export the learner (.pkl), weights (.safetensors), card and split atomically; a failure keeps the old ones."""
     from fastai.vision.all import imagenet_stats
 
     paths = model_files(out)

@@ -91,7 +91,8 @@ def isic_files(ham_dir, small_rows):
     return {
         "ISIC2018_Task3_Training_Input.zip": _zip(images),
         "ISIC2018_Task3_Training_GroundTruth.zip": _zip(
-            {"ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv": gt.to_csv(index=False).encode()}),
+            {"ISIC2018_Task3_Training_GroundTruth/ISIC2018_Task3_Training_GroundTruth.csv":
+                 gt.to_csv(index=False).encode()}),
         "ISIC2018_Task3_Training_LesionGroupings.csv": groups.to_csv(index=False).encode(),
     }
 
@@ -193,7 +194,8 @@ def test_folder_per_class_layout_with_the_default_and_a_custom_map(tmp_path, ham
     assert df.set_index("image_id")["dx"].to_dict() == small_rows.set_index("image_id")["dx"].to_dict()
 
     (root / "Train" / "mystery").mkdir()
-    (root / "Train" / "mystery" / "x.jpg").write_bytes((ham_dir / "images" / f"{small_rows.image_id[0]}.jpg").read_bytes())
+    image = ham_dir / "images" / f"{small_rows.image_id[0]}.jpg"
+    (root / "Train" / "mystery" / "x.jpg").write_bytes(image.read_bytes())
     with pytest.raises(SkinCancerError, match=r"image folder\(s\) mystery are not in the class map"):
         read_metadata(root)
     with warnings.catch_warnings():
