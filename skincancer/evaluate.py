@@ -170,6 +170,8 @@ def metrics_table(metrics: dict) -> str:
         if k == "auroc" and metrics.get("auroc_ci95"):
             by = f", resampling {metrics['auroc_ci95_resampled']}" if metrics.get("auroc_ci95_resampled") else ""
             text += f"  (95% CI {metrics['auroc_ci95'][0]:.4f}-{metrics['auroc_ci95'][1]:.4f}{by})"
+        if k in ("balanced_accuracy", "accuracy") and v is not None:
+            text += "  (7 classes, most likely diagnosis)" if "macro_auroc" in metrics else "  (at the threshold)"
         rows.append(f"  {k:<18}{text}")
     rows.append(f"  {'threshold':<18}{metrics['threshold']:.4f} (probability of malignancy)")
     if metrics.get("per_class_recall"):

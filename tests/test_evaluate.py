@@ -339,6 +339,9 @@ def test_metrics_table_tells_class_recall_from_the_benign_malignant_call():
     binary = metrics_table(classification_metrics(probs[:, [5, 4]], (targets == 4).astype(int),
                                                   ["benign", "malignant"], dx=dx))
     assert "recall per class" not in binary and "recall per diagnosis" in binary
+    # which call accuracy scores: a binary model's is the threshold's, a dx model's the most likely diagnosis
+    assert re.search(r"balanced_accuracy\s+\S+\s+\(at the threshold\)", binary)
+    assert re.search(r"balanced_accuracy\s+\S+\s+\(7 classes, most likely diagnosis\)", table)
 
 
 def test_predicted_classes_follow_the_threshold_for_binary_and_the_top_class_for_dx():
