@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the training step: ~30 s to compile; on one H100 it paid at 224 px (with "
                         "--augment one-pass) after ~30 epochs and was slower at 128 px (README: Speed)")
+    t.add_argument("--loss-on-device", action="store_true",
+                   help="keep the smoothed training loss on the GPU and read it a batch late, so the CPU is not held "
+                        "at every batch (not yet measured on a GPU; README: Speed)")
     t.add_argument("--checkpoint-every", type=float, default=60.0,
                    help="seconds between resumable checkpoints (0: after every epoch)")
     t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
@@ -139,7 +142,7 @@ def cmd_train(args) -> int:
                          imbalance=args.imbalance, label_smoothing=args.label_smoothing, mixup=args.mixup,
                          augment=args.augment,
                          seed=args.seed, cache=args.cache, cache_dir=args.cache_dir, compile=args.compile,
-                         checkpoint_every=args.checkpoint_every,
+                         loss_on_device=args.loss_on_device, checkpoint_every=args.checkpoint_every,
                          target_sensitivity=args.target_sensitivity,
                          valid_pct=args.valid_pct, test_pct=args.test_pct, limit=args.limit,
                          split_from=args.split_from,

@@ -255,6 +255,7 @@ class TrainConfig:
     cache: bool = True                 # train from a presized array cache (skincancer.presize), not from files
     cache_dir: str | None = None       # None: skincancer.presize.default_cache_dir()
     compile: bool = False
+    loss_on_device: bool = False       # keep the smoothed loss on the GPU (loss_on_device); off until measured there
     checkpoint_every: float = 60.0     # seconds between resumable checkpoints (0: every epoch)
     out: str = "models/skincancer.pkl"
 
@@ -306,6 +307,103 @@ def stop_on_nan():
                     f"iteration {self.iter + 1}; nothing was exported. Try a lower --lr or a smaller --bs.")
 
     return StopOnNaN()
+
+
+def loss_on_device():
+    """A fastai callback that keeps the smoothed training loss on the device and reads it back one batch late.
+
+    fastai's Recorder copies the smoothed loss to the CPU after every training batch, a host synchronisation: the CPU
+    waits for the step to finish before it can queue the next batch's augmentation. Here the smoothing runs on the
+    device and each batch's loss is copied back asynchronously, then read when the next batch ends (an epoch's first
+    batch at once, its last when the epoch ends): the CPU stays a batch ahead of the GPU. The recorded losses and
+    epoch values are fastai's; the progress bar shows the previous batch's. It also does `stop_on_nan`'s work: a loss
+    that stops being finite stops training with SkinCancerError naming its epoch and iteration. `restore()` (also
+    run after the fit) gives the Recorder fastai's picklable smoothing back.
+    """
+    import math
+
+    import torch
+    from fastai.callback.core import Callback
+    from fastai.learner import AvgSmoothLoss
+    from fastai.torch_core import to_detach
+
+    def set_smoothing(recorder, smoothing):
+        # the Recorder is a Callback, whose setattr warns that learn.smooth_loss is shadowed: this attribute is its own
+        object.__setattr__(recorder, "smooth_loss", smoothing)
+
+    class SmoothLossOnDevice(AvgSmoothLoss):
+        def accumulate(self, learn):
+            self.count += 1
+            self.last = to_detach(learn.loss.mean(), cpu=False)  # gathered over processes, as fastai's
+            start = torch.zeros_like(self.last) if self.count == 1 else self.val
+            self.val = torch.lerp(self.last, start, self.beta)
+
+    class LossOnDevice(Callback):
+        order = 55  # after the Recorder (50) smooths the loss, before the progress bar (60) shows it
+
+        def before_fit(self):
+            self.fitted = self.learn  # restore() may run after fastai has removed this callback
+            self.fastai_smoothing = self.recorder.smooth_loss
+            set_smoothing(self.recorder, SmoothLossOnDevice(beta=self.fastai_smoothing.beta))
+            self.host = self.event = self.pending = None
+
+        def before_train(self):
+            self.pending, self.first_batch = None, True
+
+        def after_batch(self):
+            if not self.training or len(self.yb) == 0:
+                return
+            if self.pending is not None:
+                self.read()  # the previous batch's: its step has finished or is about to
+            smoothing, losses = self.recorder.smooth_loss, self.recorder.losses
+            values = torch.stack([smoothing.last.float(), losses[-1].float()])
+            if self.host is None:
+                cuda = values.is_cuda
+                self.host = torch.empty(2, pin_memory=cuda)
+                self.event = torch.cuda.Event() if cuda else None
+            self.host.copy_(values, non_blocking=True)
+            if self.event is not None:
+                self.event.record()
+            self.pending = (self.epoch, self.iter, len(losses) - 1)
+            if self.first_batch:  # shown at once, and a first loss that is NaN stops training at once
+                self.first_batch = False
+                self.read()
+            self.learn.smooth_loss = self.shown  # the Recorder set this batch's, still on the device
+
+        def after_train(self):
+            if self.pending is not None:
+                self.read()
+
+        def read(self):
+            """The pending batch's loss and smoothed loss: recorded as fastai would, shown, and checked."""
+            epoch, iteration, index = self.pending
+            self.pending = None
+            if self.event is not None:
+                self.event.synchronize()
+            loss, smoothed = self.host.tolist()
+            self.recorder.losses[index] = self.shown = self.learn.smooth_loss = torch.tensor(smoothed)
+            if not (math.isfinite(loss) and math.isfinite(smoothed)):
+                self.restore()
+                raise SkinCancerError(
+                    f"training diverged: the loss became {loss} at epoch {epoch + 1}, iteration {iteration + 1}; "
+                    "nothing was exported. Try a lower --lr or a smaller --bs.")
+
+        def after_fit(self):
+            self.restore()
+
+        def restore(self):
+            """Put fastai's smoothing back in the Recorder, with this fit's state, on the CPU."""
+            learn = getattr(self, "fitted", None)
+            recorder = getattr(learn, "recorder", None)
+            if recorder is None or not isinstance(recorder.smooth_loss, SmoothLossOnDevice):
+                return
+            ours, fastai_smoothing = recorder.smooth_loss, self.fastai_smoothing
+            fastai_smoothing.count, fastai_smoothing.val = ours.count, to_detach(ours.val, gather=False)
+            set_smoothing(recorder, fastai_smoothing)
+            recorder.losses = [to_detach(v, gather=False) for v in recorder.losses]
+            learn.smooth_loss = fastai_smoothing.value
+
+    return LossOnDevice()
 
 
 # the settings a resumed run must share with the interrupted one
@@ -456,10 +554,14 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
                         continue
                 elif config.pretrained:
                     learn.freeze() if phase["frozen"] else learn.unfreeze()
-                cbs = [tracker, checkpoint, stop_on_nan(), *parallel,
-                       *([compile_model()] if config.compile else [])]
-                learn.fit_one_cycle(phase["epochs"], phase["lr"], wd=config.wd, start_epoch=start, cbs=cbs,
-                                    **phase["kwargs"])
+                guard = loss_on_device() if config.loss_on_device else stop_on_nan()
+                cbs = [tracker, checkpoint, guard, *parallel, *([compile_model()] if config.compile else [])]
+                try:
+                    learn.fit_one_cycle(phase["epochs"], phase["lr"], wd=config.wd, start_epoch=start, cbs=cbs,
+                                        **phase["kwargs"])
+                finally:
+                    if config.loss_on_device:  # fastai skips after_fit when a fit is interrupted
+                        guard.restore()
                 best_epoch = checkpoint.best_epoch
     finally:
         learn.model_dir = old_dir

@@ -47,7 +47,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 def test_two_processes_train_and_only_the_main_one_exports(tmp_path, ham_dir):
     out = tmp_path / "models" / "ddp.pkl"
-    train = ["-m", "skincancer", "train", "--data", str(ham_dir), *SMALL, "--epochs", "2", "--out", str(out)]
+    # --loss-on-device: its loss is gathered over the processes as fastai's is (the resume test runs the default)
+    train = ["-m", "skincancer", "train", "--data", str(ham_dir), *SMALL, "--epochs", "2", "--loss-on-device",
+             "--out", str(out)]
     run = subprocess.run(_launch() + train, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 

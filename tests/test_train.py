@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import urllib.error
 
 import pandas as pd
@@ -78,16 +79,26 @@ def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir, original_images):
         assert moved["call"] == call and moved["label"] == res["label"]
 
 
-def test_weight_decay_and_one_pass_augmentation_reach_the_run(tmp_path, ham_dir):
+def test_weight_decay_one_pass_augmentation_and_the_loss_on_device_reach_the_run(tmp_path, ham_dir, monkeypatch):
     from fastai.vision.all import RandomResizedCropGPU
 
-    from skincancer.train import train
+    from skincancer import train as T
 
-    result = train(TrainConfig(data=str(ham_dir), pretrained=False, limit=60, size=32, bs=8, epochs=1, wd=0.05,
-                               augment="one-pass", num_workers=0, out=str(tmp_path / "m.pkl")))
+    guards, real = [], T.loss_on_device
+
+    def spy():
+        guards.append(real())
+        return guards[-1]
+
+    monkeypatch.setattr(T, "loss_on_device", spy)
+    result = T.train(T.TrainConfig(data=str(ham_dir), pretrained=False, limit=60, size=32, bs=8, epochs=1, wd=0.05,
+                                   augment="one-pass", loss_on_device=True, num_workers=0,
+                                   out=str(tmp_path / "m.pkl")))
     assert {g["wd"] for g in result.learn.opt.hypers} == {0.05}
     assert not any(isinstance(t, RandomResizedCropGPU) for t in result.learn.dls.train.after_batch.fs)
     assert result.card["config"]["wd"] == 0.05 and result.card["config"]["augment"] == "one-pass"
+    assert len(guards) == 1 and guards[0].fitted is result.learn  # it guarded the fit in place of stop_on_nan
+    assert type(result.learn.recorder.smooth_loss).__name__ == "AvgSmoothLoss"  # fastai's again: it was exported
 
 
 def test_bad_training_input_is_an_error_line_not_a_traceback(tmp_path, capsys):
@@ -247,27 +258,96 @@ def _tiny_learner():
     import fastai.callback.progress  # noqa: F401  (fastai's progress bar and Learner.no_bar, as in training)
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
+    from fastai.torch_core import set_seed
 
-    torch.manual_seed(0)
+    set_seed(0)  # the data, the model and the shuffling: two learners train alike
     x = torch.randn(64, 4)
     items = list(zip(x, (x[:, 0] > 0).long()))
     dls = DataLoaders.from_dsets(items, items, bs=8, device="cpu")
     return Learner(dls, torch.nn.Linear(4, 2), loss_func=torch.nn.CrossEntropyLoss())
 
 
-def test_training_stops_with_a_clear_error_when_the_loss_stops_being_finite():
+def _poison_loss(epoch: int, iteration: int):
+    """A callback making one training batch's loss NaN (0-based epoch and iteration)."""
     from fastai.callback.core import Callback
 
-    from skincancer.train import stop_on_nan
-
-    class PoisonLoss(Callback):  # the loss of the third batch of the second epoch is NaN
+    class PoisonLoss(Callback):
         def after_loss(self):
-            if self.training and self.epoch == 1 and self.iter == 2:
+            if self.training and self.epoch == epoch and self.iter == iteration:
                 self.learn.loss_grad = self.loss_grad * float("nan")
                 self.learn.loss = self.loss_grad.clone()
 
+    return PoisonLoss()
+
+
+@pytest.mark.parametrize("guard", ["stop_on_nan", "loss_on_device"])
+@pytest.mark.parametrize("epoch, iteration", [(1, 2), (2, 7)])  # (2, 7): the fit's last batch, read as it ends
+def test_training_stops_with_a_clear_error_when_the_loss_stops_being_finite(guard, epoch, iteration):
+    from skincancer import train as T
+
     learn = _tiny_learner()
     with learn.no_bar(), learn.no_logging():
-        learn.fit(1, 1e-2, cbs=[PoisonLoss(), stop_on_nan()])  # finite losses: it trains without a word
-        with pytest.raises(SkinCancerError, match=r"became nan at epoch 2, iteration 3; nothing was exported"):
-            learn.fit(3, 1e-2, cbs=[PoisonLoss(), stop_on_nan()])
+        learn.fit(1, 1e-2, cbs=[_poison_loss(epoch, iteration), getattr(T, guard)()])  # finite: trains quietly
+        with pytest.raises(SkinCancerError, match=rf"became nan at epoch {epoch + 1}, iteration {iteration + 1}; "
+                                                  "nothing was exported"):
+            learn.fit(3, 1e-2, cbs=[_poison_loss(epoch, iteration), getattr(T, guard)()])
+    assert type(learn.recorder.smooth_loss).__name__ == "AvgSmoothLoss"  # fastai's, picklable, even after the error
+    pickle.dumps(learn.recorder)
+
+
+def _fit_and_watch(guard=None, epochs: int = 2):
+    """Fit the tiny learner; return it and the smoothed loss the progress bar was given at each training batch."""
+    from fastai.callback.core import Callback
+
+    shown = []
+
+    class Watch(Callback):
+        order = 59  # just before fastai's progress bar reads learn.smooth_loss
+
+        def after_batch(self):
+            if self.training:
+                shown.append(float(self.learn.smooth_loss))
+
+    learn = _tiny_learner()
+    with learn.no_logging():
+        learn.fit(epochs, 1e-2, cbs=[Watch(), *([guard] if guard is not None else [])])
+    return learn, shown
+
+
+def test_the_loss_kept_on_the_device_records_what_fastai_records_and_shows_it_a_batch_late():
+    from skincancer.train import loss_on_device
+
+    ref, ref_shown = _fit_and_watch()
+    ours, shown = _fit_and_watch(loss_on_device())
+    assert [float(v) for v in ours.recorder.losses] == [float(v) for v in ref.recorder.losses]
+    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in ours.recorder.losses)
+    assert ours.recorder.values == ref.recorder.values and ours.recorder.iters == ref.recorder.iters
+    assert float(ours.smooth_loss) == float(ref.smooth_loss) and ours.recorder.smooth_loss.count == 16
+    assert ref_shown == [float(v) for v in ref.recorder.losses]
+    # each epoch's first batch at once, then the previous batch's value
+    per_epoch = [ref_shown[i:i + 8] for i in (0, 8)]
+    assert shown == [v for e in per_epoch for v in (e[:1] + e[:-1])]
+    assert type(ours.recorder.smooth_loss).__name__ == "AvgSmoothLoss"
+    pickle.dumps(ours.recorder)
+
+
+def test_restore_gives_fastai_its_smoothing_back_after_an_interrupted_fit():
+    from fastai.callback.core import Callback
+
+    from skincancer.train import loss_on_device
+
+    class Interrupt(Callback):
+        order = 100  # after the Recorder and the guard have seen the batch
+
+        def after_batch(self):
+            if self.training and self.iter == 4:
+                raise KeyboardInterrupt
+
+    learn, guard = _tiny_learner(), loss_on_device()
+    with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt):
+        learn.fit(1, 1e-2, cbs=[guard, Interrupt()])
+    assert type(learn.recorder.smooth_loss).__name__ != "AvgSmoothLoss"  # fastai skipped after_fit
+    guard.restore()  # as skincancer.train.fit does when a fit ends early
+    assert type(learn.recorder.smooth_loss).__name__ == "AvgSmoothLoss" and learn.recorder.smooth_loss.count == 5
+    assert len(learn.recorder.losses) == 5
+    pickle.dumps(learn.recorder)
