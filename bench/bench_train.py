@@ -4,6 +4,7 @@
     python bench/bench_train.py --data DIR --runs ours --size 128 --epochs 60   # ours at the from-scratch default
     python bench/bench_train.py --data DIR --runs ours --epochs 40 --set mixup=0.4 --set size=160
     python bench/bench_train.py --data DIR --runs ours --set augment=one-pass --set compile=true
+    python bench/bench_train.py --data DIR --runs ours,ours+loss_on_device=true --epochs 12   # a change, one run
     python bench/bench_train.py --smoke                         # seconds on a CPU; CI runs it to keep it working
 
 The seed recipe is fastai's defaults as the seed projects wrote them: DataBlock reading files with `Resize(460)`
@@ -12,9 +13,12 @@ Ours is `skincancer.train` with its defaults (presized cache on the GPU, bf16, c
 recipe), overridden by --set. Both train from random weights at --size (224 unless given; the from-scratch default
 is 128) on the package's lesion-grouped split.
 
-Prints, per run: training images/s end to end (every epoch's training and validation, divided into the
-training images seen), the fit's wall time, the time to prepare the data, and AUROC and balanced accuracy on
-valid and test; then ours / seed. It asserts nothing about speed: compare figures measured in the same run.
+A run named `ours+key=value+...` is ours with those TrainConfig overrides on top of --set's: several in one
+`--runs` measure a change against ours in one process (repeat them in the other order too: a process's later
+runs find caches warm). Prints, per run: training images/s end to end (every epoch's training and validation,
+divided into the training images seen) and in the steady state (the median epoch after the first), the fit's wall
+time, the time to prepare the data, and AUROC and balanced accuracy on valid and test; then ours / seed, and each
+later `ours...` run against the first. It asserts nothing about speed: compare figures measured in the same run.
 """
 
 from __future__ import annotations
@@ -122,7 +126,7 @@ def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
         wall = time.perf_counter() - start
     learn.remove_cb(timer)
     keys = ("seed", "epochs", "size", "bs", "lr", "wd", "label_smoothing", "mixup", "augment", "imbalance", "compile",
-            "cache")
+            "loss_on_device", "cache")
     return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, valid_s=timer.valid_times, best_epoch=best,
                 settings={k: getattr(config, k) for k in keys})
 
@@ -156,7 +160,7 @@ def synthetic_ceiling(size: int, bs: int = 256, steps: int = 30, compile: bool =
 
 
 def parse_sets(pairs: list[str]) -> dict:
-    """--set key=value pairs as TrainConfig overrides, values parsed as JSON where they can be."""
+    """key=value pairs (--set, or a run's +key=value) as TrainConfig overrides, values parsed as JSON if they can be."""
     from skincancer.train import TrainConfig
 
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -164,7 +168,7 @@ def parse_sets(pairs: list[str]) -> dict:
     for pair in pairs:
         key, _, value = pair.partition("=")
         if key not in fields:
-            raise SystemExit(f"--set {pair}: {key!r} is not a TrainConfig field")
+            raise SystemExit(f"{pair}: {key!r} is not a TrainConfig field")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -176,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print a table and write JSON lines to --out."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(SHARED / "ham10000_200x150"))
-    p.add_argument("--runs", default="seed,ours", help="comma-separated: seed, ours")
+    p.add_argument("--runs", default="seed,ours",
+                   help="comma-separated: seed, ours, or ours+key=value+... (ours with more TrainConfig overrides)")
     p.add_argument("--epochs", type=int, help="epochs for both (default: 5 for seed, the recipe's for ours)")
     p.add_argument("--size", type=int, help="image size of both runs (default 224; --set size=N overrides ours)")
     p.add_argument("--limit", type=int)
@@ -210,13 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {device}; {len(df)} images, {n_train} for training; torch {torch.__version__}")
 
     rows = []
-    for name in [r.strip() for r in args.runs.split(",") if r.strip()]:
+    names = [r.strip() for r in args.runs.split(",") if r.strip()]
+    variants = {name: parse_sets(name.split("+")[1:]) for name in names if name.split("+")[0] == "ours"}
+    unknown = [name for name in names if name != "seed" and name not in variants]
+    if unknown:
+        raise SystemExit(f"--runs: unknown run(s) {unknown} (seed, ours, ours+key=value+...)")
+    for name in names:
         if name == "seed":
             res = seed_run(df, args.size, args.epochs or 5)
-        elif name == "ours":
-            res = our_run(df, args.data, overrides, cache_dir)
         else:
-            raise SystemExit(f"--runs: unknown run {name!r} (seed, ours)")
+            res = our_run(df, args.data, {**overrides, **variants[name]}, cache_dir)
         learn = res.pop("learn")
         epochs = len(res["epoch_s"])
         res.update(name=name, images_per_s=n_train * epochs / res["fit_s"], epochs=epochs, device=device,
@@ -240,18 +248,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"synthetic ResNet50 step at {args.size}px, bs 256, bf16, channels_last, "
                   f"compile={compiled}: {synthetic_ceiling(args.size, compile=compiled):.0f} images/s")
 
-    print(f"\n{'run':<6} {'size':>4} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'valid %':>7} "
+    width = max(len(r["name"]) for r in rows) if rows else 3
+    print(f"\n{'run':<{width}} {'size':>4} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'valid %':>7} "
           f"{'prep s':>7} {'valid AUROC':>11} {'test AUROC':>10} {'valid bal acc':>13}")
     for r in rows:
-        print(f"{r['name']:<6} {r['settings']['size']:>4} {r['epochs']:>6} {r['images_per_s']:>9.0f} "
+        print(f"{r['name']:<{width}} {r['settings']['size']:>4} {r['epochs']:>6} {r['images_per_s']:>9.0f} "
               f"{r['steady_images_per_s']:>9.0f} {r['fit_s']:>7.1f} {100 * r['valid_share']:>7.1f} {r['prep_s']:>7.1f} "
               f"{r['valid_auroc']:>11.3f} {r['test_auroc']:>10.3f} {r['valid_bal_acc']:>13.3f}")
     by_name = {r["name"]: r for r in rows}
-    if {"seed", "ours"} <= by_name.keys():
-        if by_name["seed"]["settings"]["size"] != by_name["ours"]["settings"]["size"]:
+    ours = [r for r in rows if r["name"] != "seed"]
+    if "seed" in by_name and ours:
+        if by_name["seed"]["settings"]["size"] != ours[0]["settings"]["size"]:
             print("note: the two runs used different image sizes, so the ratio is not like for like")
-        print(f"ratio ours / seed, images/s end to end: "
-              f"{by_name['ours']['images_per_s'] / by_name['seed']['images_per_s']:.2f}x")
+        print(f"ratio {ours[0]['name']} / seed, images/s end to end: "
+              f"{ours[0]['images_per_s'] / by_name['seed']['images_per_s']:.2f}x")
+    for r in ours[1:]:
+        print(f"ratio {r['name']} / {ours[0]['name']}, images/s end to end: "
+              f"{r['images_per_s'] / ours[0]['images_per_s']:.2f}x, steady: "
+              f"{r['steady_images_per_s'] / ours[0]['steady_images_per_s']:.2f}x")
     return 0
 
 

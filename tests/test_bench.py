@@ -26,10 +26,14 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     import json
 
     out = tmp_path / "runs.jsonl"
-    assert "ratio ours / seed, images/s end to end" in smoke("bench_train.py", "--size", "40", "--out", str(out))
+    stdout = smoke("bench_train.py", "--size", "40", "--runs", "seed,ours,ours+loss_on_device=true+size=48",
+                   "--out", str(out))
+    assert "ratio ours / seed, images/s end to end" in stdout
+    assert "ratio ours+loss_on_device=true+size=48 / ours, images/s end to end" in stdout and "steady" in stdout
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["name"] for r in rows] == ["seed", "ours"]
-    assert [r["settings"]["size"] for r in rows] == [40, 40]  # --size is both runs', so the ratio is like for like
+    assert [r["name"] for r in rows] == ["seed", "ours", "ours+loss_on_device=true+size=48"]
+    assert [r["settings"]["size"] for r in rows] == [40, 40, 48]  # --size is all runs', unless a run says
+    assert [r["settings"]["loss_on_device"] for r in rows[1:]] == [False, True]
     for r in rows:
         assert r["images_per_s"] > 0 and r["epochs"] == 1 and 0 <= r["valid_auroc"] <= 1
         assert 0 < r["valid_share"] < 1  # validation is timed as part of each epoch
