@@ -103,8 +103,8 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     auroc and everything at the threshold are about malignant vs benign, with malignant predicted when its
     probability reaches `threshold`. accuracy and balanced_accuracy score `predicted_classes`: for a binary model
     the same call at the threshold (so balanced_accuracy is the mean of sensitivity and specificity), for a `dx`
-    model the most likely of the 7 diagnoses. With `dx`
-    (each image's diagnosis), per-diagnosis recall says how often each diagnosis got the right benign/malignant call.
+    model the most likely of the 7 diagnoses. With `dx` (each image's diagnosis), per-diagnosis recall says how
+    often each diagnosis got the right benign/malignant call.
     With `groups` (each image's lesion_id), the AUROC's bootstrap interval resamples lesions, not images.
     """
     from sklearn.metrics import roc_auc_score

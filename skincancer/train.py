@@ -292,6 +292,12 @@ class TrainResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
+def diverged(loss: float, epoch: int, iteration: int) -> SkinCancerError:
+    """The error that stops a fit whose loss is no longer finite (0-based epoch and iteration)."""
+    return SkinCancerError(f"training diverged: the loss became {loss} at epoch {epoch + 1}, "
+                           f"iteration {iteration + 1}; nothing was exported. Try a lower --lr or a smaller --bs.")
+
+
 def stop_on_nan():
     """A fastai callback that stops training with SkinCancerError when the loss stops being finite."""
     import torch
@@ -302,9 +308,7 @@ def stop_on_nan():
 
         def after_batch(self):
             if self.training and not torch.isfinite(self.loss).all():
-                raise SkinCancerError(
-                    f"training diverged: the loss became {float(self.loss.detach())} at epoch {self.epoch + 1}, "
-                    f"iteration {self.iter + 1}; nothing was exported. Try a lower --lr or a smaller --bs.")
+                raise diverged(float(self.loss.detach()), self.epoch, self.iter)
 
     return StopOnNaN()
 
@@ -384,9 +388,7 @@ def loss_on_device():
             self.recorder.losses[index] = self.shown = self.learn.smooth_loss = torch.tensor(smoothed)
             if not (math.isfinite(loss) and math.isfinite(smoothed)):
                 self.restore()
-                raise SkinCancerError(
-                    f"training diverged: the loss became {loss} at epoch {epoch + 1}, iteration {iteration + 1}; "
-                    "nothing was exported. Try a lower --lr or a smaller --bs.")
+                raise diverged(loss, epoch, iteration)
 
         def after_fit(self):
             self.restore()
