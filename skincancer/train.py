@@ -109,6 +109,16 @@ def _pretrained_error(arch, cause: BaseException) -> SkinCancerError:
 
 # --- metrics and learner ------------------------------------------------------------------------
 
+def auroc_or_nan(targets, scores, **kwargs) -> float:
+    """sklearn's roc_auc_score, or NaN while the targets lack a class (undefined: a small validation split)."""
+    import sklearn.metrics as skm
+
+    n_classes = 2 if np.ndim(scores) == 1 else np.shape(scores)[1]
+    if len(np.unique(targets)) < n_classes:
+        return float("nan")
+    return float(skm.roc_auc_score(targets, scores, **kwargs))
+
+
 def metrics_for(task: str) -> list:
     """fastai metrics for a task: accuracy, balanced accuracy, AUROC; sensitivity/specificity for `binary`."""
     import sklearn.metrics as skm
@@ -117,11 +127,11 @@ def metrics_for(task: str) -> list:
     ms = [accuracy, skm_to_fastai(skm.balanced_accuracy_score, name="balanced_accuracy")]
     if check_task(task) == "binary":
         # classes are (benign, malignant): index 1 is the positive class
-        ms += [skm_to_fastai(skm.roc_auc_score, activation=ActivationType.BinarySoftmax, name="auroc"),
+        ms += [skm_to_fastai(auroc_or_nan, activation=ActivationType.BinarySoftmax, name="auroc"),
                skm_to_fastai(skm.recall_score, pos_label=1, name="sensitivity"),
                skm_to_fastai(skm.recall_score, pos_label=0, name="specificity")]
     else:
-        ms += [skm_to_fastai(skm.roc_auc_score, activation=ActivationType.Softmax, flatten=False,
+        ms += [skm_to_fastai(auroc_or_nan, activation=ActivationType.Softmax, flatten=False,
                              multi_class="ovr", average="macro", name="macro_auroc")]
     return ms
 

@@ -242,6 +242,30 @@ def test_compile_builds_one_training_graph_and_validates_eagerly(small_dls, tmp_
     learn.export(tmp_path / "compiled.pkl")
 
 
+@pytest.mark.parametrize("task, n_classes", [("binary", 2), ("dx", 7)])
+def test_an_auroc_undefined_on_a_small_validation_split_is_nan_not_a_crash(task, n_classes):
+    import math
+    from types import SimpleNamespace
+
+    from fastai.torch_core import to_detach
+    from sklearn.metrics import roc_auc_score
+
+    from skincancer.train import metrics_for
+
+    metric = next(m for m in metrics_for(task) if "auroc" in getattr(m, "name", ""))
+    torch.manual_seed(0)
+    logits = torch.randn(14, n_classes)
+    probs = torch.softmax(logits, dim=1).numpy()
+    every_class = torch.arange(14) % n_classes
+    one_missing = torch.arange(14) % (n_classes - 1) if task == "dx" else torch.zeros(14, dtype=torch.long)
+    for targets, want in ((every_class, roc_auc_score(every_class, probs[:, 1]) if task == "binary" else
+                           roc_auc_score(every_class, probs, multi_class="ovr", average="macro")),
+                          (one_missing, math.nan)):
+        metric.reset()
+        metric.accumulate(SimpleNamespace(pred=logits, y=targets, to_detach=to_detach))  # what fastai's Learner gives
+        assert metric.value == pytest.approx(want, nan_ok=True)
+
+
 def test_a_run_can_reuse_another_models_split(trained, ham_dir, tmp_path):
     from skincancer.train import setup
 
