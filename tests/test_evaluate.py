@@ -289,8 +289,10 @@ def _receptive_field_centre(body, size: int, cell: int) -> float:
     """The middle of the input pixels that feature cell (cell, cell) depends on, measured with gradients."""
     import torch
 
-    x = torch.rand(1, 3, size, size, requires_grad=True)
-    grad = torch.autograd.grad(body(x)[0, :, cell, cell].sum(), x)[0].abs().sum(dim=(0, 1))
+    # a max pool passes gradient to one pixel of its window, and a ReLU to the active ones: a single input can miss
+    # pixels at the edge of the field, so take the pixels any of several inputs depends on
+    x = torch.rand(16, 3, size, size, requires_grad=True)
+    grad = torch.autograd.grad(body(x)[:, :, cell, cell].sum(), x)[0].abs().sum(dim=(0, 1))
     cols = (grad.sum(0) > 0).nonzero().flatten()
     return (int(cols.min()) + int(cols.max())) / 2
 
