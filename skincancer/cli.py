@@ -1,4 +1,4 @@
-"""Command line: `python -m skincancer download|train|evaluate|predict|app ...`."""
+"""Command line: `python -m skincancer download|train|evaluate|compare|predict|app ...`."""
 
 from __future__ import annotations
 
@@ -74,18 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted run with the same settings from its last epoch checkpoint")
 
     e = sub.add_parser("evaluate", help="metrics and plots of a model on held-out labelled images")
-    source = e.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="HAM10000 folder: evaluate the test split recorded beside the model")
-    source.add_argument("--images", help="folder of images labelled by --labels")
-    e.add_argument("--labels", help="ISIC one-hot CSV (image,MEL,NV,...) or image_id,dx CSV, with --images")
     e.add_argument("--model", required=True, help="exported learner (.pkl)")
-    e.add_argument("--tta", action="store_true", help="fastai test-time augmentation")
-    e.add_argument("--trust-pickle", action="store_true",
-                   help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
-    e.add_argument("--bs", type=_positive_int, default=64, help="batch size")
-    e.add_argument("--bootstrap", type=int, default=1000,
-                   help="bootstrap resamples for the AUROC interval (of lesions where lesion ids are known)")
-    e.add_argument("--out", required=True, help="folder for metrics.json and the PNG plots")
+    _labelled_images_args(e, "evaluate the test split recorded beside the model", "metrics.json and the PNG plots")
+
+    c = sub.add_parser("compare", help="two models on the same held-out images: B against A, paired by image")
+    c.add_argument("--models", nargs=2, required=True, metavar=("A", "B"), help="two exported learners (.pkl)")
+    _labelled_images_args(c, "compare on the test split both models recorded (train B with --split-from A's)",
+                          "comparison.json and comparison.png")
 
     d = sub.add_parser("download", help="download, verify and extract HAM10000 (the ISIC 2018 Task 3 files)")
     d.add_argument("--dest", required=True, help="folder to put the data in (e.g. data/HAM10000)")
@@ -108,6 +103,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--trust-pickle", action="store_true",
                    help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     return p
+
+
+def _labelled_images_args(parser: argparse.ArgumentParser, data_help: str, writes: str) -> None:
+    """The options `evaluate` and `compare` share: which labelled images, how to predict them, where to write."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help=f"HAM10000 folder: {data_help}")
+    source.add_argument("--images", help="folder of images labelled by --labels")
+    parser.add_argument("--labels", help="ISIC one-hot CSV (image,MEL,NV,...) or image_id,dx CSV, with --images")
+    parser.add_argument("--tta", action="store_true", help="fastai test-time augmentation")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
+    parser.add_argument("--bs", type=_positive_int, default=64, help="batch size")
+    parser.add_argument("--bootstrap", type=int, default=1000,
+                        help="bootstrap resamples for the AUROC interval (of lesions where lesion ids are known)")
+    parser.add_argument("--out", required=True, help=f"folder for {writes}")
 
 
 def read_class_map(path: str | None) -> dict[str, str] | None:
@@ -160,8 +170,7 @@ def cmd_evaluate(args) -> int:
     from .evaluate import evaluate, metrics_table, read_labels, read_test_split
     from .predict import DISCLAIMER, load
 
-    if args.images and not args.labels:
-        raise SkinCancerError("--images needs --labels (the CSV that names each image's diagnosis)")
+    _check_labels(args)
     clf = load(args.model, trusted=args.trust_pickle)
     df = read_test_split(args.model, args.data) if args.data else read_labels(args.labels, args.images)
     metrics = evaluate(clf, df, args.out, tta=args.tta, bs=args.bs, n_boot=args.bootstrap)
@@ -170,6 +179,32 @@ def cmd_evaluate(args) -> int:
     print(metrics_table(metrics))
     print(f"threshold rule: {metrics['threshold_rule']}")
     print(f"wrote {args.out}/metrics.json and {', '.join(metrics['plots'])}")
+    print(DISCLAIMER)
+    return 0
+
+
+def _check_labels(args) -> None:
+    if args.images and not args.labels:
+        raise SkinCancerError("--images needs --labels (the CSV that names each image's diagnosis)")
+
+
+def cmd_compare(args) -> int:
+    """Run `compare`: write OUT/comparison.json and comparison.png, print both models and B - A."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from .evaluate import compare, comparison_table, read_labels, read_paired_test_split
+    from .predict import DISCLAIMER, load
+
+    _check_labels(args)
+    model_a, model_b = args.models
+    df = read_paired_test_split(model_a, model_b, args.data) if args.data else read_labels(args.labels, args.images)
+    clf_a, clf_b = load(model_a, trusted=args.trust_pickle), load(model_b, trusted=args.trust_pickle)
+    result = compare(clf_a, clf_b, df, args.out, tta=args.tta, bs=args.bs, n_boot=args.bootstrap)
+    which = "the test split of " + args.data if args.data else args.labels
+    print(f"B = {clf_b.path.name} against A = {clf_a.path.name} on {which}{' with TTA' if args.tta else ''}:")
+    print(comparison_table(result))
+    print(f"wrote {args.out}/comparison.json and comparison.png")
     print(DISCLAIMER)
     return 0
 
@@ -199,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     try:
         return {"download": cmd_download, "train": cmd_train, "evaluate": cmd_evaluate,
-                "predict": cmd_predict, "app": cmd_app}[args.command](args)
+                "compare": cmd_compare, "predict": cmd_predict, "app": cmd_app}[args.command](args)
     except SkinCancerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

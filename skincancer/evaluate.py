@@ -65,6 +65,24 @@ def weighted_aurocs(is_malignant, p_malignant, weights) -> np.ndarray:
         return (pos * (below + 0.5 * neg)).sum(axis=1) / (pos.sum(axis=1) * neg.sum(axis=1))
 
 
+def bootstrap_weights(n_images: int, n_boot: int, seed: int = 0, groups=None):
+    """Bootstrap replicates as weights, in chunks of (replicates, images): how often each image is drawn.
+
+    Whole `groups` (lesions) are drawn where given, and an image counts as often as its group is drawn; else images.
+    """
+    codes = np.arange(n_images) if groups is None else np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
+    n_groups = int(codes.max()) + 1
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, 100):  # 100 replicates at a time bound the memory on large sets
+        counts = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=min(100, n_boot - start))
+        yield counts[:, np.ravel(codes)]
+
+
+def _percentiles(scores: np.ndarray, level: float) -> tuple[float, float]:
+    lo, hi = np.percentile(scores, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
+    return float(lo), float(hi)
+
+
 def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
                     groups=None) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of the AUROC, resampling whole `groups` (lesions) or else images.
@@ -75,17 +93,61 @@ def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0
     y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
     if n_boot <= 0 or y.all() or not y.any():
         return None, None
-    codes = np.arange(len(y)) if groups is None else np.unique(np.asarray(groups).astype(str), return_inverse=True)[1]
-    n_groups = int(codes.max()) + 1
-    rng = np.random.default_rng(seed)
-    scores = []
-    for start in range(0, n_boot, 100):  # 100 replicates at a time bound the memory on large sets
-        counts = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=min(100, n_boot - start))
-        scores.append(weighted_aurocs(y, p, counts[:, codes]))  # an image counts as often as its group is drawn
-    scores = np.concatenate(scores)
-    scores = scores[np.isfinite(scores)]  # replicates that drew a single class
-    lo, hi = np.percentile(scores, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
-    return float(lo), float(hi)
+    scores = np.concatenate([weighted_aurocs(y, p, w) for w in bootstrap_weights(len(y), n_boot, seed, groups)])
+    return _percentiles(scores[np.isfinite(scores)], level)  # dropped: replicates that drew a single class
+
+
+PAIRED = ("auroc", "sensitivity", "specificity", "balanced_accuracy")
+
+
+def _call_statistics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
+    """PAIRED's statistics of the malignant call under each row of weights `w` (replicates, images)."""
+    said = p >= threshold
+    with np.errstate(invalid="ignore", divide="ignore"):
+        sens = (w * (said & y)).sum(axis=1) / (w * y).sum(axis=1)
+        spec = (w * (~said & ~y)).sum(axis=1) / (w * ~y).sum(axis=1)
+    return dict(auroc=weighted_aurocs(y, p, w), sensitivity=sens, specificity=spec, balanced_accuracy=(sens + spec) / 2)
+
+
+def paired_bootstrap(is_malignant, p_a, p_b, threshold_a: float = 0.5, threshold_b: float = 0.5, n_boot: int = 1000,
+                     seed: int = 0, level: float = 0.95, groups=None) -> dict:
+    """Model B against model A on the same images: each statistic of PAIRED for both, B - A, and its interval.
+
+    Both models are scored on the same bootstrap replicates (of lesions where `groups` are given): where they err on
+    the same images, those errors cancel in the difference, whose interval is then much narrower than the two
+    separate intervals suggest. Sensitivity, specificity and balanced accuracy (their mean) are of the malignant call at each model's
+    own threshold; `ci` is the percentile interval at `level`. `p_value` is two-sided, from the share of replicates
+    on the far side of 0 (replicates at exactly 0 count on both sides), as (k + 1) / (replicates + 1) so it is never
+    0; it falls below 1 - level about when the interval excludes 0. Undefined numbers are None.
+    """
+    y = np.asarray(is_malignant, dtype=bool)
+    p_a, p_b = np.asarray(p_a, dtype=np.float64), np.asarray(p_b, dtype=np.float64)
+    if not len(y) == len(p_a) == len(p_b):
+        raise SkinCancerError(f"{len(y)} labels, {len(p_a)} and {len(p_b)} probabilities: a paired comparison "
+                              "needs both models' predictions of the same images")
+    if groups is not None and len(groups) != len(y):
+        raise SkinCancerError(f"{len(groups)} lesion ids do not match {len(y)} images")
+    if len(y) == 0:
+        raise SkinCancerError("no images to compare")
+    ones = np.ones((1, len(y)))
+    a, b = _call_statistics(y, p_a, threshold_a, ones), _call_statistics(y, p_b, threshold_b, ones)
+    reps = {k: [] for k in PAIRED}
+    for w in bootstrap_weights(len(y), max(n_boot, 0), seed, groups):
+        rep_a, rep_b = _call_statistics(y, p_a, threshold_a, w), _call_statistics(y, p_b, threshold_b, w)
+        for k in PAIRED:
+            reps[k].append(rep_b[k] - rep_a[k])
+    out = {}
+    for k in PAIRED:
+        d = np.concatenate(reps[k]) if reps[k] else np.empty(0)
+        d = d[np.isfinite(d)]  # replicates that drew a single class
+        point = float(b[k][0] - a[k][0])
+        ci = list(_percentiles(d, level)) if len(d) and math.isfinite(point) else None
+        far = min((d <= 0).sum(), (d >= 0).sum())
+        out[k] = {"a": _finite_or_none(float(a[k][0])), "b": _finite_or_none(float(b[k][0])),
+                  "difference": _finite_or_none(point), "ci": ci,
+                  "p_value": float(min(1.0, 2 * (far + 1) / (len(d) + 1))) if ci else None}
+    out.update(level=level, resampled="lesions" if groups is not None else "images", replicates=int(n_boot))
+    return out
 
 
 def predicted_classes(probs, classes, threshold: float = 0.5) -> np.ndarray:
@@ -244,19 +306,22 @@ def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64) -> t
 
 # --- plots ---------------------------------------------------------------------------------------
 
-def plot_roc(is_malignant, p_malignant, threshold: float | None = None, ax=None):
-    """ROC curve of malignant vs benign, with the operating point marked."""
+def plot_roc(is_malignant, p_malignant, threshold: float | None = None, ax=None, name: str | None = None):
+    """ROC curve of malignant vs benign, with the operating point marked; `name` labels it among others on `ax`."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
     fpr, tpr, _ = roc_curve(is_malignant, p_malignant)
-    ax.plot(fpr, tpr, label=f"AUROC {roc_auc_score(is_malignant, p_malignant):.3f}")
-    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    if not ax.lines:  # the chance line, once
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    prefix = f"{name}: " if name else ""
+    line, = ax.plot(fpr, tpr, label=f"{prefix}AUROC {roc_auc_score(is_malignant, p_malignant):.3f}")
     if threshold is not None:
         said = np.asarray(p_malignant) >= threshold
         y = np.asarray(is_malignant, dtype=bool)
-        ax.plot(said[~y].mean(), said[y].mean(), "o", color="crimson", label=f"threshold {threshold:.3f}")
+        ax.plot(said[~y].mean(), said[y].mean(), "o", color=line.get_color() if name else "crimson",
+                label=f"{prefix}threshold {threshold:.3f}")
     ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
            title="ROC: malignant vs benign")
     ax.legend(loc="lower right")
@@ -329,6 +394,26 @@ def plot_threshold(is_malignant, p_malignant, threshold: float | None = None, ax
     ax.set(xlabel="threshold on the probability of malignancy", ylabel="rate", ylim=(0, 1.02),
            title="Sensitivity and specificity against threshold")
     ax.legend(loc="lower left")
+    return fig
+
+
+def plot_paired_differences(paired: dict, names: tuple[str, str] = ("A", "B"), ax=None):
+    """B - A for each statistic of a `paired_bootstrap`, with its interval, against the line of no difference."""
+    plt = pyplot()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 3.5))
+    rows = [k for k in PAIRED if paired[k]["ci"] is not None]
+    labels = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy"}
+    for i, k in enumerate(rows):
+        d, (lo, hi) = paired[k]["difference"], paired[k]["ci"]
+        colour = "grey" if lo <= 0 <= hi else "seagreen" if lo > 0 else "crimson"
+        ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", color=colour, capsize=4)
+        ax.annotate(f"{d:+.3f} ({lo:+.3f} to {hi:+.3f})", (d, i), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize=8)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(range(len(rows)), [labels.get(k, k) for k in rows])
+    ax.set_ylim(len(rows) - 0.3, -0.6)  # AUROC on top
+    ax.set(xlabel=f"{names[1]} - {names[0]}",
+           title=f"Paired differences, {round(100 * paired['level'])}% interval ({paired['resampled']} resampled)")
     return fig
 
 
@@ -406,3 +491,72 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     metrics["plots"] = sorted(figures)
     write_json_atomic(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def read_paired_test_split(model_a: str | Path, model_b: str | Path, data_dir: str | Path) -> pd.DataFrame:
+    """The test split two models share (recorded beside each), or SkinCancerError naming how they differ."""
+    a, b = read_test_split(model_a, data_dir), read_test_split(model_b, data_dir)
+    only_a, only_b = set(a["image_id"]) - set(b["image_id"]), set(b["image_id"]) - set(a["image_id"])
+    if only_a or only_b:
+        split_a, split_b = model_files(model_a)["split"], model_files(model_b)["split"]
+        raise SkinCancerError(
+            f"{split_a.name} and {split_b.name} test different images ({len(only_a)} only in the first, "
+            f"{len(only_b)} only in the second, e.g. {first_few(sorted(only_a or only_b))}): a paired comparison "
+            f"needs one test set, and an image tested by one model may have trained the other. Train the second "
+            f"with --split-from {split_a}, or compare on other labelled images with --images and --labels.")
+    return a
+
+
+def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int = 64,
+            n_boot: int = 1000) -> dict:
+    """Two loaded models on one labelled frame: OUT/comparison.json and comparison.png, B against A, paired."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = (Path(clf_a.path).stem, Path(clf_b.path).stem)
+    if names[0] == names[1]:
+        names = (f"A ({names[0]})", f"B ({names[1]})")
+    groups, dx = lesion_groups(df), df["dx"].to_numpy()
+    scored = []
+    for clf in (clf_a, clf_b):
+        probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs)
+        truth = is_malignant_class(clf.classes)[targets]
+        metrics = classification_metrics(probs, targets, clf.classes, clf.threshold, dx=dx, n_boot=n_boot,
+                                         groups=groups)
+        metrics.update(model=str(clf.path), task=task_of(clf.classes))
+        scored.append((truth, malignant_probability(probs, clf.classes), clf.threshold, metrics))
+    (truth, p_a, t_a, m_a), (_, p_b, t_b, m_b) = scored
+    paired = paired_bootstrap(truth, p_a, p_b, t_a, t_b, n_boot=n_boot, groups=groups)
+    result = {"a": m_a, "b": m_b, "difference": paired, "n": int(len(df)), "n_malignant": int(truth.sum()),
+              "tta": tta, "names": list(names)}
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=[1, 1.3]))
+    if m_a["auroc"] is not None:
+        for name, p, t in ((names[0], p_a, t_a), (names[1], p_b, t_b)):
+            plot_roc(truth, p, t, ax=axes[0], name=name)
+    else:
+        axes[0].set_axis_off()
+        axes[0].set_title("no ROC: the images hold one class only")
+    plot_paired_differences(paired, names, ax=axes[1])
+    fig.tight_layout()
+    save_figure(fig, out_dir / "comparison.png")
+    result["plots"] = ["comparison.png"]
+    write_json_atomic(out_dir / "comparison.json", result)
+    return result
+
+
+def comparison_table(result: dict) -> str:
+    """A short text table of a `compare` result: each statistic for A and B, and B - A with its interval."""
+    paired, (name_a, name_b) = result["difference"], result["names"]
+    width = max(len(name_a), len(name_b), 8)
+    level = round(100 * paired["level"])
+    rows = [f"  {'':<18}{name_a:>{width}} {name_b:>{width}}  B - A ({level}% CI, {paired['resampled']} resampled), p"]
+    for k in PAIRED:
+        r = paired[k]
+        if r["difference"] is None:
+            rows.append(f"  {k:<18}{'null (undefined)':>{2 * width + 1}}")
+            continue
+        ci = f" ({r['ci'][0]:+.4f} to {r['ci'][1]:+.4f}), p {r['p_value']:.3f}" if r["ci"] else ""
+        rows.append(f"  {k:<18}{r['a']:>{width}.4f} {r['b']:>{width}.4f}  {r['difference']:+.4f}{ci}")
+    rows.append(f"  (sensitivity and specificity at each model's own threshold: {result['a']['threshold']:.4f} "
+                f"and {result['b']['threshold']:.4f}; n {result['n']}, {result['n_malignant']} malignant)")
+    return "\n".join(rows)

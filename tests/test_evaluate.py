@@ -16,7 +16,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
 from skincancer.evaluate import (bootstrap_auroc, choose_threshold, classification_metrics, metrics_table,
-                                 predicted_classes, read_labels, weighted_aurocs)
+                                 paired_bootstrap, predicted_classes, read_labels, weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -94,6 +94,54 @@ def test_the_auroc_interval_resamples_lesions_not_their_photos():
         == "images"
     with pytest.raises(SkinCancerError, match="3 lesion ids do not match 400 targets"):
         classification_metrics(probs, targets, ["benign", "malignant"], n_boot=100, groups=["a", "b", "c"])
+
+
+def _two_models(n: int = 1500, seed: int = 0):
+    """Labels and two models' probabilities that share most of their errors (as two trainings on one split do)."""
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.2
+    hard = rng.normal(0, 1, n)  # what makes an image hard, for both models alike
+    p_a = 1 / (1 + np.exp(-(1.5 * y + hard + 0.4 * rng.normal(0, 1, n))))
+    p_b = 1 / (1 + np.exp(-(1.7 * y + hard + 0.4 * rng.normal(0, 1, n))))
+    return y, p_a, p_b
+
+
+def test_a_paired_comparison_sees_a_difference_that_two_separate_intervals_hide():
+    y, p_a, p_b = _two_models()
+    paired = paired_bootstrap(y, p_a, p_b, n_boot=1000)
+    auroc = paired["auroc"]
+    assert auroc["a"] == pytest.approx(roc_auc_score(y, p_a)) and auroc["b"] == pytest.approx(roc_auc_score(y, p_b))
+    assert auroc["difference"] == pytest.approx(roc_auc_score(y, p_b) - roc_auc_score(y, p_a))
+    (lo_a, hi_a), (lo_b, hi_b) = bootstrap_auroc(y, p_a, n_boot=1000), bootstrap_auroc(y, p_b, n_boot=1000)
+    assert lo_b < hi_a  # one at a time, the two intervals overlap ...
+    lo, hi = auroc["ci"]
+    assert 0 < lo < auroc["difference"] < hi and auroc["p_value"] < 0.05  # ... paired, B is better
+    # the shared errors cancel: the interval is much narrower than for two independent estimates
+    assert hi - lo < 0.6 * np.hypot(hi_a - lo_a, hi_b - lo_b)
+    same = paired_bootstrap(y, p_a, p_a, 0.3, 0.3, n_boot=200)
+    for k in ("auroc", "sensitivity", "specificity", "balanced_accuracy"):
+        assert same[k]["difference"] == 0 and same[k]["ci"] == [0, 0] and same[k]["p_value"] == 1
+
+
+def test_paired_call_statistics_are_at_each_models_own_threshold_and_lesions_are_resampled_whole():
+    y, p_a, p_b = _two_models(n=400, seed=1)
+    paired = paired_bootstrap(y, p_a, p_b, 0.3, 0.6, n_boot=300)
+    probs = lambda p: np.stack([1 - p, p], axis=1)  # noqa: E731
+    for key, p, t in (("a", p_a, 0.3), ("b", p_b, 0.6)):
+        m = classification_metrics(probs(p), y.astype(int), ["benign", "malignant"], threshold=t)
+        for k in ("sensitivity", "specificity", "balanced_accuracy"):
+            assert paired[k][key] == pytest.approx(m[k])
+    assert paired["sensitivity"]["difference"] < 0 < paired["specificity"]["difference"]  # B's threshold is higher
+    # every lesion photographed three times: copies add no precision, so the interval is the one of single photos
+    lesions = np.repeat([f"lesion{i:04d}" for i in range(len(y))], 3)
+    tripled = paired_bootstrap(np.repeat(y, 3), np.repeat(p_a, 3), np.repeat(p_b, 3), 0.3, 0.6, n_boot=300,
+                               groups=lesions)
+    assert tripled["resampled"] == "lesions" and paired["resampled"] == "images"
+    assert tripled["auroc"]["ci"] == pytest.approx(paired["auroc"]["ci"])
+    with pytest.raises(SkinCancerError, match="400 labels, 400 and 399 probabilities"):
+        paired_bootstrap(y, p_a, p_b[:-1])
+    with pytest.raises(SkinCancerError, match="2 lesion ids do not match 400 images"):
+        paired_bootstrap(y, p_a, p_b, groups=["a", "b"])
 
 
 def test_undefined_metrics_are_null_not_misleading():
@@ -194,6 +242,49 @@ def test_evaluate_needs_labels_with_images(trained, originals_dir, tmp_path, cap
     assert cli.main(["evaluate", "--model", str(trained), "--images", str(originals_dir),
                      "--out", str(tmp_path)]) == 2
     assert "--images needs --labels" in capsys.readouterr().err
+
+
+def test_compare_two_models_on_the_test_split_they_share(trained, ham_dir, tmp_path, capsys):
+    # a 7-diagnosis model trained on the binary model's split: both are tested on the same images
+    dx = tmp_path / "dx.pkl"
+    assert cli.main(["train", "--data", str(ham_dir), "--task", "dx", "--no-pretrained", "--size", "32", "--bs", "32",
+                     "--epochs", "1", "--workers", "0", "--split-from", str(trained.with_suffix(".split.csv")),
+                     "--out", str(dx)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "compare"
+    assert cli.main(["compare", "--models", str(trained), str(dx), "--data", str(ham_dir), "--out", str(out),
+                     "--bootstrap", "200"]) == 0
+    result = json.loads((out / "comparison.json").read_text())
+    cards = [json.loads(m.with_suffix(".json").read_text()) for m in (trained, dx)]
+    assert result["n"] == cards[0]["split_images"]["test"] == cards[1]["split_images"]["test"]
+    assert [result["a"]["task"], result["b"]["task"]] == ["binary", "dx"] and result["names"] == ["smoke", "dx"]
+    for key, card in zip("ab", cards):  # each model's metrics are the ones its export measured on test
+        assert result[key]["auroc"] == pytest.approx(card["metrics"]["test"]["auroc"], abs=1e-6)
+        assert result[key]["threshold"] == card["threshold"]
+    auroc = result["difference"]["auroc"]
+    assert auroc["difference"] == pytest.approx(result["b"]["auroc"] - result["a"]["auroc"])
+    assert result["difference"]["resampled"] == "lesions" and len(auroc["ci"]) == 2
+    with Image.open(out / "comparison.png") as img:
+        assert img.format == "PNG" and min(img.size) > 100
+    stdout = capsys.readouterr().out
+    assert "B = dx.pkl against A = smoke.pkl" in stdout and "balanced_accuracy" in stdout
+    assert "not a medical device" in stdout
+
+
+def test_compare_refuses_models_tested_on_different_images(trained, ham_dir, tmp_path, capsys):
+    import shutil
+
+    for suffix in (".pkl", ".safetensors", ".json", ".split.csv"):
+        shutil.copy(trained.with_suffix(suffix), tmp_path / f"other{suffix}")
+    split = pd.read_csv(tmp_path / "other.split.csv")
+    split.loc[split.index[split["split"] == "test"][0], "split"] = "train"  # one test image trained the other
+    split.to_csv(tmp_path / "other.split.csv", index=False)
+    assert cli.main(["compare", "--models", str(trained), str(tmp_path / "other.pkl"), "--data", str(ham_dir),
+                     "--out", str(tmp_path / "compare")]) == 2
+    err = capsys.readouterr().err
+    assert "smoke.split.csv and other.split.csv test different images (1 only in the first, 0 only in the second" in err
+    assert f"--split-from {trained.with_suffix('.split.csv')}" in err
+    assert not (tmp_path / "compare").exists()
 
 
 # --- Grad-CAM ------------------------------------------------------------------------------------
