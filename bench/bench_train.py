@@ -18,7 +18,9 @@ A run named `ours+key=value+...` is ours with those TrainConfig overrides on top
 runs find caches warm). Prints, per run: training images/s end to end (every epoch's training and validation,
 divided into the training images seen) and in the steady state (the median epoch after the first), the fit's wall
 time, the time to prepare the data, and AUROC and balanced accuracy on valid and test; then ours / seed, and each
-later `ours...` run against the first. It asserts nothing about speed: compare figures measured in the same run.
+later `ours...` run against the first: its speed ratios, and its valid AUROC and balanced accuracy minus the first's
+with a paired bootstrap interval (lesions resampled; it covers which images the split drew, not the noise between two
+trainings, so repeat a run to see that). It asserts nothing about speed: compare figures measured in the same run.
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ def epoch_timer():
     return EpochTimer()
 
 
-def scores(learn, df, tta: bool = False) -> dict:
-    """AUROC and balanced accuracy (at 0.5) on valid and test."""
+def scores(learn, df, tta: bool = False) -> tuple[dict, tuple]:
+    """AUROC and balanced accuracy (at 0.5) on valid and test, and valid's truth and probabilities of malignancy."""
+    from skincancer.data import is_malignant_class, malignant_probability
     from skincancer.evaluate import classification_metrics, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
@@ -72,7 +75,18 @@ def scores(learn, df, tta: bool = False) -> dict:
         probs, targets = predict_frame(learn, df[df["split"] == split], tta=tta)
         m = classification_metrics(probs, targets, classes, threshold=0.5, n_boot=0)
         out[f"{split}_auroc"], out[f"{split}_bal_acc"] = m["auroc"], m["balanced_accuracy"]
-    return out
+        if split == "valid":
+            valid = (is_malignant_class(classes)[targets], malignant_probability(probs, classes))
+    return out, valid
+
+
+def paired_valid(first: tuple, later: tuple, lesions) -> dict:
+    """A later run's valid AUROC and balanced accuracy against the first's, on the same images, paired by lesion."""
+    from skincancer.evaluate import paired_bootstrap
+
+    paired = paired_bootstrap(first[0], first[1], later[1], n_boot=1000, groups=lesions)
+    return {k: {"difference": paired[k]["difference"], "ci95": paired[k]["ci"], "p_value": paired[k]["p_value"]}
+            for k in ("auroc", "balanced_accuracy")}
 
 
 def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
@@ -220,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name != "seed" and name not in variants]
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {unknown} (seed, ours, ours+key=value+...)")
+    first_valid, valid_lesions = None, df.loc[df["split"] == "valid", "lesion_id"].to_numpy()
     for name in names:
         if name == "seed":
             res = seed_run(df, args.size, args.epochs or 5)
@@ -227,10 +242,15 @@ def main(argv: list[str] | None = None) -> int:
             res = our_run(df, args.data, {**overrides, **variants[name]}, cache_dir)
         learn = res.pop("learn")
         epochs = len(res["epoch_s"])
-        res.update(name=name, images_per_s=n_train * epochs / res["fit_s"], epochs=epochs, device=device,
-                   **scores(learn, df))
+        scored, valid = scores(learn, df)
+        res.update(name=name, images_per_s=n_train * epochs / res["fit_s"], epochs=epochs, device=device, **scored)
+        if name != "seed":
+            if first_valid is None:
+                first_valid = valid
+            else:  # the runs share one split (our_run checks it): their valid predictions pair image by image
+                res["valid_vs_first_ours"] = paired_valid(first_valid, valid, valid_lesions)
         if args.tta and name == "ours":
-            res.update({f"tta_{k}": v for k, v in scores(learn, df, tta=True).items()})
+            res.update({f"tta_{k}": v for k, v in scores(learn, df, tta=True)[0].items()})
         later = sorted(res["epoch_s"][1:]) or res["epoch_s"]
         res["steady_images_per_s"] = n_train / later[len(later) // 2]  # median epoch after the first
         res["valid_share"] = sum(res["valid_s"]) / sum(res["epoch_s"])  # of the epochs' time, spent validating
@@ -266,6 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio {r['name']} / {ours[0]['name']}, images/s end to end: "
               f"{r['images_per_s'] / ours[0]['images_per_s']:.2f}x, steady: "
               f"{r['steady_images_per_s'] / ours[0]['steady_images_per_s']:.2f}x")
+        for k, d in r["valid_vs_first_ours"].items():
+            if d["difference"] is not None:
+                ci = f" (95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}, p {d['p_value']:.2f})" if d["ci95"] else ""
+                print(f"  valid {k.replace('_', ' ')} {r['name']} - {ours[0]['name']}: {d['difference']:+.3f}{ci}")
+    if ours[1:]:
+        print("(valid differences are paired by lesion: the interval covers which images the split drew, "
+              "not the noise between two trainings)")
     return 0
 
 
