@@ -115,10 +115,10 @@ def paired_bootstrap(is_malignant, p_a, p_b, threshold_a: float = 0.5, threshold
 
     Both models are scored on the same bootstrap replicates (of lesions where `groups` are given): where they err on
     the same images, those errors cancel in the difference, whose interval is then much narrower than the two
-    separate intervals suggest. Sensitivity, specificity and balanced accuracy (their mean) are of the malignant call at each model's
-    own threshold; `ci` is the percentile interval at `level`. `p_value` is two-sided, from the share of replicates
-    on the far side of 0 (replicates at exactly 0 count on both sides), as (k + 1) / (replicates + 1) so it is never
-    0; it falls below 1 - level about when the interval excludes 0. Undefined numbers are None.
+    separate intervals suggest. Sensitivity, specificity and balanced accuracy (their mean) are of the malignant
+    call at each model's own threshold; `ci` is the percentile interval at `level`. `p_value` is two-sided, from
+    the share of replicates on the far side of 0 (those at exactly 0 count on both sides), as (k + 1) / (replicates
+    + 1) so it is never 0; it falls below 1 - level about when the interval excludes 0. Undefined numbers are None.
     """
     y = np.asarray(is_malignant, dtype=bool)
     p_a, p_b = np.asarray(p_a, dtype=np.float64), np.asarray(p_b, dtype=np.float64)
