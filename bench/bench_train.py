@@ -5,6 +5,7 @@
     python bench/bench_train.py --data DIR --runs ours --epochs 40 --set mixup=0.4 --set size=160
     python bench/bench_train.py --data DIR --runs ours --set augment=one-pass --set compile=true
     python bench/bench_train.py --data DIR --runs ours,ours+loss_on_device=true --epochs 12   # a change, one run
+    python bench/bench_train.py --data DIR --size 128 --runs ours,ours+seed=1,ours+mixup=0.2,ours+mixup=0.2+seed=1
     python bench/bench_train.py --smoke                         # seconds on a CPU; CI runs it to keep it working
 
 The seed recipe is fastai's defaults as the seed projects wrote them: DataBlock reading files with `Resize(460)`
@@ -20,7 +21,9 @@ divided into the training images seen) and in the steady state (the median epoch
 time, the time to prepare the data, and AUROC and balanced accuracy on valid and test; then ours / seed, and each
 later `ours...` run against the first: its speed ratios, and its valid AUROC and balanced accuracy minus the first's
 with a paired bootstrap interval (lesions resampled; it covers which images the split drew, not the noise between two
-trainings, so repeat a run to see that). It asserts nothing about speed: compare figures measured in the same run.
+trainings). Every run trains on one split, drawn with --set seed (42 unless given), so a run's own seed changes only
+its training: `--runs ours,ours+seed=1,ours+seed=2` shows the noise between trainings of one recipe. It asserts
+nothing about speed: compare figures measured in the same run.
 """
 
 from __future__ import annotations
@@ -128,7 +131,8 @@ def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
                            cache_dir=cache_dir, **overrides)
     start = time.perf_counter()
     config, split_df, learn = T.setup(config)
-    assert (split_df["split"].to_numpy() == df["split"].to_numpy()).all(), "both recipes must see one split"
+    by_image = split_df.set_index("image_id")["split"].sort_index()
+    assert by_image.equals(df.set_index("image_id")["split"].sort_index()), "every run must see one split"
     prep = time.perf_counter() - start
     timer = epoch_timer()
     learn.add_cb(timer)
@@ -220,10 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     overrides.setdefault("size", args.size)
     if args.epochs:
         overrides.setdefault("epochs", args.epochs)
-    if args.limit:
-        overrides.setdefault("limit", args.limit)
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="skincancer-cache-")
     df = prepare(args.data, "binary", seed=overrides.get("seed", 42), limit=args.limit)
+    # every run trains on this one split: a run's own seed (ours+seed=N) changes only its training
+    split_csv = Path(tempfile.mkdtemp(prefix="skincancer-bench-")) / "bench.split.csv"
+    df[["image_id", "lesion_id", "split"]].to_csv(split_csv, index=False)
+    overrides.setdefault("split_from", str(split_csv))
     n_train = int((df["split"] == "train").sum())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device}; {len(df)} images, {n_train} for training; torch {torch.__version__}")
