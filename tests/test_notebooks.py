@@ -51,7 +51,8 @@ def test_notebooks_run_in_order_with_small_parameters(tmp_path, ham_dir, origina
         assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
     assert model.exists() and json.loads(model.with_suffix(".json").read_text())["task"] == "binary"
     for name in ["01_diagnoses.png", "01_demographics.png", "01_examples.png", "01_split.png", "01_batch.png",
-                 "02_lr_find.png", "02_history.png", "evaluation/roc.png", "evaluation/gradcam.png"]:
+                 "02_lr_find.png", "02_history.png", "evaluation/roc.png", "evaluation/gradcam.png",
+                 "evaluation/tta_paired.png"]:
         assert (figures / name).stat().st_size > 5000, name
     # the prediction notebook shows the probability and the disclaimer
     cells = nbformat.read(tmp_path / "04_predict.ipynb", as_version=4).cells
