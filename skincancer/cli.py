@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="exported learner (.pkl)")
     _labelled_images_args(e, "evaluate the test split recorded beside the model", "metrics.json and the PNG plots")
 
-    c = sub.add_parser("compare", help="two models on the same held-out images: B against A, paired by image")
+    c = sub.add_parser("compare", help="two models on the same held-out images: B - A with paired bootstrap intervals")
     c.add_argument("--models", nargs=2, required=True, metavar=("A", "B"), help="two exported learners (.pkl)")
     _labelled_images_args(c, "compare on the test split both models recorded (train B with --split-from A's)",
                           "comparison.json and comparison.png")
@@ -116,7 +116,7 @@ def _labelled_images_args(parser: argparse.ArgumentParser, data_help: str, write
                         help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     parser.add_argument("--bs", type=_positive_int, default=64, help="batch size")
     parser.add_argument("--bootstrap", type=int, default=1000,
-                        help="bootstrap resamples for the AUROC interval (of lesions where lesion ids are known)")
+                        help="bootstrap resamples for the intervals (of lesions where lesion ids are known)")
     parser.add_argument("--out", required=True, help=f"folder for {writes}")
 
 
