@@ -549,7 +549,8 @@ def comparison_table(result: dict) -> str:
     paired, (name_a, name_b) = result["difference"], result["names"]
     width = max(len(name_a), len(name_b), 8)
     level = round(100 * paired["level"])
-    rows = [f"  {'':<18}{name_a:>{width}} {name_b:>{width}}  B - A ({level}% CI, {paired['resampled']} resampled), p"]
+    how = f" ({level}% CI, {paired['resampled']} resampled), p" if paired["replicates"] > 0 else " (no bootstrap)"
+    rows = [f"  {'':<18}{name_a:>{width}} {name_b:>{width}}  B - A{how}"]
     for k in PAIRED:
         r = paired[k]
         if r["difference"] is None:
