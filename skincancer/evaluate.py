@@ -83,20 +83,6 @@ def _percentiles(scores: np.ndarray, level: float) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
-def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
-                    groups=None) -> tuple[float | None, float | None]:
-    """Percentile bootstrap interval of the AUROC, resampling whole `groups` (lesions) or else images.
-
-    Photos of one lesion are not independent: resampling them one by one gives too narrow an interval, so
-    pass each image's lesion_id where it is known. (None, None) if the AUROC is undefined.
-    """
-    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
-    if n_boot <= 0 or y.all() or not y.any():
-        return None, None
-    scores = np.concatenate([weighted_aurocs(y, p, w) for w in bootstrap_weights(len(y), n_boot, seed, groups)])
-    return _percentiles(scores[np.isfinite(scores)], level)  # dropped: replicates that drew a single class
-
-
 PAIRED = ("auroc", "sensitivity", "specificity", "balanced_accuracy")
 
 
@@ -107,6 +93,39 @@ def _call_statistics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarr
         sens = (w * (said & y)).sum(axis=1) / (w * y).sum(axis=1)
         spec = (w * (~said & ~y)).sum(axis=1) / (w * ~y).sum(axis=1)
     return dict(auroc=weighted_aurocs(y, p, w), sensitivity=sens, specificity=spec, balanced_accuracy=(sens + spec) / 2)
+
+
+def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
+                        level: float = 0.95, groups=None) -> dict[str, tuple[float, float] | None]:
+    """Percentile bootstrap intervals of PAIRED's statistics of the malignant call at `threshold`, one set of draws.
+
+    Whole `groups` (lesions) are resampled where given, else images: photos of one lesion are not independent, and
+    resampling them one by one gives too narrow an interval. None where a statistic is undefined (no malignant image,
+    say) or n_boot is 0. Replicates that drew a single class are left out of the statistics they leave undefined.
+    """
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    if n_boot <= 0 or len(y) == 0:
+        return dict.fromkeys(PAIRED)
+    reps = {k: [] for k in PAIRED}
+    for w in bootstrap_weights(len(y), n_boot, seed, groups):
+        for k, v in _call_statistics(y, p, threshold, w).items():
+            reps[k].append(v)
+    out = {}
+    for k in PAIRED:
+        scores = np.concatenate(reps[k])
+        scores = scores[np.isfinite(scores)]
+        out[k] = _percentiles(scores, level) if len(scores) else None
+    return out
+
+
+def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                    groups=None) -> tuple[float | None, float | None]:
+    """Percentile bootstrap interval of the AUROC, resampling whole `groups` (lesions) or else images.
+
+    Photos of one lesion are not independent: resampling them one by one gives too narrow an interval, so
+    pass each image's lesion_id where it is known. (None, None) if the AUROC is undefined.
+    """
+    return bootstrap_intervals(is_malignant, p_malignant, 0.5, n_boot, seed, level, groups)["auroc"] or (None, None)
 
 
 def paired_bootstrap(is_malignant, p_a, p_b, threshold_a: float = 0.5, threshold_b: float = 0.5, n_boot: int = 1000,
@@ -167,7 +186,9 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     the same call at the threshold (so balanced_accuracy is the mean of sensitivity and specificity), for a `dx`
     model the most likely of the 7 diagnoses. With `dx` (each image's diagnosis), per-diagnosis recall says how
     often each diagnosis got the right benign/malignant call.
-    With `groups` (each image's lesion_id), the AUROC's bootstrap interval resamples lesions, not images.
+    With `n_boot`, AUROC, sensitivity, specificity and (binary) balanced accuracy get 95% bootstrap intervals
+    (`*_ci95`), from one set of replicates that resamples lesions, not images, when `groups` (each image's
+    lesion_id) are given.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -188,15 +209,17 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     sens = _ratio(tp, n_pos)
     if groups is not None and len(groups) != len(targets):
         raise SkinCancerError(f"{len(groups)} lesion ids do not match {len(targets)} targets")
-    lo, hi = bootstrap_auroc(truth, p_mal, n_boot, seed, groups=groups)
+    ci = bootstrap_intervals(truth, p_mal, threshold, n_boot, seed, groups=groups)
+    if len(classes) > 2:  # balanced accuracy is 7-class there, not the mean of sensitivity and specificity
+        ci["balanced_accuracy"] = None
     out = {
         "n": int(len(targets)),
         "n_malignant": n_pos,
         "accuracy": float((pred == targets).mean()),
         "balanced_accuracy": _balanced_accuracy(targets, pred),
         "auroc": float(roc_auc_score(truth, p_mal)) if n_pos and n_neg else None,
-        "auroc_ci95": [lo, hi] if lo is not None else None,
-        "auroc_ci95_resampled": ("lesions" if groups is not None else "images") if lo is not None else None,
+        **{f"{k}_ci95": list(v) if v else None for k, v in ci.items()},
+        "ci95_resampled": ("lesions" if groups is not None else "images") if any(ci.values()) else None,
         "threshold": float(threshold),
         "sensitivity": sens,
         "specificity": _ratio(tn, n_neg),
@@ -229,12 +252,13 @@ def metrics_table(metrics: dict) -> str:
             continue
         v = metrics[k]
         text = "null (undefined)" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-        if k == "auroc" and metrics.get("auroc_ci95"):
-            by = f", resampling {metrics['auroc_ci95_resampled']}" if metrics.get("auroc_ci95_resampled") else ""
-            text += f"  (95% CI {metrics['auroc_ci95'][0]:.4f}-{metrics['auroc_ci95'][1]:.4f}{by})"
+        notes = []
         if k in ("balanced_accuracy", "accuracy") and v is not None:
-            text += "  (7 classes, most likely diagnosis)" if "macro_auroc" in metrics else "  (at the threshold)"
-        rows.append(f"  {k:<18}{text}")
+            notes.append("7 classes, most likely diagnosis" if "macro_auroc" in metrics else "at the threshold")
+        if metrics.get(f"{k}_ci95"):
+            by = f", resampling {metrics['ci95_resampled']}" if k == "auroc" and metrics.get("ci95_resampled") else ""
+            notes.append(f"95% CI {metrics[f'{k}_ci95'][0]:.4f}-{metrics[f'{k}_ci95'][1]:.4f}{by}")
+        rows.append(f"  {k:<18}{text}" + (f"  ({'; '.join(notes)})" if notes else ""))
     rows.append(f"  {'threshold':<18}{metrics['threshold']:.4f} (probability of malignancy)")
     if metrics.get("per_class_recall"):
         rows.append("  recall per class (the predicted class is the true one):")

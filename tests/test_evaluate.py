@@ -67,6 +67,29 @@ def test_metrics_at_the_threshold_agree_with_sklearn():
     assert c["tp"] + c["fn"] == m["n_malignant"] and sum(c.values()) == m["n"] == 400
 
 
+def test_sensitivity_and_specificity_intervals_have_the_binomial_width_and_resample_lesions():
+    rng = np.random.default_rng(2)
+    y = rng.random(2000) < 0.2
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    probs, targets = np.stack([1 - p, p], axis=1), y.astype(int)
+    m = classification_metrics(probs, targets, ["benign", "malignant"], threshold=0.5, n_boot=1000)
+    for k, n in (("sensitivity", y.sum()), ("specificity", (~y).sum())):
+        lo, hi = m[f"{k}_ci95"]
+        binomial = 2 * 1.96 * np.sqrt(m[k] * (1 - m[k]) / n)  # the normal approximation, fine at these counts
+        assert lo < m[k] < hi and hi - lo == pytest.approx(binomial, rel=0.15), k
+    lo, hi = m["balanced_accuracy_ci95"]
+    assert lo < m["balanced_accuracy"] < hi
+    # three photos of each lesion: the intervals are those of one photo each, not narrower
+    lesions = np.repeat([f"lesion{i:04d}" for i in range(len(y))], 3)
+    tripled = classification_metrics(np.repeat(probs, 3, axis=0), np.repeat(targets, 3), ["benign", "malignant"],
+                                     threshold=0.5, n_boot=1000, groups=lesions)
+    for k in ("auroc", "sensitivity", "specificity", "balanced_accuracy"):
+        assert tripled[f"{k}_ci95"] == pytest.approx(m[f"{k}_ci95"]), k
+    seven = classification_metrics(rng.dirichlet(np.ones(7), size=70), np.tile(np.arange(7), 10), DX_CLASSES,
+                                   n_boot=100)
+    assert seven["balanced_accuracy_ci95"] is None and seven["sensitivity_ci95"] is not None  # 7-class: not the mean
+
+
 def test_weighted_aurocs_are_sklearns_with_sample_weights_ties_included():
     rng = np.random.default_rng(1)
     y = rng.random(300) < 0.3
@@ -89,8 +112,8 @@ def test_the_auroc_interval_resamples_lesions_not_their_photos():
     assert by_lesion == pytest.approx(one_each)  # copies add no information, so no precision
     assert by_image[1] - by_image[0] < 0.7 * (by_lesion[1] - by_lesion[0])  # resampling photos overstates it
     m = classification_metrics(probs, targets, ["benign", "malignant"], n_boot=100, groups=np.arange(len(y)))
-    assert m["auroc_ci95_resampled"] == "lesions"
-    assert classification_metrics(probs, targets, ["benign", "malignant"], n_boot=100)["auroc_ci95_resampled"] \
+    assert m["ci95_resampled"] == "lesions"
+    assert classification_metrics(probs, targets, ["benign", "malignant"], n_boot=100)["ci95_resampled"] \
         == "images"
     with pytest.raises(SkinCancerError, match="3 lesion ids do not match 400 targets"):
         classification_metrics(probs, targets, ["benign", "malignant"], n_boot=100, groups=["a", "b", "c"])
@@ -148,7 +171,8 @@ def test_undefined_metrics_are_null_not_misleading():
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]])
     m = classification_metrics(probs, np.zeros(3, int), ["benign", "malignant"], n_boot=100)
     assert m["auroc"] is None and m["auroc_ci95"] is None and m["sensitivity"] is None and m["f1"] is None
-    assert m["specificity"] == 1.0
+    assert m["sensitivity_ci95"] is None and m["balanced_accuracy_ci95"] is None
+    assert m["specificity"] == 1.0 and m["specificity_ci95"] == [1.0, 1.0]
     assert bootstrap_auroc([1, 1, 1], [0.2, 0.5, 0.9]) == (None, None)
 
 
