@@ -19,11 +19,11 @@ A run named `ours+key=value+...` is ours with those TrainConfig overrides on top
 runs find caches warm). Prints, per run: training images/s end to end (every epoch's training and validation,
 divided into the training images seen) and in the steady state (the median epoch after the first), the fit's wall
 time, the time to prepare the data, and AUROC and balanced accuracy on valid and test; then ours / seed, and each
-later `ours...` run against the first: its speed ratios, and its valid AUROC and balanced accuracy minus the first's
-with a paired bootstrap interval (lesions resampled; it covers which images the split drew, not the noise between two
-trainings). Every run trains on one split, drawn with --set seed (42 unless given), so a run's own seed changes only
-its training: `--runs ours,ours+seed=1,ours+seed=2` shows the noise between trainings of one recipe. It asserts
-nothing about speed: compare figures measured in the same run.
+later `ours...` run against the first: its speed ratios, and its valid and test AUROC and balanced accuracy minus
+the first's with a paired bootstrap interval (lesions resampled; it covers which images the split drew, not the
+noise between two trainings; choose on valid, confirm on test). Every run trains on one split, drawn with --set
+seed (42 unless given), so a run's own seed changes only its training: `--runs ours,ours+seed=1,ours+seed=2` shows
+the noise between trainings of one recipe. It asserts nothing about speed: compare figures measured in one run.
 """
 
 from __future__ import annotations
@@ -67,24 +67,23 @@ def epoch_timer():
     return EpochTimer()
 
 
-def scores(learn, df, tta: bool = False) -> tuple[dict, tuple]:
-    """AUROC and balanced accuracy (at 0.5) on valid and test, and valid's truth and probabilities of malignancy."""
+def scores(learn, df, tta: bool = False) -> tuple[dict, dict]:
+    """AUROC and balanced accuracy (at 0.5) on valid and test, and each split's truth and malignant probabilities."""
     from skincancer.data import is_malignant_class, malignant_probability
     from skincancer.evaluate import classification_metrics, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
-    out = {}
+    out, preds = {}, {}
     for split in ("valid", "test"):
         probs, targets = predict_frame(learn, df[df["split"] == split], tta=tta)
         m = classification_metrics(probs, targets, classes, threshold=0.5, n_boot=0)
         out[f"{split}_auroc"], out[f"{split}_bal_acc"] = m["auroc"], m["balanced_accuracy"]
-        if split == "valid":
-            valid = (is_malignant_class(classes)[targets], malignant_probability(probs, classes))
-    return out, valid
+        preds[split] = (is_malignant_class(classes)[targets], malignant_probability(probs, classes))
+    return out, preds
 
 
-def paired_valid(first: tuple, later: tuple, lesions) -> dict:
-    """A later run's valid AUROC and balanced accuracy against the first's, on the same images, paired by lesion."""
+def paired(first: tuple, later: tuple, lesions) -> dict:
+    """A later run's AUROC and balanced accuracy (at 0.5) against the first's on the same images, paired by lesion."""
     from skincancer.evaluate import paired_bootstrap
 
     paired = paired_bootstrap(first[0], first[1], later[1], n_boot=1000, groups=lesions)
@@ -240,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name != "seed" and name not in variants]
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {unknown} (seed, ours, ours+key=value+...)")
-    first_valid, valid_lesions = None, df.loc[df["split"] == "valid", "lesion_id"].to_numpy()
+    first_preds, lesions = None, {s: df.loc[df["split"] == s, "lesion_id"].to_numpy() for s in ("valid", "test")}
     for name in names:
         if name == "seed":
             res = seed_run(df, args.size, args.epochs or 5)
@@ -248,13 +247,13 @@ def main(argv: list[str] | None = None) -> int:
             res = our_run(df, args.data, {**overrides, **variants[name]}, cache_dir)
         learn = res.pop("learn")
         epochs = len(res["epoch_s"])
-        scored, valid = scores(learn, df)
+        scored, preds = scores(learn, df)
         res.update(name=name, images_per_s=n_train * epochs / res["fit_s"], epochs=epochs, device=device, **scored)
         if name != "seed":
-            if first_valid is None:
-                first_valid = valid
-            else:  # the runs share one split (our_run checks it): their valid predictions pair image by image
-                res["valid_vs_first_ours"] = paired_valid(first_valid, valid, valid_lesions)
+            if first_preds is None:
+                first_preds = preds
+            else:  # the runs share one split (our_run checks it): their predictions pair image by image
+                res["vs_first_ours"] = {s: paired(first_preds[s], preds[s], lesions[s]) for s in ("valid", "test")}
         if args.tta and name == "ours":
             res.update({f"tta_{k}": v for k, v in scores(learn, df, tta=True)[0].items()})
         later = sorted(res["epoch_s"][1:]) or res["epoch_s"]
@@ -292,13 +291,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ratio {r['name']} / {ours[0]['name']}, images/s end to end: "
               f"{r['images_per_s'] / ours[0]['images_per_s']:.2f}x, steady: "
               f"{r['steady_images_per_s'] / ours[0]['steady_images_per_s']:.2f}x")
-        for k, d in r["valid_vs_first_ours"].items():
-            if d["difference"] is not None:
+        for split, stats in r["vs_first_ours"].items():
+            for k, d in stats.items():
+                if d["difference"] is None:
+                    continue
                 ci = f" (95% CI {d['ci95'][0]:+.3f} to {d['ci95'][1]:+.3f}, p {d['p_value']:.2f})" if d["ci95"] else ""
-                print(f"  valid {k.replace('_', ' ')} {r['name']} - {ours[0]['name']}: {d['difference']:+.3f}{ci}")
+                print(f"  {split} {k.replace('_', ' ')} {r['name']} - {ours[0]['name']}: {d['difference']:+.3f}{ci}")
     if ours[1:]:
-        print("(valid differences are paired by lesion: the interval covers which images the split drew, "
-              "not the noise between two trainings)")
+        print("(differences are paired by lesion: an interval covers which images the split drew, not the noise "
+              "between two trainings; choose on valid, confirm on test)")
     return 0
 
 

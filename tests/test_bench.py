@@ -42,11 +42,12 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
         assert 0 < r["valid_share"] < 1  # validation is timed as part of each epoch
     assert rows[1]["settings"]["cache"] is True
     # the variant against ours on the same valid images: the difference of the two AUROCs, with its interval
-    paired = rows[2]["valid_vs_first_ours"]["auroc"]
-    assert paired["difference"] == pytest.approx(rows[2]["valid_auroc"] - rows[1]["valid_auroc"], abs=1e-9)
-    assert -1 <= paired["ci95"][0] <= paired["ci95"][1] <= 1 and 0 < paired["p_value"] <= 1
-    assert f"valid auroc {variant} - ours:" in stdout
-    assert "valid_vs_first_ours" not in rows[1]
+    for split in ("valid", "test"):
+        paired = rows[2]["vs_first_ours"][split]["auroc"]
+        assert paired["difference"] == pytest.approx(rows[2][f"{split}_auroc"] - rows[1][f"{split}_auroc"], abs=1e-9)
+        assert -1 <= paired["ci95"][0] <= paired["ci95"][1] <= 1 and 0 < paired["p_value"] <= 1
+        assert f"{split} auroc {variant} - ours:" in stdout
+    assert "vs_first_ours" not in rows[1]
 
 
 def test_augmentation_benchmark_smoke_times_both_pipelines(ham_dir):
