@@ -69,8 +69,7 @@ def epoch_timer():
 
 def scores(learn, df, tta: bool = False) -> tuple[dict, dict]:
     """AUROC and balanced accuracy (at 0.5) on valid and test, and each split's truth and malignant probabilities."""
-    from skincancer.data import is_malignant_class, malignant_probability
-    from skincancer.evaluate import classification_metrics, predict_frame
+    from skincancer.evaluate import classification_metrics, malignant_scores, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
     out, preds = {}, {}
@@ -78,7 +77,7 @@ def scores(learn, df, tta: bool = False) -> tuple[dict, dict]:
         probs, targets = predict_frame(learn, df[df["split"] == split], tta=tta)
         m = classification_metrics(probs, targets, classes, threshold=0.5, n_boot=0)
         out[f"{split}_auroc"], out[f"{split}_bal_acc"] = m["auroc"], m["balanced_accuracy"]
-        preds[split] = (is_malignant_class(classes)[targets], malignant_probability(probs, classes))
+        preds[split] = malignant_scores(probs, targets, classes)
     return out, preds
 
 
@@ -86,8 +85,8 @@ def paired(first: tuple, later: tuple, lesions) -> dict:
     """A later run's AUROC and balanced accuracy (at 0.5) against the first's on the same images, paired by lesion."""
     from skincancer.evaluate import paired_bootstrap
 
-    paired = paired_bootstrap(first[0], first[1], later[1], n_boot=1000, groups=lesions)
-    return {k: {"difference": paired[k]["difference"], "ci95": paired[k]["ci"], "p_value": paired[k]["p_value"]}
+    result = paired_bootstrap(first[0], first[1], later[1], n_boot=1000, groups=lesions)
+    return {k: {"difference": result[k]["difference"], "ci95": result[k]["ci"], "p_value": result[k]["p_value"]}
             for k in ("auroc", "balanced_accuracy")}
 
 

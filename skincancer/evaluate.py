@@ -40,6 +40,11 @@ def _balanced_accuracy(targets, pred) -> float:
         return float(balanced_accuracy_score(targets, pred))
 
 
+def malignant_scores(probs, targets, classes) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's truth (malignant or not) and probability of malignancy, from class probabilities and targets."""
+    return is_malignant_class(classes)[np.asarray(targets)], malignant_probability(np.asarray(probs), classes)
+
+
 def choose_threshold(p_malignant, is_malignant, target_sensitivity: float = TARGET_SENSITIVITY) -> float:
     """The highest threshold whose sensitivity on these (validation) images reaches `target_sensitivity`."""
     p, y = np.asarray(p_malignant, dtype=np.float64), np.asarray(is_malignant, dtype=bool)
@@ -95,6 +100,16 @@ def _call_statistics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarr
     return dict(auroc=weighted_aurocs(y, p, w), sensitivity=sens, specificity=spec, balanced_accuracy=(sens + spec) / 2)
 
 
+def _bootstrap_statistics(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int,
+                          groups) -> dict[str, np.ndarray]:
+    """PAIRED's statistics on each bootstrap replicate (NaN where a replicate leaves one undefined).
+
+    The replicates depend only on the images, `seed` and `groups`: two models scored with the same ones are paired.
+    """
+    reps = [_call_statistics(y, p, threshold, w) for w in bootstrap_weights(len(y), n_boot, seed, groups)]
+    return {k: np.concatenate([r[k] for r in reps]) if reps else np.empty(0) for k in PAIRED}
+
+
 def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
                         level: float = 0.95, groups=None) -> dict[str, tuple[float, float] | None]:
     """Percentile bootstrap intervals of PAIRED's statistics of the malignant call at `threshold`, one set of draws.
@@ -106,13 +121,8 @@ def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boo
     y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
     if n_boot <= 0 or len(y) == 0:
         return dict.fromkeys(PAIRED)
-    reps = {k: [] for k in PAIRED}
-    for w in bootstrap_weights(len(y), n_boot, seed, groups):
-        for k, v in _call_statistics(y, p, threshold, w).items():
-            reps[k].append(v)
     out = {}
-    for k in PAIRED:
-        scores = np.concatenate(reps[k])
+    for k, scores in _bootstrap_statistics(y, p, threshold, n_boot, seed, groups).items():
         scores = scores[np.isfinite(scores)]
         out[k] = _percentiles(scores, level) if len(scores) else None
     return out
@@ -150,14 +160,11 @@ def paired_bootstrap(is_malignant, p_a, p_b, threshold_a: float = 0.5, threshold
         raise SkinCancerError("no images to compare")
     ones = np.ones((1, len(y)))
     a, b = _call_statistics(y, p_a, threshold_a, ones), _call_statistics(y, p_b, threshold_b, ones)
-    reps = {k: [] for k in PAIRED}
-    for w in bootstrap_weights(len(y), max(n_boot, 0), seed, groups):
-        rep_a, rep_b = _call_statistics(y, p_a, threshold_a, w), _call_statistics(y, p_b, threshold_b, w)
-        for k in PAIRED:
-            reps[k].append(rep_b[k] - rep_a[k])
+    reps_a = _bootstrap_statistics(y, p_a, threshold_a, max(n_boot, 0), seed, groups)
+    reps_b = _bootstrap_statistics(y, p_b, threshold_b, max(n_boot, 0), seed, groups)  # the same replicates
     out = {}
     for k in PAIRED:
-        d = np.concatenate(reps[k]) if reps[k] else np.empty(0)
+        d = reps_b[k] - reps_a[k]
         d = d[np.isfinite(d)]  # replicates that drew a single class
         point = float(b[k][0] - a[k][0])
         ci = list(_percentiles(d, level)) if len(d) and math.isfinite(point) else None
@@ -199,8 +206,7 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     if len(targets) == 0:
         raise SkinCancerError("no images to evaluate")
     pred = predicted_classes(probs, classes, threshold)
-    truth = is_malignant_class(classes)[targets]
-    p_mal = malignant_probability(probs, classes)
+    truth, p_mal = malignant_scores(probs, targets, classes)
     said = p_mal >= threshold
     tp, fn = int((said & truth).sum()), int((~said & truth).sum())
     tn, fp = int((~said & ~truth).sum()), int((said & ~truth).sum())
@@ -496,8 +502,7 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     metrics["threshold_rule"] = card.get("threshold_rule", "0.5 (no rule recorded in the model card)")
     metrics["tta"] = tta
     metrics["model"] = str(clf.path)
-    truth = is_malignant_class(classes)[targets]
-    p_mal = malignant_probability(probs, classes)
+    truth, p_mal = malignant_scores(probs, targets, classes)
     preds = predicted_classes(probs, classes, clf.threshold)
     rule = f"at threshold {clf.threshold:.3f}" if task_of(classes) == "binary" else "most likely diagnosis"
     figures = {"confusion.png": plot_confusion(targets, preds, classes, title=f"Confusion matrix, {rule}"),
@@ -543,11 +548,10 @@ def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = Fal
     scored = []
     for clf in (clf_a, clf_b):
         probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs)
-        truth = is_malignant_class(clf.classes)[targets]
         metrics = classification_metrics(probs, targets, clf.classes, clf.threshold, dx=dx, n_boot=n_boot,
                                          groups=groups)
         metrics.update(model=str(clf.path), task=task_of(clf.classes))
-        scored.append((truth, malignant_probability(probs, clf.classes), clf.threshold, metrics))
+        scored.append((*malignant_scores(probs, targets, clf.classes), clf.threshold, metrics))
     (truth, p_a, t_a, m_a), (_, p_b, t_b, m_b) = scored
     paired = paired_bootstrap(truth, p_a, p_b, t_a, t_b, n_boot=n_boot, groups=groups)
     result = {"a": m_a, "b": m_b, "difference": paired, "n": int(len(df)), "n_malignant": int(truth.sum()),

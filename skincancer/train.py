@@ -18,7 +18,7 @@ import pandas as pd
 
 from . import __version__
 from .data import (SPLITS, check_augment, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
-                   is_malignant_class, make_dataloaders, malignant_probability, prepare, split_table)
+                   make_dataloaders, prepare, split_table)
 from .distributed import (alone, distributed_fit, from_main_process, is_main_process, local_main_process_first,
                           process_state, quiet_unless_main, world_size)
 from .errors import SkinCancerError
@@ -582,14 +582,14 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
 
 def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict]:
     """Choose the operating threshold on valid, then metrics of valid and test at it; return (metrics, rule)."""
-    from .evaluate import choose_threshold, classification_metrics, lesion_groups, predict_frame
+    from .evaluate import choose_threshold, classification_metrics, lesion_groups, malignant_scores, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
     parts = {s: df[df["split"] == s] for s in ("valid", "test") if (df["split"] == s).any()}
     preds = {s: predict_frame(learn, part) for s, part in parts.items()}
     probs, targets = preds["valid"]
-    threshold = choose_threshold(malignant_probability(probs, classes), is_malignant_class(classes)[targets],
-                                 target_sensitivity)
+    truth, p_mal = malignant_scores(probs, targets, classes)
+    threshold = choose_threshold(p_mal, truth, target_sensitivity)
     metrics = {s: classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=1000, seed=0,
                                          groups=lesion_groups(parts[s]))
                for s, (p, t) in preds.items()}
