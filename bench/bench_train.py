@@ -5,6 +5,7 @@
     python bench/bench_train.py --data DIR --runs ours --epochs 40 --set mixup=0.4 --set size=160
     python bench/bench_train.py --data DIR --runs ours --set augment=one-pass --set compile=true
     python bench/bench_train.py --data DIR --runs ours,ours+loss_on_device=true --epochs 12   # a change, one run
+    python bench/bench_train.py --data DIR --runs ours,ours+reproducible=false --epochs 12 --synthetic
     python bench/bench_train.py --data DIR --size 128 --runs ours,ours+seed=1,ours+mixup=0.2,ours+mixup=0.2+seed=1
     python bench/bench_train.py --smoke                         # seconds on a CPU; CI runs it to keep it working
 
@@ -99,6 +100,8 @@ def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
     from skincancer.data import classes_for
     from skincancer.train import metrics_for
 
+    # PyTorch's cuDNN defaults, as a script that never calls set_seed runs, whatever an earlier run here chose
+    torch.backends.cudnn.deterministic = torch.backends.cudnn.benchmark = False
     start = time.perf_counter()
     items = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
     items = items.assign(is_valid=items["split"] == "valid")
@@ -142,16 +145,20 @@ def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
         wall = time.perf_counter() - start
     learn.remove_cb(timer)
     keys = ("seed", "epochs", "size", "bs", "lr", "wd", "label_smoothing", "mixup", "augment", "imbalance", "compile",
-            "loss_on_device", "cache")
+            "loss_on_device", "reproducible", "cache")
     return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, valid_s=timer.valid_times, best_epoch=best,
                 settings={k: getattr(config, k) for k in keys})
 
 
-def synthetic_ceiling(size: int, bs: int = 256, steps: int = 30, compile: bool = False) -> float:
+def synthetic_ceiling(size: int, bs: int = 256, steps: int = 30, compile: bool = False,
+                      reproducible: bool = True) -> float:
     """Images/s of bare ResNet50 training steps on random GPU tensors (bf16 autocast, channels_last)."""
     import torch
     import torchvision
 
+    from skincancer.train import seed_everything
+
+    seed_everything(0, reproducible)  # cuDNN's algorithms as a training run with the same setting picks them
     model = torchvision.models.resnet50(num_classes=2).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     step_model = torch.compile(model) if compile else model
@@ -269,8 +276,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.synthetic and torch.cuda.is_available():
         for compiled in (False, True):
-            print(f"synthetic ResNet50 step at {args.size}px, bs 256, bf16, channels_last, "
-                  f"compile={compiled}: {synthetic_ceiling(args.size, compile=compiled):.0f} images/s")
+            for reproducible in (True, False):
+                rate = synthetic_ceiling(args.size, compile=compiled, reproducible=reproducible)
+                print(f"synthetic ResNet50 step at {args.size}px, bs 256, bf16, channels_last, compile={compiled}, "
+                      f"reproducible={reproducible}: {rate:.0f} images/s", flush=True)
 
     width = max(len(r["name"]) for r in rows) if rows else 3
     print(f"\n{'run':<{width}} {'size':>4} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'valid %':>7} "

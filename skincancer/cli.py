@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss-on-device", action="store_true",
                    help="keep the smoothed training loss on the GPU and read it a batch late, so the CPU is not held "
                         "at every batch (not yet measured on a GPU; README: Speed)")
+    t.add_argument("--no-reproducible", dest="reproducible", action="store_false",
+                   help="let cuDNN time its algorithms and use non-deterministic ones: perhaps faster on a GPU, but "
+                        "two runs with one seed can differ (not yet measured; README: Speed)")
     t.add_argument("--checkpoint-every", type=float, default=60.0,
                    help="seconds between resumable checkpoints (0: after every epoch)")
     t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
@@ -152,7 +155,8 @@ def cmd_train(args) -> int:
                          imbalance=args.imbalance, label_smoothing=args.label_smoothing, mixup=args.mixup,
                          augment=args.augment,
                          seed=args.seed, cache=args.cache, cache_dir=args.cache_dir, compile=args.compile,
-                         loss_on_device=args.loss_on_device, checkpoint_every=args.checkpoint_every,
+                         loss_on_device=args.loss_on_device, reproducible=args.reproducible,
+                         checkpoint_every=args.checkpoint_every,
                          target_sensitivity=args.target_sensitivity,
                          valid_pct=args.valid_pct, test_pct=args.test_pct, limit=args.limit,
                          split_from=args.split_from,

@@ -266,6 +266,7 @@ class TrainConfig:
     cache_dir: str | None = None       # None: skincancer.presize.default_cache_dir()
     compile: bool = False
     loss_on_device: bool = False       # keep the smoothed loss on the GPU (loss_on_device); off until measured there
+    reproducible: bool = True          # cuDNN's deterministic algorithms (seed_everything); off: autotuned
     checkpoint_every: float = 60.0     # seconds between resumable checkpoints (0: every epoch)
     out: str = "models/skincancer.pkl"
 
@@ -662,12 +663,25 @@ def export(learn, out: str | Path, card: dict, df: pd.DataFrame) -> dict[str, Pa
     return paths
 
 
-def setup(config: TrainConfig):
-    """Resolve the config, seed, read and split the data, build DataLoaders and the learner: (config, df, learn)."""
+def seed_everything(seed: int, reproducible: bool = True) -> None:
+    """fastai's `set_seed`, and cuDNN's algorithms chosen for `reproducible` either way (fastai leaves them as set).
+
+    Reproducible: cuDNN's deterministic algorithms, picked by its heuristics. Not: cuDNN times the candidates for each
+    shape (`benchmark`) and may pick ones whose sums run in a varying order, so two runs with one seed can drift
+    apart. On a GPU the second may be faster; in one process a later run must not inherit an earlier one's choice.
+    """
+    import torch
     from fastai.torch_core import set_seed
 
+    set_seed(seed, reproducible=reproducible)
+    torch.backends.cudnn.deterministic = reproducible
+    torch.backends.cudnn.benchmark = not reproducible
+
+
+def setup(config: TrainConfig):
+    """Resolve the config, seed, read and split the data, build DataLoaders and the learner: (config, df, learn)."""
     config = config.resolved()
-    set_seed(config.seed, reproducible=True)
+    seed_everything(config.seed, config.reproducible)
     df = prepare(config.data, config.task, config.valid_pct, config.test_pct, config.seed, config.limit,
                  config.drop_missing, config.class_map, config.split_from)
     check_no_lesion_leak(df)

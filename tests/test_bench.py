@@ -28,7 +28,8 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     import json
 
     out = tmp_path / "runs.jsonl"
-    variant = "ours+loss_on_device=true+size=48+seed=7"  # another training seed: the bench checks the split is one
+    # another training seed: the bench checks the split is one
+    variant = "ours+loss_on_device=true+reproducible=false+size=48+seed=7"
     stdout = smoke("bench_train.py", "--size", "40", "--runs", f"seed,ours,{variant}", "--out", str(out))
     assert "ratio ours / seed, images/s end to end" in stdout
     assert f"ratio {variant} / ours, images/s end to end" in stdout and "steady" in stdout
@@ -36,6 +37,7 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     assert [r["name"] for r in rows] == ["seed", "ours", variant]
     assert [r["settings"]["size"] for r in rows] == [40, 40, 48]  # --size is all runs', unless a run says
     assert [r["settings"]["loss_on_device"] for r in rows[1:]] == [False, True]
+    assert [r["settings"]["reproducible"] for r in rows[1:]] == [True, False]
     assert [r["settings"]["seed"] for r in rows[1:]] == [42, 7]
     for r in rows:
         assert r["images_per_s"] > 0 and r["epochs"] == 1 and 0 <= r["valid_auroc"] <= 1

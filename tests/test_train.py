@@ -101,6 +101,27 @@ def test_weight_decay_one_pass_augmentation_and_the_loss_on_device_reach_the_run
     assert type(result.learn.recorder.smooth_loss).__name__ == "AvgSmoothLoss"  # fastai's again: it was exported
 
 
+@pytest.mark.parametrize("reproducible", [True, False])
+def test_reproducible_sets_cudnn_either_way_and_reaches_the_run_from_the_cli(reproducible, monkeypatch):
+    from skincancer import train as T
+
+    cudnn = torch.backends.cudnn
+    # the other choice left behind by an earlier run in this process (monkeypatch restores the flags after)
+    monkeypatch.setattr(cudnn, "deterministic", not reproducible)
+    monkeypatch.setattr(cudnn, "benchmark", reproducible)
+    T.seed_everything(3, reproducible)
+    assert (cudnn.deterministic, cudnn.benchmark) == (reproducible, not reproducible)
+    first = torch.rand(4)
+    T.seed_everything(3, reproducible)
+    assert torch.equal(torch.rand(4), first)  # seeded either way
+
+    configs = []
+    monkeypatch.setattr(T, "train", lambda config, resume=False: configs.append(config))
+    flags = [] if reproducible else ["--no-reproducible"]
+    assert cli.main(["train", "--data", "somewhere", "--no-pretrained", *flags]) == 0
+    assert configs[0].reproducible is reproducible
+
+
 def test_bad_training_input_is_an_error_line_not_a_traceback(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "nowhere"), "--no-pretrained"]) == 2
     err = capsys.readouterr().err
