@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
+from .callbacks import best_epoch_tracker, compile_model, loss_on_device, stop_on_nan
 from .data import (SPLITS, check_augment, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
                    make_dataloaders, prepare, split_table)
 from .distributed import (alone, distributed_fit, from_main_process, is_main_process, local_main_process_first,
@@ -156,42 +157,6 @@ def make_loss(task: str, train_labels=None, imbalance: str = "loss", label_smoot
     return CrossEntropyLossFlat(weight=weight, label_smoothing=label_smoothing)
 
 
-def compile_model(**kwargs):
-    """A fastai callback that trains through torch.compile (static shapes) and validates eagerly.
-
-    Only the training step is compiled: its batches all have one shape (fastai drops the last partial training
-    batch), so one graph is built. Compiling validation too would add a graph for gradient-free mode and another
-    for the last, smaller validation batch, and PyTorch compiles that one with dynamic shapes, slower for every
-    batch after it. Pass it to `fit(cbs=...)`, not `add_cb`: a learner keeps added callbacks, so an exported
-    learner would compile again whenever someone fits it later.
-    """
-    from fastai.callback.core import Callback
-    from fastai.torch_core import get_model
-
-    kwargs.setdefault("dynamic", False)
-
-    class CompileModel(Callback):
-        order = -1  # with ChannelsLast, before anything wraps the model
-
-        def before_fit(self):
-            self.model_ = get_model(self.learn.model)
-            self.model_.compile(**kwargs)
-            self.compiled = self.model_._compiled_call_impl
-
-        def before_train(self):
-            self.model_._compiled_call_impl = self.compiled
-
-        def before_validate(self):
-            self.model_._compiled_call_impl = None  # nn.Module.__call__ runs the plain forward
-
-        def after_fit(self):
-            # dropped so the learner can be pickled and predicts eagerly
-            self.model_._compiled_call_impl = None
-            self.model_ = self.compiled = None
-
-    return CompileModel()
-
-
 def fused_adamw():
     """fastai's AdamW (same betas, eps and true weight decay) as PyTorch's fused kernel, for `opt_func`.
 
@@ -303,122 +268,6 @@ class TrainResult:
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def diverged(loss: float, epoch: int, iteration: int) -> SkinCancerError:
-    """The error that stops a fit whose loss is no longer finite (0-based epoch and iteration)."""
-    return SkinCancerError(f"training diverged: the loss became {loss} at epoch {epoch + 1}, "
-                           f"iteration {iteration + 1}; nothing was exported. Try a lower --lr or a smaller --bs.")
-
-
-def stop_on_nan():
-    """A fastai callback that stops training with SkinCancerError when the loss stops being finite."""
-    import torch
-    from fastai.callback.core import Callback
-
-    class StopOnNaN(Callback):
-        order = 60  # after the loss is computed and recorded
-
-        def after_batch(self):
-            if self.training and not torch.isfinite(self.loss).all():
-                raise diverged(float(self.loss.detach()), self.epoch, self.iter)
-
-    return StopOnNaN()
-
-
-def loss_on_device():
-    """A fastai callback that keeps the smoothed training loss on the device and reads it back one batch late.
-
-    fastai's Recorder copies the smoothed loss to the CPU after every training batch, a host synchronisation: the CPU
-    waits for the step to finish before it can queue the next batch's augmentation. Here the smoothing runs on the
-    device and each batch's loss is copied back asynchronously, then read when the next batch ends (an epoch's first
-    batch at once, its last when the epoch ends): the CPU stays a batch ahead of the GPU. The recorded losses and
-    epoch values are fastai's; the progress bar shows the previous batch's. It also does `stop_on_nan`'s work: a loss
-    that stops being finite stops training with SkinCancerError naming its epoch and iteration. `restore()` (also
-    run after the fit) gives the Recorder fastai's picklable smoothing back.
-    """
-    import math
-
-    import torch
-    from fastai.callback.core import Callback
-    from fastai.learner import AvgSmoothLoss
-    from fastai.torch_core import to_detach
-
-    def set_smoothing(recorder, smoothing):
-        # the Recorder is a Callback, whose setattr warns that learn.smooth_loss is shadowed: this attribute is its own
-        object.__setattr__(recorder, "smooth_loss", smoothing)
-
-    class SmoothLossOnDevice(AvgSmoothLoss):
-        def accumulate(self, learn):
-            self.count += 1
-            self.last = to_detach(learn.loss.mean(), cpu=False)  # gathered over processes, as fastai's
-            start = torch.zeros_like(self.last) if self.count == 1 else self.val
-            self.val = torch.lerp(self.last, start, self.beta)
-
-    class LossOnDevice(Callback):
-        order = 55  # after the Recorder (50) smooths the loss, before the progress bar (60) shows it
-
-        def before_fit(self):
-            self.fitted = self.learn  # restore() may run after fastai has removed this callback
-            self.fastai_smoothing = self.recorder.smooth_loss
-            set_smoothing(self.recorder, SmoothLossOnDevice(beta=self.fastai_smoothing.beta))
-            self.host = self.event = self.pending = None
-
-        def before_train(self):
-            self.pending, self.first_batch = None, True
-
-        def after_batch(self):
-            if not self.training or len(self.yb) == 0:
-                return
-            if self.pending is not None:
-                self.read()  # the previous batch's: its step has finished or is about to
-            smoothing, losses = self.recorder.smooth_loss, self.recorder.losses
-            values = torch.stack([smoothing.last.float(), losses[-1].float()])
-            if self.host is None:
-                cuda = values.is_cuda
-                self.host = torch.empty(2, pin_memory=cuda)
-                self.event = torch.cuda.Event() if cuda else None
-            self.host.copy_(values, non_blocking=True)
-            if self.event is not None:
-                self.event.record()
-            self.pending = (self.epoch, self.iter, len(losses) - 1)
-            if self.first_batch:  # shown at once, and a first loss that is NaN stops training at once
-                self.first_batch = False
-                self.read()
-            self.learn.smooth_loss = self.shown  # the Recorder set this batch's, still on the device
-
-        def after_train(self):
-            if self.pending is not None:
-                self.read()
-
-        def read(self):
-            """The pending batch's loss and smoothed loss: recorded as fastai would, shown, and checked."""
-            epoch, iteration, index = self.pending
-            self.pending = None
-            if self.event is not None:
-                self.event.synchronize()
-            loss, smoothed = self.host.tolist()
-            self.recorder.losses[index] = self.shown = self.learn.smooth_loss = torch.tensor(smoothed)
-            if not (math.isfinite(loss) and math.isfinite(smoothed)):
-                self.restore()
-                raise diverged(loss, epoch, iteration)
-
-        def after_fit(self):
-            self.restore()
-
-        def restore(self):
-            """Put fastai's smoothing back in the Recorder, with this fit's state, on the CPU."""
-            learn = getattr(self, "fitted", None)
-            recorder = getattr(learn, "recorder", None)
-            if recorder is None or not isinstance(recorder.smooth_loss, SmoothLossOnDevice):
-                return
-            ours, fastai_smoothing = recorder.smooth_loss, self.fastai_smoothing
-            fastai_smoothing.count, fastai_smoothing.val = ours.count, to_detach(ours.val, gather=False)
-            set_smoothing(recorder, fastai_smoothing)
-            recorder.losses = [to_detach(v, gather=False) for v in recorder.losses]
-            learn.smooth_loss = fastai_smoothing.value
-
-    return LossOnDevice()
-
-
 # the settings a resumed run must share with the interrupted one
 RESUME_KEYS = ("data", "task", "arch", "pretrained", "epochs", "size", "presize", "bs", "lr", "wd",
                "freeze_epochs", "imbalance", "label_smoothing", "mixup", "augment", "seed", "valid_pct", "test_pct",
@@ -437,38 +286,6 @@ def phases(config: TrainConfig) -> list[dict]:
     base = config.lr / 2  # as Learner.fine_tune: halve the rate after the frozen epochs, discriminative rates after
     return [dict(epochs=config.freeze_epochs, lr=slice(config.lr), frozen=True, kwargs=dict(pct_start=0.99)),
             dict(epochs=config.epochs, lr=slice(base / 100, base), frozen=False, kwargs=dict(pct_start=0.3, div=5.0))]
-
-
-def best_epoch_tracker(monitor: str, skip_to: int = 0):
-    """fastai's SaveModelCallback (best epoch by `monitor`), keeping the best weights in memory.
-
-    Writing 100 MB to disk at every improvement cost a quarter of a second per epoch on a GPU, where an epoch
-    takes two; the checkpoint callback writes the best weights beside its checkpoint instead. It also ignores
-    the epochs a resumed fit skips: fastai still fires after_epoch for them, before the Recorder has any values,
-    and SaveModelCallback fails on them (fastai issue #3780). In a distributed run every process tracks the same
-    (gathered) metric, so all of them restore the same epoch.
-    """
-    from fastai.callback.tracker import SaveModelCallback
-    from fastai.torch_core import get_model
-
-    class ResumableSaveModel(SaveModelCallback):
-        best_state: dict | None = None
-
-        def _save(self, name):
-            # get_model: the plain module's keys, also while DistributedDataParallel wraps it
-            self.best_state = {k: v.detach().clone() for k, v in get_model(self.learn.model).state_dict().items()}
-
-        def after_epoch(self):
-            if self.epoch >= skip_to:
-                super().after_epoch()
-
-        def after_fit(self, **kwargs):
-            if self.best_state is not None:
-                get_model(self.learn.model).load_state_dict(self.best_state)
-            elif (self.learn.path / self.learn.model_dir / f"{self.fname}.pth").exists():
-                super().after_fit(**kwargs)  # a resumed fit with no better epoch: the best saved before it
-
-    return ResumableSaveModel(monitor=monitor, comp=np.greater, fname="best", with_opt=False)
 
 
 def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, skip_to: int = 0):

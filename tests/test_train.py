@@ -242,7 +242,7 @@ def test_compile_builds_one_training_graph_and_validates_eagerly(small_dls, tmp_
     import torch._dynamo
     from torch._dynamo.utils import counters
 
-    from skincancer.train import compile_model
+    from skincancer.callbacks import compile_model
 
     # 60 images at bs 8: full training batches, and a last validation batch smaller than the others
     assert len(small_dls.valid_ds) % small_dls.valid.bs != 0
@@ -328,14 +328,14 @@ def _poison_loss(epoch: int, iteration: int):
 @pytest.mark.parametrize("guard", ["stop_on_nan", "loss_on_device"])
 @pytest.mark.parametrize("epoch, iteration", [(1, 2), (2, 7)])  # (2, 7): the fit's last batch, read as it ends
 def test_training_stops_with_a_clear_error_when_the_loss_stops_being_finite(guard, epoch, iteration):
-    from skincancer import train as T
+    from skincancer import callbacks
 
     learn = _tiny_learner()
     with learn.no_bar(), learn.no_logging():
-        learn.fit(1, 1e-2, cbs=[_poison_loss(epoch, iteration), getattr(T, guard)()])  # finite: trains quietly
+        learn.fit(1, 1e-2, cbs=[_poison_loss(epoch, iteration), getattr(callbacks, guard)()])  # finite: trains quietly
         with pytest.raises(SkinCancerError, match=rf"became nan at epoch {epoch + 1}, iteration {iteration + 1}; "
                                                   "nothing was exported"):
-            learn.fit(3, 1e-2, cbs=[_poison_loss(epoch, iteration), getattr(T, guard)()])
+            learn.fit(3, 1e-2, cbs=[_poison_loss(epoch, iteration), getattr(callbacks, guard)()])
     assert type(learn.recorder.smooth_loss).__name__ == "AvgSmoothLoss"  # fastai's, picklable, even after the error
     pickle.dumps(learn.recorder)
 
@@ -360,7 +360,7 @@ def _fit_and_watch(guard=None, epochs: int = 2):
 
 
 def test_the_loss_kept_on_the_device_records_what_fastai_records_and_shows_it_a_batch_late():
-    from skincancer.train import loss_on_device
+    from skincancer.callbacks import loss_on_device
 
     ref, ref_shown = _fit_and_watch()
     ours, shown = _fit_and_watch(loss_on_device())
@@ -379,7 +379,7 @@ def test_the_loss_kept_on_the_device_records_what_fastai_records_and_shows_it_a_
 def test_restore_gives_fastai_its_smoothing_back_after_an_interrupted_fit():
     from fastai.callback.core import Callback
 
-    from skincancer.train import loss_on_device
+    from skincancer.callbacks import loss_on_device
 
     class Interrupt(Callback):
         order = 100  # after the Recorder and the guard have seen the batch
