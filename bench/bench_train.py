@@ -7,6 +7,7 @@
     python bench/bench_train.py --data DIR --runs ours,ours+loss_on_device=true --epochs 12   # a change, one run
     python bench/bench_train.py --data DIR --runs ours,ours+reproducible=false --epochs 12 --synthetic
     python bench/bench_train.py --data DIR --size 128 --runs ours,ours+seed=1,ours+mixup=0.2,ours+mixup=0.2+seed=1
+    python bench/bench_train.py --data DIR --recipes runs1.jsonl runs2.jsonl   # compare what those runs wrote
     python bench/bench_train.py --smoke                         # seconds on a CPU; CI runs it to keep it working
 
 The seed recipe is fastai's defaults as the seed projects wrote them: DataBlock reading files with `Resize(460)`
@@ -24,18 +25,25 @@ later `ours...` run against the first: its speed ratios, and its valid and test 
 the first's with a paired bootstrap interval (lesions resampled; it covers which images the split drew, not the
 noise between two trainings; choose on valid, confirm on test). Every run trains on one split, drawn with --set
 seed (42 unless given), so a run's own seed changes only its training: `--runs ours,ours+seed=1,ours+seed=2` shows
-the noise between trainings of one recipe. It asserts nothing about speed: compare figures measured in one run.
+the noise between trainings of one recipe. Where a recipe is trained more than once, it ends with each recipe (the
+mean of its trainings) against ours: the difference, its interval over the images, and a wider one that adds the
+noise between trainings, pooled over the recipes trained twice or more (with --out, a last line named "recipes").
+With --out each ours line also holds its predictions, so runs spread over several processes (a GPU session's calls)
+are compared afterwards, anywhere the data is: `--recipes a.jsonl b.jsonl` trains nothing. It asserts nothing about
+speed: compare figures measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from common import SHARED, sync
 
 
@@ -89,6 +97,83 @@ def paired(first: tuple, later: tuple, lesions) -> dict:
     result = paired_bootstrap(first[0], first[1], later[1], n_boot=1000, groups=lesions)
     return {k: {"difference": result[k]["difference"], "ci95": result[k]["ci"], "p_value": result[k]["p_value"]}
             for k in ("auroc", "balanced_accuracy")}
+
+
+def recipe_of(name: str) -> str:
+    """A run's recipe: its name without `+seed=N` (which trains the same recipe again), settings in a fixed order."""
+    head, *parts = name.split("+")
+    return "+".join([head, *sorted(p for p in parts if not p.startswith("seed="))])
+
+
+def training_noise(values: dict[str, list[float]]) -> tuple[float | None, int]:
+    """The pooled standard deviation between trainings of one recipe, and its degrees of freedom (None, 0 if none)."""
+    df = sum(len(v) - 1 for v in values.values())
+    if df == 0:
+        return None, 0
+    return float(np.sqrt(sum(np.var(v, ddof=1) * (len(v) - 1) for v in values.values() if len(v) > 1) / df)), df
+
+
+def compare_recipes(runs: dict[str, dict], preds: dict[str, dict], lesions: dict, level: float = 0.95) -> dict:
+    """Each recipe's trainings (mean) against the first recipe's, on valid and test: the difference, its interval over
+    the images drawn (paired bootstrap), and a wider one that adds the noise between trainings of one recipe.
+
+    `runs` and `preds` are keyed by run name, first run first; the noise is the pooled sd of a statistic between
+    trainings of one recipe, so recipes need two trainings or more (`+seed=N`) for the wider interval. It assumes the
+    two sources add: var = se(images)^2 + sd^2 (1/k_a + 1/k_b), with Student's t on the pooled degrees of freedom.
+    """
+    from scipy import stats
+
+    from skincancer.evaluate import paired_bootstrap
+
+    recipes: dict[str, list[str]] = {}
+    for name in runs:
+        recipes.setdefault(recipe_of(name), []).append(name)
+    first, *others = recipes
+    out = {"trainings": {r: len(names) for r, names in recipes.items()}, "first": first, "noise": {}, "vs_first": {}}
+    for split in ("valid", "test"):
+        truth = next(iter(preds.values()))[split][0]
+        for key, column in (("auroc", "auroc"), ("balanced_accuracy", "bal_acc")):
+            sd, df = training_noise({r: [runs[n][f"{split}_{column}"] for n in names] for r, names in recipes.items()})
+            out["noise"][f"{split}_{key}"] = {"sd": sd, "df": df}
+        for recipe in others:
+            res = paired_bootstrap(truth, np.stack([preds[n][split][1] for n in recipes[first]]),
+                                   np.stack([preds[n][split][1] for n in recipes[recipe]]), n_boot=1000,
+                                   level=level, groups=lesions[split])
+            ka, kb = len(recipes[first]), len(recipes[recipe])
+            for key in ("auroc", "balanced_accuracy"):
+                d, noise = res[key], out["noise"][f"{split}_{key}"]
+                entry = {"difference": d["difference"], "ci_images": d["ci"], "p_value_images": d["p_value"]}
+                if d["se"] is not None and noise["sd"] is not None:
+                    se = float(np.hypot(d["se"], noise["sd"] * np.sqrt(1 / ka + 1 / kb)))
+                    half = float(stats.t.ppf((1 + level) / 2, noise["df"])) * se
+                    # a difference of two proportions stays within [-1, 1], whatever the normal approximation says
+                    lo, hi = d["difference"] - half, d["difference"] + half
+                    entry["ci_with_training_noise"] = [max(-1.0, lo), min(1.0, hi)]
+                out["vs_first"].setdefault(recipe, {})[f"{split}_{key}"] = entry
+    return out
+
+
+def print_recipes(summary: dict) -> None:
+    """compare_recipes' summary as lines: trainings, the noise between them, each recipe's differences."""
+    print("\nrecipes, each the mean of its trainings (choose on valid, confirm on test): "
+          + ", ".join(f"{r} x{k}" for r, k in summary["trainings"].items()))
+    noise = {k: v for k, v in summary["noise"].items() if v["sd"] is not None}
+    if noise:
+        df = next(iter(noise.values()))["df"]
+        print(f"  between trainings of one recipe (pooled sd, {df} df): "
+              + ", ".join(f"{k.replace('_', ' ')} {v['sd']:.4f}" for k, v in noise.items()))
+    else:
+        print("  no recipe trained twice (add +seed=N runs): the noise between trainings is not known")
+    for recipe, stats in summary["vs_first"].items():
+        for key, e in stats.items():
+            if e["difference"] is None:
+                continue
+            line = f"  {key.replace('_', ' ')} {recipe} - {summary['first']}: {e['difference']:+.3f}"
+            if e["ci_images"]:
+                line += f" (images: {e['ci_images'][0]:+.3f} to {e['ci_images'][1]:+.3f}"
+                wide = e.get("ci_with_training_noise")
+                line += f"; with training noise: {wide[0]:+.3f} to {wide[1]:+.3f})" if wide else ")"
+            print(line)
 
 
 def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
@@ -199,6 +284,12 @@ def parse_sets(pairs: list[str]) -> dict:
     return out
 
 
+def write_split(df, path: Path, seed: int, limit: int | None) -> dict:
+    """Write the split CSV that every run trains on; return what identifies it (seed, limit, the file's sha256)."""
+    df[["image_id", "lesion_id", "split"]].to_csv(path, index=False)
+    return {"seed": seed, "limit": limit, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print a table and write JSON lines to --out."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -214,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None, help="presize cache (default: a temporary folder)")
     p.add_argument("--out", help="append one JSON line per run here")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: 200 images, 32 px, 1 epoch")
+    p.add_argument("--recipes", nargs="+", metavar="JSONL",
+                   help="train nothing: compare the recipes of the ours runs that earlier runs wrote with --out "
+                        "(from one split of --data), e.g. runs split over several processes")
     args = p.parse_args(argv)
+    if args.recipes:
+        return recipes_from_files(args.recipes, args.data)
 
     import torch
 
@@ -233,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     df = prepare(args.data, "binary", seed=overrides.get("seed", 42), limit=args.limit)
     # every run trains on this one split: a run's own seed (ours+seed=N) changes only its training
     split_csv = Path(tempfile.mkdtemp(prefix="skincancer-bench-")) / "bench.split.csv"
-    df[["image_id", "lesion_id", "split"]].to_csv(split_csv, index=False)
+    split = write_split(df, split_csv, seed=overrides.get("seed", 42), limit=args.limit)
     overrides.setdefault("split_from", str(split_csv))
     n_train = int((df["split"] == "train").sum())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
@@ -246,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {unknown} (seed, ours, ours+key=value+...)")
     first_preds, lesions = None, {s: df.loc[df["split"] == s, "lesion_id"].to_numpy() for s in ("valid", "test")}
+    ours_runs, ours_preds = {}, {}  # by name: a name run twice (same seed) is not another training
     for name in names:
         if name == "seed":
             res = seed_run(df, args.size, args.epochs or 5)
@@ -260,13 +357,17 @@ def main(argv: list[str] | None = None) -> int:
                 first_preds = preds
             else:  # the runs share one split (our_run checks it): their predictions pair image by image
                 res["vs_first_ours"] = {s: paired(first_preds[s], preds[s], lesions[s]) for s in ("valid", "test")}
+            ours_runs.setdefault(name, res)
+            ours_preds.setdefault(name, preds)
+            # what --recipes needs to pair this run with runs of other processes on the same split
+            res.update(split=split, predictions={s: np.round(preds[s][1], 6).tolist() for s in ("valid", "test")})
         if args.tta and name == "ours":
             res.update({f"tta_{k}": v for k, v in scores(learn, df, tta=True)[0].items()})
         later = sorted(res["epoch_s"][1:]) or res["epoch_s"]
         res["steady_images_per_s"] = n_train / later[len(later) // 2]  # median epoch after the first
         res["valid_share"] = sum(res["valid_s"]) / sum(res["epoch_s"])  # of the epochs' time, spent validating
         rows.append(res)
-        print(json.dumps({k: v for k, v in res.items() if k not in ("epoch_s", "valid_s")}), flush=True)
+        print(json.dumps({k: v for k, v in res.items() if k not in ("epoch_s", "valid_s", "predictions")}), flush=True)
         if args.out:
             with open(args.out, "a", encoding="utf-8") as f:
                 f.write(json.dumps(res) + "\n")
@@ -308,6 +409,44 @@ def main(argv: list[str] | None = None) -> int:
     if ours[1:]:
         print("(differences are paired by lesion: an interval covers which images the split drew, not the noise "
               "between two trainings; choose on valid, confirm on test)")
+    if len({recipe_of(n) for n in ours_runs}) > 1 and len(ours_runs) > len({recipe_of(n) for n in ours_runs}):
+        summary = compare_recipes(ours_runs, ours_preds, lesions)
+        print_recipes(summary)
+        print(json.dumps({"recipes": summary}))
+        if args.out:
+            with open(args.out, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"name": "recipes", **summary}) + "\n")
+    return 0
+
+
+def recipes_from_files(files: list[str], data: str) -> int:
+    """--recipes: compare_recipes over the `ours` runs that earlier benchmark runs wrote with --out, on one split."""
+    from skincancer.data import prepare
+
+    runs: dict[str, dict] = {}
+    for file in files:
+        for line in Path(file).read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            if "predictions" in row:
+                runs.setdefault(row["name"], row)  # a name again is the same seed: not another training
+    if not runs:
+        raise SystemExit(f"{', '.join(files)}: no runs with predictions (written by this script's --out)")
+    splits = {json.dumps(r["split"], sort_keys=True) for r in runs.values()}
+    if len(splits) > 1:
+        raise SystemExit(f"{', '.join(files)}: the runs were trained on {len(splits)} different splits; "
+                         "a paired comparison needs one")
+    split = next(iter(runs.values()))["split"]
+    df = prepare(data, "binary", seed=split["seed"], limit=split["limit"])
+    if write_split(df, Path(tempfile.mkdtemp()) / "split.csv", split["seed"], split["limit"]) != split:
+        raise SystemExit(f"{data}: gives another split than the one these runs were trained on (seed "
+                         f"{split['seed']}, limit {split['limit']}); pass the --data they used")
+    parts = {s: df[df["split"] == s] for s in ("valid", "test")}
+    lesions = {s: part["lesion_id"].to_numpy() for s, part in parts.items()}
+    truth = {s: part["label"].to_numpy() == "malignant" for s, part in parts.items()}
+    preds = {name: {s: (truth[s], np.asarray(r["predictions"][s])) for s in parts} for name, r in runs.items()}
+    summary = compare_recipes(runs, preds, lesions)
+    print_recipes(summary)
+    print(json.dumps({"recipes": summary}))
     return 0
 
 

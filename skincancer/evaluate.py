@@ -138,30 +138,48 @@ def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0
     return bootstrap_intervals(is_malignant, p_malignant, 0.5, n_boot, seed, level, groups)["auroc"] or (None, None)
 
 
-def paired_bootstrap(is_malignant, p_a, p_b, threshold_a: float = 0.5, threshold_b: float = 0.5, n_boot: int = 1000,
+def _mean_over_runs(statistics: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each statistic averaged over the runs (the trainings of one recipe) that `statistics` holds, one dict a run."""
+    return {k: np.mean([st[k] for st in statistics], axis=0) for k in PAIRED}
+
+
+def paired_bootstrap(is_malignant, p_a, p_b, threshold_a=0.5, threshold_b=0.5, n_boot: int = 1000,
                      seed: int = 0, level: float = 0.95, groups=None) -> dict:
     """Model B against model A on the same images: each statistic of PAIRED for both, B - A, and its interval.
 
     Both models are scored on the same bootstrap replicates (of lesions where `groups` are given): where they err on
     the same images, those errors cancel in the difference, whose interval is then much narrower than the two
     separate intervals suggest. Sensitivity, specificity and balanced accuracy (their mean) are of the malignant
-    call at each model's own threshold; `ci` is the percentile interval at `level`. `p_value` is two-sided, from
-    the share of replicates on the far side of 0 (those at exactly 0 count on both sides), as (k + 1) / (replicates
-    + 1) so it is never 0; it falls below 1 - level about when the interval excludes 0. Undefined numbers are None.
+    call at each model's own threshold; `ci` is the percentile interval at `level` and `se` the replicates' standard
+    deviation. `p_value` is two-sided, from the share of replicates on the far side of 0 (those at exactly 0 count on
+    both sides), as (k + 1) / (replicates + 1) so it is never 0; it falls below 1 - level about when the interval
+    excludes 0. Undefined numbers are None.
+
+    A side may be several trainings of one recipe: rows of probabilities (runs, images), with a threshold each or
+    one for all. Its statistics are then the mean over its runs, on every replicate alike. The interval still covers
+    which images were drawn, not the noise between trainings.
     """
     y = np.asarray(is_malignant, dtype=bool)
-    p_a, p_b = np.asarray(p_a, dtype=np.float64), np.asarray(p_b, dtype=np.float64)
-    if not len(y) == len(p_a) == len(p_b):
-        raise SkinCancerError(f"{len(y)} labels, {len(p_a)} and {len(p_b)} probabilities: a paired comparison "
+    try:
+        p_a, p_b = (np.atleast_2d(np.asarray(p, dtype=np.float64)) for p in (p_a, p_b))
+    except ValueError as e:  # rows of different lengths
+        raise SkinCancerError(f"the runs of one side must each predict the same images ({e})") from None
+    if not len(y) == p_a.shape[1] == p_b.shape[1]:
+        raise SkinCancerError(f"{len(y)} labels, {p_a.shape[1]} and {p_b.shape[1]} probabilities: a paired comparison "
                               "needs both models' predictions of the same images")
     if groups is not None and len(groups) != len(y):
         raise SkinCancerError(f"{len(groups)} lesion ids do not match {len(y)} images")
     if len(y) == 0:
         raise SkinCancerError("no images to compare")
     ones = np.ones((1, len(y)))
-    a, b = _call_statistics(y, p_a, threshold_a, ones), _call_statistics(y, p_b, threshold_b, ones)
-    reps_a = _bootstrap_statistics(y, p_a, threshold_a, max(n_boot, 0), seed, groups)
-    reps_b = _bootstrap_statistics(y, p_b, threshold_b, max(n_boot, 0), seed, groups)  # the same replicates
+    sides = []
+    for p, thresholds in ((p_a, threshold_a), (p_b, threshold_b)):
+        thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(p),))
+        sides.append((_mean_over_runs([_call_statistics(y, run, t, ones) for run, t in zip(p, thresholds)]),
+                      # the same replicates for every run of both sides
+                      _mean_over_runs([_bootstrap_statistics(y, run, t, max(n_boot, 0), seed, groups)
+                                       for run, t in zip(p, thresholds)])))
+    (a, reps_a), (b, reps_b) = sides
     out = {}
     for k in PAIRED:
         d = reps_b[k] - reps_a[k]
@@ -171,8 +189,10 @@ def paired_bootstrap(is_malignant, p_a, p_b, threshold_a: float = 0.5, threshold
         far = min((d <= 0).sum(), (d >= 0).sum())
         out[k] = {"a": _finite_or_none(float(a[k][0])), "b": _finite_or_none(float(b[k][0])),
                   "difference": _finite_or_none(point), "ci": ci,
+                  "se": float(d.std(ddof=1)) if ci and len(d) > 1 else None,
                   "p_value": float(min(1.0, 2 * (far + 1) / (len(d) + 1))) if ci else None}
-    out.update(level=level, resampled="lesions" if groups is not None else "images", replicates=int(n_boot))
+    out.update(level=level, resampled="lesions" if groups is not None else "images", replicates=int(n_boot),
+               runs={"a": len(p_a), "b": len(p_b)})
     return out
 
 

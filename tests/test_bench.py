@@ -27,18 +27,22 @@ def test_predict_benchmark_smoke_prints_its_figures(ham_dir):
 def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir, tmp_path):
     import json
 
+    import numpy as np
+
     out = tmp_path / "runs.jsonl"
-    # another training seed: the bench checks the split is one
-    variant = "ours+loss_on_device=true+reproducible=false+size=48+seed=7"
-    stdout = smoke("bench_train.py", "--size", "40", "--runs", f"seed,ours,{variant}", "--out", str(out))
+    # a variant and second trainings of both (another seed: the bench checks the split is one)
+    variant = "ours+loss_on_device=true+reproducible=false+size=48"
+    runs = ["seed", "ours", variant, "ours+seed=7", f"{variant}+seed=8"]
+    stdout = smoke("bench_train.py", "--size", "40", "--runs", ",".join(runs), "--out", str(out))
     assert "ratio ours / seed, images/s end to end" in stdout
     assert f"ratio {variant} / ours, images/s end to end" in stdout and "steady" in stdout
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["name"] for r in rows] == ["seed", "ours", variant]
-    assert [r["settings"]["size"] for r in rows] == [40, 40, 48]  # --size is all runs', unless a run says
-    assert [r["settings"]["loss_on_device"] for r in rows[1:]] == [False, True]
-    assert [r["settings"]["reproducible"] for r in rows[1:]] == [True, False]
-    assert [r["settings"]["seed"] for r in rows[1:]] == [42, 7]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    rows, recipes = lines[:-1], lines[-1]
+    assert [r["name"] for r in rows] == runs and recipes["name"] == "recipes"
+    assert [r["settings"]["size"] for r in rows] == [40, 40, 48, 40, 48]  # --size is all runs', unless a run says
+    assert [r["settings"]["loss_on_device"] for r in rows[1:]] == [False, True, False, True]
+    assert [r["settings"]["reproducible"] for r in rows[1:]] == [True, False, True, False]
+    assert [r["settings"]["seed"] for r in rows[1:]] == [42, 42, 7, 8]
     for r in rows:
         assert r["images_per_s"] > 0 and r["epochs"] == 1 and 0 <= r["valid_auroc"] <= 1
         assert 0 < r["valid_share"] < 1  # validation is timed as part of each epoch
@@ -50,6 +54,60 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
         assert -1 <= paired["ci95"][0] <= paired["ci95"][1] <= 1 and 0 < paired["p_value"] <= 1
         assert f"{split} auroc {variant} - ours:" in stdout
     assert "vs_first_ours" not in rows[1]
+
+    # each recipe as the mean of its two trainings, judged against the noise between trainings of one recipe
+    assert recipes["trainings"] == {"ours": 2, variant: 2} and recipes["first"] == "ours"
+    ours, other = [rows[1], rows[3]], [rows[2], rows[4]]
+    for split in ("valid", "test"):
+        auroc = recipes["vs_first"][variant][f"{split}_auroc"]
+        means = [np.mean([r[f"{split}_auroc"] for r in runs]) for runs in (other, ours)]
+        assert auroc["difference"] == pytest.approx(means[0] - means[1], abs=1e-9)
+        diffs = [other[0][f"{split}_auroc"] - other[1][f"{split}_auroc"],
+                 ours[0][f"{split}_auroc"] - ours[1][f"{split}_auroc"]]
+        noise = recipes["noise"][f"{split}_auroc"]
+        assert noise["df"] == 2 and noise["sd"] == pytest.approx(np.sqrt(np.mean(np.square(diffs)) / 2), abs=1e-9)
+        lo, hi = auroc["ci_with_training_noise"]
+        assert lo <= auroc["ci_images"][0] and auroc["ci_images"][1] <= hi  # the noise only widens it
+    assert f"valid auroc {variant} - ours:" in stdout.split("recipes, each the mean")[1]
+
+    # the same comparison from the runs' lines, as when they were trained in several processes: ours in one file,
+    # the variant in another, and a line of ours again (the same seed: not a third training)
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], rows[1], rows[3])))
+    second.write_text("".join(json.dumps(r) + "\n" for r in (rows[2], rows[4], rows[1])))
+    again = recipes_cli("--data", str(ham_dir), "--recipes", str(first), str(second))
+    assert again["trainings"] == recipes["trainings"]
+    for split_key, entry in recipes["vs_first"][variant].items():
+        for k, v in entry.items():  # the probabilities were kept to 1e-6
+            assert again["vs_first"][variant][split_key][k] == pytest.approx(v, abs=1e-5)
+    stale = dict(rows[2], split={**rows[2]["split"], "sha256": "0" * 64})
+    second.write_text(json.dumps(stale) + "\n")
+    with pytest.raises(SystemExit, match="2 different splits"):
+        recipes_cli("--data", str(ham_dir), "--recipes", str(first), str(second))
+    # runs that say they were split with another seed than the one that drew their split
+    first.write_text("".join(json.dumps(dict(r, split={**r["split"], "seed": 43})) + "\n" for r in rows[1:]))
+    with pytest.raises(SystemExit, match="gives another split than the one these runs were trained on"):
+        recipes_cli("--data", str(ham_dir), "--recipes", str(first))
+
+
+def recipes_cli(*args: str) -> dict:
+    """bench_train.py --recipes in this process: the summary it printed as JSON."""
+    import contextlib
+    import importlib.util
+    import io
+    import json
+
+    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
+    bench = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(ROOT / "bench"))  # for its `common`
+    try:
+        spec.loader.exec_module(bench)
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            assert bench.main(list(args)) == 0
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return json.loads(stdout.getvalue().splitlines()[-1])["recipes"]
 
 
 def test_augmentation_benchmark_smoke_times_both_pipelines(ham_dir):

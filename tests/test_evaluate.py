@@ -167,6 +167,26 @@ def test_paired_call_statistics_are_at_each_models_own_threshold_and_lesions_are
         paired_bootstrap(y, p_a, p_b, groups=["a", "b"])
 
 
+def test_a_side_of_several_trainings_is_their_mean_on_the_same_replicates():
+    y, p_a, p_b = _two_models(n=600, seed=2)
+    rng = np.random.default_rng(3)
+    p_a2, p_b2 = (np.clip(p + rng.normal(0, 0.05, len(p)), 0, 1) for p in (p_a, p_b))  # second trainings
+    arms = paired_bootstrap(y, [p_a, p_a2], [p_b, p_b2], [0.3, 0.35], 0.6, n_boot=300)
+    assert arms["runs"] == {"a": 2, "b": 2}
+    assert arms["auroc"]["a"] == pytest.approx((roc_auc_score(y, p_a) + roc_auc_score(y, p_a2)) / 2)
+    assert arms["auroc"]["b"] == pytest.approx((roc_auc_score(y, p_b) + roc_auc_score(y, p_b2)) / 2)
+    sens = [((p >= t) & y).sum() / y.sum() for p, t in ((p_a, 0.3), (p_a2, 0.35))]  # each run at its own threshold
+    assert arms["sensitivity"]["a"] == pytest.approx(np.mean(sens))
+    # a side repeated adds nothing: the same replicates give the one-run result exactly
+    once, twice = paired_bootstrap(y, p_a, p_b, n_boot=300), paired_bootstrap(y, [p_a, p_a], [p_b], n_boot=300)
+    assert twice["auroc"]["ci"] == pytest.approx(once["auroc"]["ci"])
+    assert twice["auroc"]["se"] == pytest.approx(once["auroc"]["se"])
+    lo, hi = once["auroc"]["ci"]
+    assert once["auroc"]["se"] == pytest.approx((hi - lo) / (2 * 1.96), rel=0.2)
+    with pytest.raises(SkinCancerError, match="the runs of one side must each predict the same images"):
+        paired_bootstrap(y, [p_a, p_a[:-1]], p_b)
+
+
 def test_undefined_metrics_are_null_not_misleading():
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3]])
     m = classification_metrics(probs, np.zeros(3, int), ["benign", "malignant"], n_boot=100)
