@@ -100,14 +100,16 @@ def _call_statistics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarr
     return dict(auroc=weighted_aurocs(y, p, w), sensitivity=sens, specificity=spec, balanced_accuracy=(sens + spec) / 2)
 
 
-def _bootstrap_statistics(y: np.ndarray, p: np.ndarray, threshold: float, n_boot: int, seed: int,
-                          groups) -> dict[str, np.ndarray]:
-    """PAIRED's statistics on each bootstrap replicate (NaN where a replicate leaves one undefined).
+def _bootstrap_statistics(y: np.ndarray, runs: list[tuple[np.ndarray, float]], n_boot: int, seed: int,
+                          groups) -> list[dict[str, np.ndarray]]:
+    """PAIRED's statistics of each (probabilities, threshold) run on every bootstrap replicate, one dict a run.
 
-    The replicates depend only on the images, `seed` and `groups`: two models scored with the same ones are paired.
+    Every run is scored on the same replicates, drawn once, so runs (models) are paired. NaN where a replicate
+    leaves a statistic undefined.
     """
-    reps = [_call_statistics(y, p, threshold, w) for w in bootstrap_weights(len(y), n_boot, seed, groups)]
-    return {k: np.concatenate([r[k] for r in reps]) if reps else np.empty(0) for k in PAIRED}
+    chunks = [[_call_statistics(y, p, t, w) for p, t in runs] for w in bootstrap_weights(len(y), n_boot, seed, groups)]
+    return [{k: np.concatenate([c[i][k] for c in chunks]) if chunks else np.empty(0) for k in PAIRED}
+            for i in range(len(runs))]
 
 
 def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
@@ -122,7 +124,7 @@ def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boo
     if n_boot <= 0 or len(y) == 0:
         return dict.fromkeys(PAIRED)
     out = {}
-    for k, scores in _bootstrap_statistics(y, p, threshold, n_boot, seed, groups).items():
+    for k, scores in _bootstrap_statistics(y, [(p, threshold)], n_boot, seed, groups)[0].items():
         scores = scores[np.isfinite(scores)]
         out[k] = _percentiles(scores, level) if len(scores) else None
     return out
@@ -171,15 +173,14 @@ def paired_bootstrap(is_malignant, p_a, p_b, threshold_a=0.5, threshold_b=0.5, n
         raise SkinCancerError(f"{len(groups)} lesion ids do not match {len(y)} images")
     if len(y) == 0:
         raise SkinCancerError("no images to compare")
+    runs = [(run, t) for p, thresholds in ((p_a, threshold_a), (p_b, threshold_b))
+            for run, t in zip(p, np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(p),)))]
     ones = np.ones((1, len(y)))
-    sides = []
-    for p, thresholds in ((p_a, threshold_a), (p_b, threshold_b)):
-        thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (len(p),))
-        sides.append((_mean_over_runs([_call_statistics(y, run, t, ones) for run, t in zip(p, thresholds)]),
-                      # the same replicates for every run of both sides
-                      _mean_over_runs([_bootstrap_statistics(y, run, t, max(n_boot, 0), seed, groups)
-                                       for run, t in zip(p, thresholds)])))
-    (a, reps_a), (b, reps_b) = sides
+    points = [_call_statistics(y, p, t, ones) for p, t in runs]
+    reps = _bootstrap_statistics(y, runs, max(n_boot, 0), seed, groups)  # one set of replicates for every run
+    n_a = len(p_a)
+    a, b = _mean_over_runs(points[:n_a]), _mean_over_runs(points[n_a:])
+    reps_a, reps_b = _mean_over_runs(reps[:n_a]), _mean_over_runs(reps[n_a:])
     out = {}
     for k in PAIRED:
         d = reps_b[k] - reps_a[k]
