@@ -176,6 +176,20 @@ def print_recipes(summary: dict) -> None:
             print(line)
 
 
+def report_recipes(runs: dict[str, dict], preds: dict[str, dict], lesions: dict) -> dict:
+    """compare_recipes, printed as lines and as one JSON line; returns the summary."""
+    summary = compare_recipes(runs, preds, lesions)
+    print_recipes(summary)
+    print(json.dumps({"recipes": summary}))
+    return summary
+
+
+def append_line(path: str, record: dict) -> None:
+    """Append `record` to the JSON-lines file at `path`."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
     """The seed recipe: files decoded every epoch, Resize(460), aug_transforms, fp16, fit_one_cycle."""
     import torch
@@ -341,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name != "seed" and name not in variants]
     if unknown:
         raise SystemExit(f"--runs: unknown run(s) {unknown} (seed, ours, ours+key=value+...)")
-    first_preds, lesions = None, {s: df.loc[df["split"] == s, "lesion_id"].to_numpy() for s in ("valid", "test")}
+    lesions = {s: df.loc[df["split"] == s, "lesion_id"].to_numpy() for s in ("valid", "test")}
     ours_runs, ours_preds = {}, {}  # by name: a name run twice (same seed) is not another training
     for name in names:
         if name == "seed":
@@ -353,10 +367,9 @@ def main(argv: list[str] | None = None) -> int:
         scored, preds = scores(learn, df)
         res.update(name=name, images_per_s=n_train * epochs / res["fit_s"], epochs=epochs, device=device, **scored)
         if name != "seed":
-            if first_preds is None:
-                first_preds = preds
-            else:  # the runs share one split (our_run checks it): their predictions pair image by image
-                res["vs_first_ours"] = {s: paired(first_preds[s], preds[s], lesions[s]) for s in ("valid", "test")}
+            if ours_preds:  # the runs share one split (our_run checks it): their predictions pair image by image
+                first = next(iter(ours_preds.values()))
+                res["vs_first_ours"] = {s: paired(first[s], preds[s], lesions[s]) for s in ("valid", "test")}
             ours_runs.setdefault(name, res)
             ours_preds.setdefault(name, preds)
             # what --recipes needs to pair this run with runs of other processes on the same split
@@ -369,8 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(res)
         print(json.dumps({k: v for k, v in res.items() if k not in ("epoch_s", "valid_s", "predictions")}), flush=True)
         if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps(res) + "\n")
+            append_line(args.out, res)
         del learn
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -409,13 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     if ours[1:]:
         print("(differences are paired by lesion: an interval covers which images the split drew, not the noise "
               "between two trainings; choose on valid, confirm on test)")
-    if len({recipe_of(n) for n in ours_runs}) > 1 and len(ours_runs) > len({recipe_of(n) for n in ours_runs}):
-        summary = compare_recipes(ours_runs, ours_preds, lesions)
-        print_recipes(summary)
-        print(json.dumps({"recipes": summary}))
+    n_recipes = len({recipe_of(n) for n in ours_runs})
+    if 1 < n_recipes < len(ours_runs):  # several recipes, one of them trained more than once
+        summary = report_recipes(ours_runs, ours_preds, lesions)
         if args.out:
-            with open(args.out, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"name": "recipes", **summary}) + "\n")
+            append_line(args.out, {"name": "recipes", **summary})
     return 0
 
 
@@ -437,16 +447,16 @@ def recipes_from_files(files: list[str], data: str) -> int:
                          "a paired comparison needs one")
     split = next(iter(runs.values()))["split"]
     df = prepare(data, "binary", seed=split["seed"], limit=split["limit"])
-    if write_split(df, Path(tempfile.mkdtemp()) / "split.csv", split["seed"], split["limit"]) != split:
+    with tempfile.TemporaryDirectory() as tmp:
+        drawn = write_split(df, Path(tmp) / "split.csv", split["seed"], split["limit"])
+    if drawn != split:
         raise SystemExit(f"{data}: gives another split than the one these runs were trained on (seed "
                          f"{split['seed']}, limit {split['limit']}); pass the --data they used")
     parts = {s: df[df["split"] == s] for s in ("valid", "test")}
     lesions = {s: part["lesion_id"].to_numpy() for s, part in parts.items()}
     truth = {s: part["label"].to_numpy() == "malignant" for s, part in parts.items()}
     preds = {name: {s: (truth[s], np.asarray(r["predictions"][s])) for s in parts} for name, r in runs.items()}
-    summary = compare_recipes(runs, preds, lesions)
-    print_recipes(summary)
-    print(json.dumps({"recipes": summary}))
+    report_recipes(runs, preds, lesions)
     return 0
 
 
