@@ -13,6 +13,7 @@ from typing import Any
 
 from .data import DX_NAMES, task_of
 from .errors import SkinCancerError
+from .plotting import class_chart_title
 from .predict import DISCLAIMER, Classifier, open_image
 
 MAX_UPLOAD_MB = 10.0  # a dermoscopy JPEG is a few MB; the limit is enforced by Gradio before a file is stored
@@ -44,13 +45,14 @@ def verdict(clf: Classifier, result: dict) -> str:
     head = ("Malignant: worth a closer look" if result["call"] == "malignant"
             else "Benign by this model's threshold")
     seven = task_of(clf.classes) == "dx"
-    summed = " (mel + bcc + akiec)" if seven else ""
+    summed = " (mel + bcc + akiec" + (", calibrated)" if clf.calibration else ")") if seven else ""
     text = (f"### {head}\n\nProbability of malignancy{summed} **{result['malignant_probability']:.2f}** "
             f"(operating threshold {clf.threshold:.2f}{chosen}).")
     if seven:
         label = result["label"]
         text += (f"\n\nMost likely diagnosis: **{label}** ({DX_NAMES.get(label, label)}, "
-                 f"probability {result['probabilities'].get(label, float('nan')):.2f}).")
+                 f"{'network score' if clf.calibration else 'probability'} "
+                 f"{result['probabilities'].get(label, float('nan')):.2f}).")
     return f"{text}\n\n*{DISCLAIMER}*"
 
 
@@ -99,7 +101,7 @@ def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
             with gr.Column():
                 result = gr.Markdown(elem_id="verdict")
                 # no heading: the Label's heading is the top class, which need not be the label at the threshold
-                probs = gr.Label(label="Class probabilities", num_top_classes=len(clf.classes), show_heading=False,
+                probs = gr.Label(label=class_chart_title(clf).capitalize(), num_top_classes=len(clf.classes), show_heading=False,
                                  elem_id="probs")
                 overlay = gr.Image(label="Grad-CAM: where the network looked for malignancy", type="pil",
                                    interactive=False, elem_id="gradcam")

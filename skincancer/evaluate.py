@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .calibration import calibrate
 from .data import (DX_CLASSES, MALIGNANT_DX, add_labels, attach_paths, index_files, is_malignant_class, is_onehot,
                    malignant_probability, onehot_to_dx, read_metadata, read_table, task_of, validate_metadata)
 from .errors import SkinCancerError, first_few
@@ -40,9 +41,10 @@ def _balanced_accuracy(targets, pred) -> float:
         return float(balanced_accuracy_score(targets, pred))
 
 
-def malignant_scores(probs, targets, classes) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's truth (malignant or not) and probability of malignancy, from class probabilities and targets."""
-    return is_malignant_class(classes)[np.asarray(targets)], malignant_probability(np.asarray(probs), classes)
+def malignant_scores(probs, targets, classes, calibration: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Each image's truth (malignant or not) and probability of malignancy (calibrated when given a calibration)."""
+    p_mal = calibrate(malignant_probability(np.asarray(probs), classes), calibration)
+    return is_malignant_class(classes)[np.asarray(targets)], p_mal
 
 
 def choose_threshold(p_malignant, is_malignant, target_sensitivity: float = TARGET_SENSITIVITY) -> float:
@@ -197,16 +199,16 @@ def paired_bootstrap(is_malignant, p_a, p_b, threshold_a=0.5, threshold_b=0.5, n
     return out
 
 
-def predicted_classes(probs, classes, threshold: float = 0.5) -> np.ndarray:
+def predicted_classes(probs, classes, threshold: float = 0.5, calibration: dict | None = None) -> np.ndarray:
     """Each image's predicted class index: the call at `threshold` for a binary model, the most likely class else."""
     probs = np.asarray(probs)
-    if task_of(classes) == "binary":
-        return (malignant_probability(probs, classes) >= threshold).astype(int)  # (benign, malignant)
+    if task_of(classes) == "binary":  # (benign, malignant)
+        return (calibrate(malignant_probability(probs, classes), calibration) >= threshold).astype(int)
     return probs.argmax(axis=1)
 
 
 def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=None, n_boot: int = 0,
-                           seed: int = 0, groups=None) -> dict:
+                           seed: int = 0, groups=None, calibration: dict | None = None) -> dict:
     """Metrics for class probabilities `probs` (n, k) and integer `targets` (n,); undefined ones are None.
 
     auroc and everything at the threshold are about malignant vs benign, with malignant predicted when its
@@ -217,6 +219,8 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     With `n_boot`, AUROC, sensitivity, specificity and (binary) balanced accuracy get 95% bootstrap intervals
     (`*_ci95`), from one set of replicates that resamples lesions, not images, when `groups` (each image's
     lesion_id) are given.
+    With a `calibration` (the model card's), the probability of malignancy is the calibrated one, and `threshold`
+    is on its scale; `brier` scores that probability, and `brier_uncalibrated` the network's own.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -226,8 +230,8 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
                               f"and {len(classes)} classes")
     if len(targets) == 0:
         raise SkinCancerError("no images to evaluate")
-    pred = predicted_classes(probs, classes, threshold)
-    truth, p_mal = malignant_scores(probs, targets, classes)
+    pred = predicted_classes(probs, classes, threshold, calibration)
+    truth, p_mal = malignant_scores(probs, targets, classes, calibration)
     said = p_mal >= threshold
     tp, fn = int((said & truth).sum()), int((~said & truth).sum())
     tn, fp = int((~said & ~truth).sum()), int((said & ~truth).sum())
@@ -254,6 +258,11 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
         "npv": _ratio(tn, tn + fn),
         "f1": (2 * ppv * sens / (ppv + sens)) if ppv and sens else (0.0 if n_pos else None),
         "confusion_at_threshold": {"tp": tp, "fn": fn, "tn": tn, "fp": fp},
+        # calibration in the large (the mean probability against the share malignant) and the Brier score
+        "mean_probability": float(p_mal.mean()),
+        "brier": float(np.mean((p_mal - truth) ** 2)),
+        "brier_uncalibrated": (float(np.mean((malignant_scores(probs, targets, classes)[1] - truth) ** 2))
+                               if calibration is not None else None),
     }
     if len(classes) > 2:
         present = set(np.unique(targets))
@@ -272,7 +281,7 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
 def metrics_table(metrics: dict) -> str:
     """A short text table of the headline numbers."""
     keys = ["n", "n_malignant", "auroc", "balanced_accuracy", "accuracy", "sensitivity", "specificity", "ppv",
-            "npv", "f1", "macro_auroc"]
+            "npv", "f1", "macro_auroc", "mean_probability", "brier"]
     rows = []
     for k in keys:
         if k not in metrics:
@@ -282,6 +291,10 @@ def metrics_table(metrics: dict) -> str:
         notes = []
         if k in ("balanced_accuracy", "accuracy") and v is not None:
             notes.append("7 classes, most likely diagnosis" if "macro_auroc" in metrics else "at the threshold")
+        if k == "mean_probability" and metrics.get("n"):
+            notes.append(f"share malignant {metrics['n_malignant'] / metrics['n']:.4f}")
+        if k == "brier" and metrics.get("brier_uncalibrated") is not None:
+            notes.append(f"{metrics['brier_uncalibrated']:.4f} before calibration")
         if metrics.get(f"{k}_ci95"):
             by = f", resampling {metrics['ci95_resampled']}" if k == "auroc" and metrics.get("ci95_resampled") else ""
             notes.append(f"95% CI {metrics[f'{k}_ci95'][0]:.4f}-{metrics[f'{k}_ci95'][1]:.4f}{by}")
@@ -412,23 +425,33 @@ def plot_confusion(targets, preds, classes, ax=None, title: str = "Confusion mat
     return fig
 
 
-def plot_reliability(is_malignant, p_malignant, bins: int = 10, ax=None):
-    """Calibration: observed frequency of malignancy against predicted probability, by bin."""
+def _reliability_curve(y: np.ndarray, p: np.ndarray, bins: int) -> tuple[list, list, list]:
+    """(mean probability, share malignant, count) of each non-empty bin of equal width."""
+    which = np.clip(np.digitize(p, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    kept = [b for b in range(bins) if (which == b).any()]
+    return ([p[which == b].mean() for b in kept], [y[which == b].mean() for b in kept],
+            [int((which == b).sum()) for b in kept])
+
+
+def plot_reliability(is_malignant, p_malignant, bins: int = 10, ax=None, uncalibrated=None):
+    """Calibration: observed frequency of malignancy against predicted probability, by bin (and before calibration)."""
     plt = pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(5, 5))
     y, p = np.asarray(is_malignant, dtype=float), np.asarray(p_malignant, dtype=float)
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
-    mean_p = [p[which == b].mean() for b in range(bins) if (which == b).any()]
-    freq = [y[which == b].mean() for b in range(bins) if (which == b).any()]
-    count = [(which == b).sum() for b in range(bins) if (which == b).any()]
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfectly calibrated")
-    ax.plot(mean_p, freq, "o-", label="model")
+    if uncalibrated is not None:
+        raw = np.asarray(uncalibrated, dtype=float)
+        mean_p, freq, _ = _reliability_curve(y, raw, bins)
+        ax.plot(mean_p, freq, "s:", color="darkorange", alpha=0.8,
+                label=f"network's scores (Brier {np.mean((raw - y) ** 2):.3f})")
+    mean_p, freq, count = _reliability_curve(y, p, bins)
+    name = "calibrated on valid" if uncalibrated is not None else "model"
+    ax.plot(mean_p, freq, "o-", color="tab:blue", label=f"{name} (Brier {np.mean((p - y) ** 2):.3f})")
     for x, f, c in zip(mean_p, freq, count):
         ax.annotate(str(c), (x, f), textcoords="offset points", xytext=(4, -10), fontsize=7)
     ax.set(xlabel="predicted probability of malignancy", ylabel="observed fraction malignant",
            title="Reliability (n per bin)", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper left", fontsize=8)
     return fig
 
 
@@ -517,20 +540,24 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = clf.classes
     probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs)
+    calibration = clf.calibration
     metrics = classification_metrics(probs, targets, classes, clf.threshold, dx=df["dx"].to_numpy(), n_boot=n_boot,
-                                     groups=lesion_groups(df))
+                                     groups=lesion_groups(df), calibration=calibration)
     card = clf.card
     metrics["threshold_rule"] = card.get("threshold_rule", "0.5 (no rule recorded in the model card)")
     metrics["tta"] = tta
     metrics["model"] = str(clf.path)
-    truth, p_mal = malignant_scores(probs, targets, classes)
-    preds = predicted_classes(probs, classes, clf.threshold)
+    metrics["calibration"] = calibration
+    truth, p_mal = malignant_scores(probs, targets, classes, calibration)
+    preds = predicted_classes(probs, classes, clf.threshold, calibration)
     rule = f"at threshold {clf.threshold:.3f}" if task_of(classes) == "binary" else "most likely diagnosis"
     figures = {"confusion.png": plot_confusion(targets, preds, classes, title=f"Confusion matrix, {rule}"),
                "top_losses.png": plot_top_losses(df, probs, targets, classes, preds=preds)}
     if metrics["auroc"] is not None:  # curves need both classes
         figures.update({"roc.png": plot_roc(truth, p_mal, clf.threshold), "pr.png": plot_pr(truth, p_mal),
-                        "reliability.png": plot_reliability(truth, p_mal),
+                        "reliability.png": plot_reliability(
+                            truth, p_mal, uncalibrated=None if calibration is None else
+                            malignant_scores(probs, targets, classes)[1]),
                         "threshold.png": plot_threshold(truth, p_mal, clf.threshold)})
     if gradcam_images:
         picks = np.argsort(-p_mal)[:gradcam_images]  # the images the model finds most malignant
@@ -570,9 +597,9 @@ def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = Fal
     for clf in (clf_a, clf_b):
         probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs)
         metrics = classification_metrics(probs, targets, clf.classes, clf.threshold, dx=dx, n_boot=n_boot,
-                                         groups=groups)
+                                         groups=groups, calibration=clf.calibration)
         metrics.update(model=str(clf.path), task=task_of(clf.classes))
-        scored.append((*malignant_scores(probs, targets, clf.classes), clf.threshold, metrics))
+        scored.append((*malignant_scores(probs, targets, clf.classes, clf.calibration), clf.threshold, metrics))
     (truth, p_a, t_a, m_a), (_, p_b, t_b, m_b) = scored
     paired = paired_bootstrap(truth, p_a, p_b, t_a, t_b, n_boot=n_boot, groups=groups)
     result = {"a": m_a, "b": m_b, "difference": paired, "n": int(len(df)), "n_malignant": int(truth.sum()),

@@ -18,6 +18,11 @@ def pyplot():
     return plt
 
 
+def class_chart_title(clf) -> str:
+    """What a chart of `predict`'s class probabilities shows: a calibrated dx model's diagnoses are raw scores."""
+    return "diagnosis scores (not calibrated)" if clf.calibration and len(clf.classes) > 2 else "class probabilities"
+
+
 def save_figure(fig, path: str | Path, close: bool = True) -> Path:
     """Save a figure as PNG atomically (and close it unless told not to, e.g. to show it in a notebook)."""
     with atomic_path(path) as tmp:
@@ -135,7 +140,7 @@ def plot_prediction(clf, image, result: dict | None = None):
         ax.axis("off")
     probs = pd.Series(result["probabilities"]).sort_values()
     probs.plot.barh(ax=axes[2], color=["crimson" if m else "steelblue" for m in is_malignant_class(probs.index)])
-    axes[2].set(xlim=(0, 1), title="class probabilities")
+    axes[2].set(xlim=(0, 1), title=class_chart_title(clf))
     call, label = result["call"], result["label"]
     head = call if label == call else f"{call} (most likely diagnosis: {label})"  # dx models name the diagnosis
     fig.suptitle(f"{head}: probability of malignancy {result['malignant_probability']:.2f} "

@@ -12,7 +12,8 @@ from typing import Any, Iterable, Union
 import numpy as np
 import pandas as pd
 
-from .data import malignant_probability, task_of
+from .calibration import calibrate, check_calibration
+from .data import is_malignant_class, malignant_probability, task_of
 from .files import model_files, sha256_file
 from .errors import SkinCancerError
 
@@ -92,13 +93,21 @@ class Classifier:
         """Probability of malignancy at which a binary model says 'malignant' (from the card, else 0.5)."""
         return float(self.card.get("threshold", 0.5))
 
+    @property
+    def calibration(self) -> dict | None:
+        """The map from the network's score to a calibrated probability of malignancy (None: the score as it is)."""
+        return self.card.get("calibration")
+
     def _result(self, name: str, probs: np.ndarray) -> dict:
         classes = self.classes
-        p_mal = float(malignant_probability(probs, classes))
+        p_mal = float(calibrate(malignant_probability(probs, classes), self.calibration))
         # the call at the operating threshold, for every task: a dx model's most likely diagnosis can be benign
         # while its malignant diagnoses together pass the threshold chosen for the target sensitivity
         call = "malignant" if p_mal >= self.threshold else "benign"
-        label = call if task_of(classes) == "binary" else classes[int(np.argmax(probs))]
+        binary = task_of(classes) == "binary"
+        label = call if binary else classes[int(np.argmax(probs))]
+        if binary:  # both classes are the calibrated question; a dx model's diagnoses keep the network's scores
+            probs = np.where(is_malignant_class(classes), p_mal, 1 - p_mal)
         return {"image": name, "label": label, "call": call, "malignant_probability": p_mal,
                 "probabilities": {c: float(p) for c, p in zip(classes, probs)}}
 
@@ -139,9 +148,13 @@ def read_card(model_path: str | Path) -> dict:
     if not card_path.exists():
         return {}
     try:
-        return json.loads(card_path.read_text(encoding="utf-8"))
+        card = json.loads(card_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SkinCancerError(f"{card_path}: not a valid model card ({e})") from None
+    if not isinstance(card, dict):
+        raise SkinCancerError(f"{card_path}: not a valid model card (a JSON {type(card).__name__}, not an object)")
+    check_calibration(card.get("calibration"), str(card_path))
+    return card
 
 
 def inference_learner(card: dict, weights: str | Path, cpu: bool = True):

@@ -399,22 +399,28 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
 
 
 def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict]:
-    """Choose the operating threshold on valid, then metrics of valid and test at it; return (metrics, rule)."""
+    """Calibrate and choose the operating threshold on valid, then metrics of valid and test; return (metrics, card).
+
+    The card part holds the threshold, its rule and the calibration: the threshold is on the calibrated scale.
+    """
+    from .calibration import fit_calibration
     from .evaluate import choose_threshold, classification_metrics, lesion_groups, malignant_scores, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
     parts = {s: df[df["split"] == s] for s in ("valid", "test") if (df["split"] == s).any()}
     preds = {s: predict_frame(learn, part) for s, part in parts.items()}
     probs, targets = preds["valid"]
-    truth, p_mal = malignant_scores(probs, targets, classes)
+    truth, scores = malignant_scores(probs, targets, classes)
+    calibration = fit_calibration(scores, truth)
+    truth, p_mal = malignant_scores(probs, targets, classes, calibration)
     threshold = choose_threshold(p_mal, truth, target_sensitivity)
     metrics = {s: classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=1000, seed=0,
-                                         groups=lesion_groups(parts[s]))
+                                         groups=lesion_groups(parts[s]), calibration=calibration)
                for s, (p, t) in preds.items()}
     rule = {"target_sensitivity": target_sensitivity, "chosen_on": "valid",
             "how": "the highest threshold whose validation sensitivity for malignant reaches the target",
             "valid_sensitivity": metrics["valid"]["sensitivity"], "valid_specificity": metrics["valid"]["specificity"]}
-    return metrics, {"threshold": threshold, "threshold_rule": rule}
+    return metrics, {"threshold": threshold, "threshold_rule": rule, "calibration": calibration}
 
 
 def library_versions() -> dict[str, str]:
@@ -525,8 +531,12 @@ def setup(config: TrainConfig):
 
 def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None = None,
            processes: int = 1) -> TrainResult:
-    """Choose the threshold on valid, measure valid and test, write the card, split and learner."""
+    """Calibrate and choose the threshold on valid, measure valid and test, write the card, split and learner."""
     metrics, threshold = evaluate_splits(learn, df, config.target_sensitivity)
+    calibration = threshold["calibration"]
+    print("probability of malignancy: " + (
+        f"calibrated on valid, sigmoid({calibration['slope']:.3f} * logit(score) {calibration['intercept']:+.3f})"
+        if calibration else "the network's score (valid cannot calibrate it: one class only, or ranked backwards)"))
     print(f"operating threshold {threshold['threshold']:.4f}: chosen on valid for sensitivity >= "
           f"{config.target_sensitivity:.2f}")
     for split, m in metrics.items():

@@ -146,7 +146,8 @@ def test_the_verdict_of_a_seven_class_model_gives_the_call_at_the_threshold_and_
 
     from skincancer.app import verdict
 
-    clf = SimpleNamespace(classes=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], card={}, threshold=0.3)
+    clf = SimpleNamespace(classes=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], card={}, threshold=0.3,
+                          calibration=None)
     # nv is the most likely diagnosis, but mel + bcc + akiec (0.35) pass the threshold: the call is malignant
     result = {"label": "nv", "call": "malignant", "malignant_probability": 0.35, "probabilities": {"nv": 0.6}}
     text = verdict(clf, result)
@@ -155,6 +156,16 @@ def test_the_verdict_of_a_seven_class_model_gives_the_call_at_the_threshold_and_
     assert "Most likely diagnosis: **nv** (melanocytic nevus, probability 0.60)" in text and DISCLAIMER in text
     benign = verdict(clf, {**result, "call": "benign", "malignant_probability": 0.1})
     assert benign.startswith("### Benign by this model's threshold") and "**nv**" in benign
+    # calibrated, the probability of malignancy says so, and the diagnosis keeps the network's score
+    clf.calibration = {"method": "platt", "slope": 0.5, "intercept": -1.0}
+    calibrated = verdict(clf, result)
+    assert "(mel + bcc + akiec, calibrated) **0.35**" in calibrated
+    assert "(melanocytic nevus, network score 0.60)" in calibrated
+    from skincancer.plotting import class_chart_title
+
+    assert class_chart_title(clf) == "diagnosis scores (not calibrated)"
+    assert class_chart_title(SimpleNamespace(classes=["benign", "malignant"], calibration=clf.calibration)) == \
+        "class probabilities"
 
 
 def test_analyse_turns_bad_input_into_messages(trained, tmp_path):
