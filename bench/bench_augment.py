@@ -63,19 +63,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bs", type=int, default=256)
     p.add_argument("--batches", type=int, default=50, help="timed batches per variant (at most one epoch)")
     p.add_argument("--limit", type=int)
-    p.add_argument("--cache-dir", help="presize cache (default: a temporary folder)")
+    p.add_argument("--cache-dir", help="presize cache, kept (default: a temporary folder, then removed)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: 200 images, 32 px, bs 16, 4 batches")
     args = p.parse_args(argv)
     if args.smoke:
         args.limit, args.size, args.bs, args.batches = 200, 32, 16, 4
 
+    from skincancer.data import prepare
+
+    df = prepare(args.data, "binary", limit=args.limit)
+    with tempfile.TemporaryDirectory(prefix="skincancer-cache-") as tmp:  # removed at the end unless --cache-dir
+        return time_all(args, df, args.cache_dir or tmp)
+
+
+def time_all(args, df, cache_dir: str) -> int:
+    """Time every augment pipeline with fastai's transforms and ours; print ms/batch, images/s and the ratios."""
     import torch
 
     import skincancer.augment
-    from skincancer.data import AUGMENTS, make_dataloaders, prepare
+    from skincancer.data import AUGMENTS, make_dataloaders
 
-    df = prepare(args.data, "binary", limit=args.limit)
-    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="skincancer-cache-")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device}; {int((df['split'] == 'train').sum())} training images, {args.size} px, bs {args.bs}, "
           f"torch {torch.__version__}")

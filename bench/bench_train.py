@@ -223,11 +223,11 @@ def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
                 settings=dict(size=size, bs=bs))
 
 
-def our_run(df, data: str, overrides: dict, cache_dir: str) -> dict:
-    """skincancer.train's setup and fit with its defaults and `overrides`, on the split in `df`."""
+def our_run(df, data: str, overrides: dict, cache_dir: str, workdir: Path) -> dict:
+    """skincancer.train's setup and fit with its defaults and `overrides`, on the split in `df`, under `workdir`."""
     from skincancer import train as T
 
-    config = T.TrainConfig(data=data, pretrained=False, out=str(Path(tempfile.mkdtemp()) / "bench.pkl"),
+    config = T.TrainConfig(data=data, pretrained=False, out=str(Path(tempfile.mkdtemp(dir=workdir)) / "bench.pkl"),
                            cache_dir=cache_dir, **overrides)
     start = time.perf_counter()
     config, split_df, learn = T.setup(config)
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], help="TrainConfig override for ours, key=value")
     p.add_argument("--tta", action="store_true", help="also score ours with test-time augmentation")
     p.add_argument("--synthetic", action="store_true", help="also time bare ResNet50 steps (GPU ceiling)")
-    p.add_argument("--cache-dir", default=None, help="presize cache (default: a temporary folder)")
+    p.add_argument("--cache-dir", default=None,
+                   help="presize cache, kept (default: a temporary folder, cold for the first run, then removed)")
     p.add_argument("--out", help="append one JSON line per run here")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: 200 images, 32 px, 1 epoch")
     p.add_argument("--recipes", nargs="+", metavar="JSONL",
@@ -325,11 +326,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.recipes:
         return recipes_from_files(args.recipes, args.data)
-
-    import torch
-
-    from skincancer.data import prepare
-
     overrides = parse_sets(args.set)
     if args.smoke:
         args.limit, args.size, args.epochs = 200, args.size or 32, 1
@@ -339,10 +335,20 @@ def main(argv: list[str] | None = None) -> int:
     overrides.setdefault("size", args.size)
     if args.epochs:
         overrides.setdefault("epochs", args.epochs)
-    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="skincancer-cache-")
+    # the split file and (without --cache-dir) a cold presize cache, removed when the runs end or fail
+    with tempfile.TemporaryDirectory(prefix="skincancer-bench-") as tmp:
+        return run_all(args, overrides, Path(tmp), args.cache_dir or str(Path(tmp) / "cache"))
+
+
+def run_all(args, overrides: dict, workdir: Path, cache_dir: str) -> int:
+    """Train every run of --runs on one split written in `workdir`; print and --out each, then the comparisons."""
+    import torch
+
+    from skincancer.data import prepare
+
     df = prepare(args.data, "binary", seed=overrides.get("seed", 42), limit=args.limit)
     # every run trains on this one split: a run's own seed (ours+seed=N) changes only its training
-    split_csv = Path(tempfile.mkdtemp(prefix="skincancer-bench-")) / "bench.split.csv"
+    split_csv = workdir / "bench.split.csv"
     split = write_split(df, split_csv, seed=overrides.get("seed", 42), limit=args.limit)
     overrides.setdefault("split_from", str(split_csv))
     n_train = int((df["split"] == "train").sum())
@@ -361,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         if name == "seed":
             res = seed_run(df, args.size, args.epochs or 5)
         else:
-            res = our_run(df, args.data, {**overrides, **variants[name]}, cache_dir)
+            res = our_run(df, args.data, {**overrides, **variants[name]}, cache_dir, workdir)
         learn = res.pop("learn")
         epochs = len(res["epoch_s"])
         scored, preds = scores(learn, df)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -10,10 +11,11 @@ import pytest
 from conftest import ROOT
 
 
-def smoke(script: str, *args: str) -> str:
+def smoke(script: str, *args: str, tmpdir=None) -> str:
     """Run a benchmark script's --smoke mode; return its stdout after checking that it exited 0."""
+    env = None if tmpdir is None else {**os.environ, "TMPDIR": str(tmpdir)}
     run = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
-                         capture_output=True, text=True, timeout=600)
+                         capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stdout
 
@@ -33,7 +35,10 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     # a variant and second trainings of both (another seed: the bench checks the split is one)
     variant = "ours+loss_on_device=true+reproducible=false+size=48"
     runs = ["seed", "ours", variant, "ours+seed=7", f"{variant}+seed=8"]
-    stdout = smoke("bench_train.py", "--size", "40", "--runs", ",".join(runs), "--out", str(out))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    stdout = smoke("bench_train.py", "--size", "40", "--runs", ",".join(runs), "--out", str(out), tmpdir=tmp)
+    assert not any(tmp.iterdir())  # the split, the cold presize cache and the runs' checkpoints are removed
     assert "ratio ours / seed, images/s end to end" in stdout
     assert f"ratio {variant} / ours, images/s end to end" in stdout and "steady" in stdout
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -110,8 +115,9 @@ def recipes_cli(*args: str) -> dict:
     return json.loads(stdout.getvalue().splitlines()[-1])["recipes"]
 
 
-def test_augmentation_benchmark_smoke_times_both_pipelines(ham_dir):
-    stdout = smoke("bench_augment.py")
+def test_augmentation_benchmark_smoke_times_both_pipelines(ham_dir, tmp_path):
+    stdout = smoke("bench_augment.py", tmpdir=tmp_path)
+    assert not any(tmp_path.iterdir())  # its presize cache is removed
     for figure in ("two-pass", "one-pass", "ms/batch", "ratio one-pass / two-pass, images/s",
                    "ratio ours / fastai's transforms, one-pass"):
         assert figure in stdout
