@@ -101,8 +101,8 @@ def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
             with gr.Column():
                 result = gr.Markdown(elem_id="verdict")
                 # no heading: the Label's heading is the top class, which need not be the label at the threshold
-                probs = gr.Label(label=class_chart_title(clf).capitalize(), num_top_classes=len(clf.classes), show_heading=False,
-                                 elem_id="probs")
+                probs = gr.Label(label=class_chart_title(clf).capitalize(), num_top_classes=len(clf.classes),
+                                 show_heading=False, elem_id="probs")
                 overlay = gr.Image(label="Grad-CAM: where the network looked for malignancy", type="pil",
                                    interactive=False, elem_id="gradcam")
         outputs = [result, probs, overlay]
