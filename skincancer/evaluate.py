@@ -448,7 +448,8 @@ def plot_reliability(is_malignant, p_malignant, bins: int = 10, ax=None, uncalib
     name = "calibrated on valid" if uncalibrated is not None else "model"
     ax.plot(mean_p, freq, "o-", color="tab:blue", label=f"{name} (Brier {np.mean((p - y) ** 2):.3f})")
     for x, f, c in zip(mean_p, freq, count):
-        ax.annotate(str(c), (x, f), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        # counts below their points, but above those near the axis, where they would sit on its tick labels
+        ax.annotate(str(c), (x, f), textcoords="offset points", xytext=(4, 4 if f < 0.08 else -10), fontsize=7)
     ax.set(xlabel="predicted probability of malignancy", ylabel="observed fraction malignant",
            title="Reliability (n per bin)", xlim=(0, 1), ylim=(0, 1))
     ax.legend(loc="upper left", fontsize=8)
