@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from skincancer import SkinCancerError, cli
+from skincancer.calibration import calibrate
 from skincancer.data import prepare
 from skincancer.files import sha256_file
 from skincancer.predict import load
@@ -74,6 +75,13 @@ def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir, original_images):
     res = clf.predict(original_images[0])
     assert res["label"] == max(res["probabilities"], key=res["probabilities"].get)
     p = res["malignant_probability"]
+    # the diagnoses keep the network's scores; the probability of malignancy is their malignant sum, calibrated
+    summed = sum(res["probabilities"][d] for d in ("mel", "bcc", "akiec"))
+    assert p == pytest.approx(float(calibrate(summed, card["calibration"])), abs=1e-6)
+    cal = {"method": "platt", "slope": 0.7, "intercept": -0.5}  # as training fits one where valid ranks rightly
+    recalibrated = dataclasses.replace(clf, card={**clf.card, "calibration": cal}).predict(original_images[0])
+    assert recalibrated["probabilities"] == res["probabilities"] and recalibrated["label"] == res["label"]
+    assert recalibrated["malignant_probability"] == pytest.approx(float(calibrate(summed, cal)), abs=1e-6)
     for threshold, call in ((p - 1e-6, "malignant"), (p + 1e-6, "benign")):
         moved = dataclasses.replace(clf, card={**clf.card, "threshold": threshold}).predict(original_images[0])
         assert moved["call"] == call and moved["label"] == res["label"]
