@@ -48,6 +48,11 @@ def verdict(clf: Classifier, result: dict) -> str:
     summed = " (mel + bcc + akiec" + (", calibrated)" if clf.calibration else ")") if seven else ""
     text = (f"### {head}\n\nProbability of malignancy{summed} **{result['malignant_probability']:.2f}** "
             f"(operating threshold {clf.threshold:.2f}{chosen}).")
+    cal = clf.calibration
+    if cal and cal.get("n") and cal.get("n_malignant") is not None:
+        # a calibrated probability holds for the population it was fitted on, not for this person
+        text += (f" Calibrated on {cal['n']:,} validation photos of which {cal['n_malignant'] / cal['n']:.0%} were "
+                 "malignant: where malignancy is rarer, it overstates the chance; it is not a personal risk.")
     if seven:
         label = result["label"]
         text += (f"\n\nMost likely diagnosis: **{label}** ({DX_NAMES.get(label, label)}, "

@@ -161,6 +161,8 @@ def test_the_verdict_of_a_seven_class_model_gives_the_call_at_the_threshold_and_
     calibrated = verdict(clf, result)
     assert "(mel + bcc + akiec, calibrated) **0.35**" in calibrated
     assert "(melanocytic nevus, network score 0.60)" in calibrated
+    clf.calibration = {**clf.calibration, "n": 1442, "n_malignant": 286}
+    assert "Calibrated on 1,442 validation photos of which 20% were malignant" in verdict(clf, result)
     from skincancer.plotting import class_chart_title
 
     assert class_chart_title(clf) == "diagnosis scores (not calibrated)"
