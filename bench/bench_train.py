@@ -298,10 +298,10 @@ def parse_sets(pairs: list[str]) -> dict:
     return out
 
 
-def write_split(df, path: Path, seed: int, limit: int | None) -> dict:
-    """Write the split CSV that every run trains on; return what identifies it (seed, limit, the file's sha256)."""
-    df[["image_id", "lesion_id", "split"]].to_csv(path, index=False)
-    return {"seed": seed, "limit": limit, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+def split_identity(df, seed: int, limit: int | None) -> tuple[str, dict]:
+    """The split CSV that every run trains on, and what identifies it (seed, limit, the CSV's sha256)."""
+    text = df[["image_id", "lesion_id", "split"]].to_csv(index=False)
+    return text, {"seed": seed, "limit": limit, "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,7 +349,8 @@ def run_all(args, overrides: dict, workdir: Path, cache_dir: str) -> int:
     df = prepare(args.data, "binary", seed=overrides.get("seed", 42), limit=args.limit)
     # every run trains on this one split: a run's own seed (ours+seed=N) changes only its training
     split_csv = workdir / "bench.split.csv"
-    split = write_split(df, split_csv, seed=overrides.get("seed", 42), limit=args.limit)
+    text, split = split_identity(df, seed=overrides.get("seed", 42), limit=args.limit)
+    split_csv.write_text(text, encoding="utf-8")
     overrides.setdefault("split_from", str(split_csv))
     n_train = int((df["split"] == "train").sum())
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
@@ -453,9 +454,7 @@ def recipes_from_files(files: list[str], data: str) -> int:
                          "a paired comparison needs one")
     split = next(iter(runs.values()))["split"]
     df = prepare(data, "binary", seed=split["seed"], limit=split["limit"])
-    with tempfile.TemporaryDirectory() as tmp:
-        drawn = write_split(df, Path(tmp) / "split.csv", split["seed"], split["limit"])
-    if drawn != split:
+    if split_identity(df, split["seed"], split["limit"])[1] != split:
         raise SystemExit(f"{data}: gives another split than the one these runs were trained on (seed "
                          f"{split['seed']}, limit {split['limit']}); pass the --data they used")
     parts = {s: df[df["split"] == s] for s in ("valid", "test")}

@@ -231,7 +231,8 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     if len(targets) == 0:
         raise SkinCancerError("no images to evaluate")
     pred = predicted_classes(probs, classes, threshold, calibration)
-    truth, p_mal = malignant_scores(probs, targets, classes, calibration)
+    truth, scores = malignant_scores(probs, targets, classes)
+    p_mal = calibrate(scores, calibration)
     said = p_mal >= threshold
     tp, fn = int((said & truth).sum()), int((~said & truth).sum())
     tn, fp = int((~said & ~truth).sum()), int((said & ~truth).sum())
@@ -261,8 +262,7 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
         # calibration in the large (the mean probability against the share malignant) and the Brier score
         "mean_probability": float(p_mal.mean()),
         "brier": float(np.mean((p_mal - truth) ** 2)),
-        "brier_uncalibrated": (float(np.mean((malignant_scores(probs, targets, classes)[1] - truth) ** 2))
-                               if calibration is not None else None),
+        "brier_uncalibrated": float(np.mean((scores - truth) ** 2)) if calibration is not None else None,
     }
     if len(classes) > 2:
         present = set(np.unique(targets))
@@ -549,7 +549,8 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     metrics["tta"] = tta
     metrics["model"] = str(clf.path)
     metrics["calibration"] = calibration
-    truth, p_mal = malignant_scores(probs, targets, classes, calibration)
+    truth, scores = malignant_scores(probs, targets, classes)
+    p_mal = calibrate(scores, calibration)
     preds = predicted_classes(probs, classes, clf.threshold, calibration)
     rule = f"at threshold {clf.threshold:.3f}" if task_of(classes) == "binary" else "most likely diagnosis"
     figures = {"confusion.png": plot_confusion(targets, preds, classes, title=f"Confusion matrix, {rule}"),
@@ -557,8 +558,7 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     if metrics["auroc"] is not None:  # curves need both classes
         figures.update({"roc.png": plot_roc(truth, p_mal, clf.threshold), "pr.png": plot_pr(truth, p_mal),
                         "reliability.png": plot_reliability(
-                            truth, p_mal, uncalibrated=None if calibration is None else
-                            malignant_scores(probs, targets, classes)[1]),
+                            truth, p_mal, uncalibrated=None if calibration is None else scores),
                         "threshold.png": plot_threshold(truth, p_mal, clf.threshold)})
     if gradcam_images:
         picks = np.argsort(-p_mal)[:gradcam_images]  # the images the model finds most malignant

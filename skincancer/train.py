@@ -403,7 +403,7 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
 
     The card part holds the threshold, its rule and the calibration: the threshold is on the calibrated scale.
     """
-    from .calibration import fit_calibration
+    from .calibration import calibrate, fit_calibration
     from .evaluate import choose_threshold, classification_metrics, lesion_groups, malignant_scores, predict_frame
 
     classes = [str(c) for c in learn.dls.vocab]
@@ -412,8 +412,7 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
     probs, targets = preds["valid"]
     truth, scores = malignant_scores(probs, targets, classes)
     calibration = fit_calibration(scores, truth)
-    truth, p_mal = malignant_scores(probs, targets, classes, calibration)
-    threshold = choose_threshold(p_mal, truth, target_sensitivity)
+    threshold = choose_threshold(calibrate(scores, calibration), truth, target_sensitivity)
     metrics = {s: classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=1000, seed=0,
                                          groups=lesion_groups(parts[s]), calibration=calibration)
                for s, (p, t) in preds.items()}
