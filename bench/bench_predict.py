@@ -1,10 +1,13 @@
 """CPU inference benchmark: batched predict_batch against a per-image learn.predict loop, measured in one run.
 
-    python bench/bench_predict.py --model models/skincancer.pkl --images DIR [--n 256] [--bs 64]
-    python bench/bench_predict.py --smoke      # seconds: trains a tiny model first; CI runs this to keep it working
+    python bench/bench_predict.py --model models/skincancer.pkl --images DIR [--n 256] [--bs N]
+    python bench/bench_predict.py --size 224   # no model at hand: trains a throwaway one at that size (1 epoch)
+    python bench/bench_predict.py --smoke      # seconds: a tiny model at 32 px; CI runs this to keep it working
 
-Prints model load times, single-image latency, and images/s of both ways with their ratio. It asserts nothing about
-speed: figures depend on the machine, so compare ratios measured in the same run.
+Prints model load times, single-image latency, and images/s of a per-image `learn.predict` loop, of fastai's
+batched `learn.get_preds` at bs 64, and of `predict_batch`, with the ratios. Timings depend on the input size and
+the machine, not on how well the weights were trained. It asserts nothing about speed: compare ratios measured in
+the same run.
 """
 
 from __future__ import annotations
@@ -26,17 +29,17 @@ def timed(fn, *args, **kwargs):
     return out, time.perf_counter() - start
 
 
-def tiny_model(folder: Path) -> Path:
-    """Train the smallest real model (one epoch, 32 px, ~120 images) for --smoke."""
+def throwaway_model(folder: Path, size: int) -> Path:
+    """Train a real model of the default architecture at `size` on ~120 images for one epoch, to time inference."""
     from skincancer.train import TrainConfig, train
 
-    out = folder / "tiny.pkl"
-    train(TrainConfig(data=str(SHARED / "ham10000_200x150"), pretrained=False, epochs=1, size=32, bs=32, limit=120,
+    out = folder / f"throwaway{size}.pkl"
+    train(TrainConfig(data=str(SHARED / "ham10000_200x150"), pretrained=False, epochs=1, size=size, bs=32, limit=120,
                       num_workers=0, out=str(out)))
     return out
 
 
-def run(model: Path, images: list[Path], bs: int) -> dict:
+def run(model: Path, images: list[Path], bs: int | None) -> dict:
     """Measure load, latency and throughput; return the figures."""
     import fastai.vision.all  # noqa: F401  (imports are not load time)
     import torch
@@ -45,6 +48,7 @@ def run(model: Path, images: list[Path], bs: int) -> dict:
 
     P._CACHE.clear()
     clf, load_safe = timed(P.load, model)
+    _, prepare_s = timed(lambda: clf.model)  # made at the first prediction, once per loaded model
     P._CACHE.clear()
     pickled, load_pickle = timed(P.load, model, trusted=True)
     learn = pickled.learn
@@ -56,10 +60,13 @@ def run(model: Path, images: list[Path], bs: int) -> dict:
     with learn.no_bar():
         learn.predict(decoded[0])
         _, loop_s = timed(lambda: [learn.predict(img) for img in decoded])
+        _, fastai_s = timed(lambda: learn.get_preds(dl=learn.dls.test_dl(decoded, bs=64, num_workers=0)))
+    bs = bs or clf.batch_size
     _, batch_s = timed(clf.predict_batch, images, bs=bs)
-    return {"images": len(images), "threads": torch.get_num_threads(), "load_safetensors_s": load_safe,
-            "load_pickle_s": load_pickle, "latency_median_ms": 1000 * statistics.median(latencies),
-            "loop_images_per_s": len(images) / loop_s, "batch_images_per_s": len(images) / batch_s,
+    return {"images": len(images), "size": clf.card.get("size"), "bs": bs, "threads": torch.get_num_threads(),
+            "load_safetensors_s": load_safe, "load_pickle_s": load_pickle, "prepare_s": prepare_s,
+            "latency_median_ms": 1000 * statistics.median(latencies), "loop_images_per_s": len(images) / loop_s,
+            "get_preds_images_per_s": len(images) / fastai_s, "batch_images_per_s": len(images) / batch_s,
             "ratio": loop_s / batch_s}
 
 
@@ -69,25 +76,25 @@ def main(argv=None) -> int:
     p.add_argument("--model", type=Path, help="exported model (.pkl with .safetensors and .json beside it)")
     p.add_argument("--images", type=Path, default=SHARED / "ham10000_200x150" / "images")
     p.add_argument("--n", type=int, default=256, help="images to predict")
-    p.add_argument("--bs", type=int, default=64)
-    p.add_argument("--smoke", action="store_true", help="tiny model, 16 images: checks the script runs")
+    p.add_argument("--bs", type=int, help="predict_batch's batch size (default: the model's, `Classifier.batch_size`)")
+    p.add_argument("--size", type=int, default=224, help="without --model: the throwaway model's input size")
+    p.add_argument("--smoke", action="store_true", help="a 32 px model, 16 images: checks the script runs")
     args = p.parse_args(argv)
     images = sorted(args.images.glob("*.jpg"))[: 16 if args.smoke else args.n]
     if not images:
         print(f"no .jpg images in {args.images}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or (tiny_model(Path(tmp)) if args.smoke else None)
-        if model is None:
-            print("--model is required (or --smoke)", file=sys.stderr)
-            return 2
+        model = args.model or throwaway_model(Path(tmp), 32 if args.smoke else args.size)
         r = run(model, images, args.bs)
-    print(f"\nCPU inference, {r['images']} images of {args.images}, bs {args.bs}, {r['threads']} torch threads")
+    print(f"\nCPU inference, {r['images']} images of {args.images} at {r['size']} px, {r['threads']} torch threads")
     print(f"  load (safetensors, default)  {r['load_safetensors_s']:8.2f} s")
     print(f"  load (pickle, trusted)       {r['load_pickle_s']:8.2f} s")
+    print(f"  inference copy (first call)  {r['prepare_s']:8.2f} s (BatchNorm folded, channels_last)")
     print(f"  single-image latency         {r['latency_median_ms']:8.1f} ms (median, predict())")
     print(f"  per-image learn.predict loop {r['loop_images_per_s']:8.1f} images/s")
-    print(f"  predict_batch                {r['batch_images_per_s']:8.1f} images/s")
+    print(f"  learn.get_preds, bs 64       {r['get_preds_images_per_s']:8.1f} images/s")
+    print(f"  predict_batch, bs {r['bs']:<3d}        {r['batch_images_per_s']:8.1f} images/s")
     print(f"  ratio batch / loop           {r['ratio']:8.2f}x")
     return 0
 

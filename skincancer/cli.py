@@ -10,6 +10,8 @@ from pathlib import Path
 
 from .errors import SkinCancerError
 
+BS_HELP = "batch size (default: on a CPU by the model's input size, 8 images at 224 px and 64 at 64 px; 64 on a GPU)"
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -92,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("predict", help="predict images with an exported learner; one JSON object per line")
     r.add_argument("--model", required=True, help="exported learner (.pkl)")
-    r.add_argument("--bs", type=_positive_int, default=64, help="batch size")
+    r.add_argument("--bs", type=_positive_int, help=BS_HELP)
     r.add_argument("--trust-pickle", action="store_true",
                    help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     r.add_argument("images", nargs="+", help="image files")
@@ -117,7 +119,7 @@ def _labelled_images_args(parser: argparse.ArgumentParser, data_help: str, write
     parser.add_argument("--tta", action="store_true", help="fastai test-time augmentation")
     parser.add_argument("--trust-pickle", action="store_true",
                         help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
-    parser.add_argument("--bs", type=_positive_int, default=64, help="batch size")
+    parser.add_argument("--bs", type=_positive_int, help=BS_HELP)
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples for the intervals (of lesions where lesion ids are known)")
     parser.add_argument("--out", required=True, help=f"folder for {writes}")

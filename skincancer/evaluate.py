@@ -353,13 +353,21 @@ def read_test_split(model_path: str | Path, data_dir: str | Path) -> pd.DataFram
 
 # --- predictions ---------------------------------------------------------------------------------
 
-def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities and targets for a frame with `path` and `dx`, through the learner's validation pipeline."""
+def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64,
+                  model=None) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and targets for a frame with `path` and `dx`, through the learner's validation pipeline.
+
+    With `model` (a loaded model's `Classifier.model`) and no TTA, the batches go through it, not `learn.model`.
+    """
+    from .predict import batch_preds
+
     dl = learn.dls.test_dl(add_labels(df, task_of(learn.dls.vocab)), with_labels=True, bs=bs)
     metrics, learn.metrics = learn.metrics, []  # computed here from the predictions, not by fastai per pass
     try:
         if tta:
             probs, targets = learn.tta(dl=dl)
+        elif model is not None:
+            probs, targets = batch_preds(learn, dl, model)
         else:
             with learn.no_bar():
                 probs, targets = learn.get_preds(dl=dl)
@@ -532,7 +540,7 @@ def lesion_groups(df: pd.DataFrame):
     return df["lesion_id"].astype(str).to_numpy()
 
 
-def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int = 64, n_boot: int = 1000,
+def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int | None = None, n_boot: int = 1000,
              gradcam_images: int = 8) -> dict:
     """Predict a labelled frame with a loaded model, write OUT/metrics.json and the PNG plots, return the metrics."""
     from .gradcam import plot_gradcam_grid
@@ -540,7 +548,7 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = clf.classes
-    probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs)
+    probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs or clf.batch_size, model=clf.model)
     calibration = clf.calibration
     metrics = classification_metrics(probs, targets, classes, clf.threshold, dx=df["dx"].to_numpy(), n_boot=n_boot,
                                      groups=lesion_groups(df), calibration=calibration)
@@ -585,7 +593,7 @@ def read_paired_test_split(model_a: str | Path, model_b: str | Path, data_dir: s
     return a
 
 
-def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int = 64,
+def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int | None = None,
             n_boot: int = 1000) -> dict:
     """Two loaded models on one labelled frame: OUT/comparison.json and comparison.png, B against A, paired."""
     out_dir = Path(out_dir)
@@ -596,7 +604,7 @@ def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = Fal
     groups, dx = lesion_groups(df), df["dx"].to_numpy()
     scored = []
     for clf in (clf_a, clf_b):
-        probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs)
+        probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs or clf.batch_size, model=clf.model)
         metrics = classification_metrics(probs, targets, clf.classes, clf.threshold, dx=dx, n_boot=n_boot,
                                          groups=groups, calibration=clf.calibration)
         metrics.update(model=str(clf.path), task=task_of(clf.classes))

@@ -20,10 +20,13 @@ def smoke(script: str, *args: str, tmpdir=None) -> str:
     return run.stdout
 
 
-def test_predict_benchmark_smoke_prints_its_figures(ham_dir):
-    stdout = smoke("bench_predict.py")
-    for figure in ("load (safetensors, default)", "single-image latency", "predict_batch", "ratio batch / loop"):
+def test_predict_benchmark_smoke_prints_its_figures(ham_dir, tmp_path):
+    stdout = smoke("bench_predict.py", tmpdir=tmp_path)
+    for figure in ("load (safetensors, default)", "inference copy", "single-image latency", "learn.get_preds, bs 64",
+                   "predict_batch, bs 64", "ratio batch / loop"):
         assert figure in stdout
+    assert "at 32 px" in stdout
+    assert not list(tmp_path.rglob("*.pkl"))  # the throwaway model went with its temporary folder
 
 
 def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir, tmp_path):

@@ -16,7 +16,7 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
 from skincancer.evaluate import (bootstrap_auroc, choose_threshold, classification_metrics, metrics_table,
-                                 paired_bootstrap, predicted_classes, read_labels, weighted_aurocs)
+                                 paired_bootstrap, predict_frame, predicted_classes, read_labels, weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -280,6 +280,16 @@ def test_evaluate_labelled_images_with_tta_and_no_positives(trained, originals_d
     assert m["tta"] is True and m["n"] == len(benign)
     assert m["auroc"] is None and m["sensitivity"] is None  # undefined without a malignant image, and said so
     assert "roc.png" not in m["plots"] and (out / "confusion.png").exists()
+
+
+def test_predictions_through_the_inference_copy_are_fastais(trained, originals_dir, originals_meta):
+    clf = load(trained)
+    df = originals_meta.assign(path=[originals_dir / "images" / f"{i}.jpg" for i in originals_meta["image_id"]])
+    probs, targets = predict_frame(clf.learn, df, bs=5)
+    fast_probs, fast_targets = predict_frame(clf.learn, df, bs=clf.batch_size, model=clf.model)
+    np.testing.assert_allclose(fast_probs, probs, atol=1e-5)
+    np.testing.assert_array_equal(fast_targets, targets)
+    assert targets.sum() == originals_meta["dx"].isin(["mel", "bcc", "akiec"]).sum()
 
 
 def test_evaluate_needs_labels_with_images(trained, originals_dir, tmp_path, capsys):

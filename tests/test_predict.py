@@ -63,6 +63,27 @@ def test_batch_matches_single_predictions_and_isolates_bad_files(clf, original_i
                                        list(single["probabilities"].values()), atol=1e-5)
 
 
+def test_the_inference_copy_folds_batchnorm_and_predicts_as_fastai(clf, original_images):
+    import torch
+
+    batchnorms = [m for m in clf.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert batchnorms == []  # every one folded into its convolution
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in clf.learn.model.modules())  # the learner's own is kept
+    dl = clf.learn.dls.test_dl([open_image(p) for p in original_images[:6]], bs=4, num_workers=0)
+    with clf.learn.no_bar():
+        fastai_probs, _ = clf.learn.get_preds(dl=dl)
+    probs, targets = clf.get_preds(dl)
+    assert targets is None
+    np.testing.assert_allclose(probs.numpy(), fastai_probs.numpy(), atol=1e-5)
+    assert not torch.allclose(probs[0], probs[1])  # different photos, different outputs: not a constant
+
+
+def test_the_default_batch_size_follows_the_input_size_on_a_cpu(clf):
+    from dataclasses import replace
+
+    assert [replace(clf, card={**clf.card, "size": size}).batch_size for size in (64, 128, 224, 448)] == [64, 24, 8, 2]
+
+
 def test_truncated_jpeg_is_a_clear_error(original_images):
     data = original_images[0].read_bytes()
     with pytest.raises(SkinCancerError, match="not a readable image"):
