@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bs", type=_positive_int, help=BS_HELP)
     r.add_argument("--trust-pickle", action="store_true",
                    help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
-    r.add_argument("images", nargs="+", help="image files")
+    r.add_argument("images", nargs="+", help="image files, or folders: every image under a folder, in sorted order")
 
     a = sub.add_parser("app", help="serve a local web page (Gradio) to predict uploaded or camera photos")
     a.add_argument("--model", required=True, help="exported learner (.pkl)")
@@ -215,11 +215,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def expand_folders(paths: list[str]) -> list[str]:
+    """`paths` with each folder replaced by the image files under it (fastai's `get_image_files`), sorted."""
+    from fastai.data.transforms import get_image_files
+
+    out = []
+    for path in paths:
+        found = sorted(map(str, get_image_files(path))) if Path(path).is_dir() else []
+        out += found or [path]  # a folder without images stays, and its result says what it is
+    return out
+
+
 def cmd_predict(args) -> int:
     """Run `predict`: print one JSON line per image; non-zero exit when any image failed."""
     from .predict import load
 
-    results = load(args.model, trusted=args.trust_pickle).predict_batch(args.images, bs=args.bs)
+    results = load(args.model, trusted=args.trust_pickle).predict_batch(expand_folders(args.images), bs=args.bs)
     for res in results:
         print(json.dumps(res), flush=True)
     return 1 if any("error" in r for r in results) else 0

@@ -54,6 +54,8 @@ def open_image(src: ImageInput, max_pixels: int = MAX_PIXELS):
     from PIL import Image, ImageOps
 
     name = describe(src)
+    if isinstance(src, (str, Path)) and Path(src).is_dir():
+        raise SkinCancerError(f"{name}: a folder, not an image file")
     if isinstance(src, (str, Path)) and not Path(src).is_file():
         raise SkinCancerError(f"{name}: no such file")
     if not isinstance(src, (str, Path, bytes, bytearray, Image.Image)):

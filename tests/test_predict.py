@@ -121,6 +121,23 @@ def test_cli_predict_prints_json_lines_and_fails_on_a_bad_image(trained, origina
     assert set(lines[0]) == {"image", "error"} and "label" in lines[1]
 
 
+def test_cli_predict_reads_the_images_under_a_folder(trained, original_images, tmp_path, capsys):
+    import shutil
+
+    folder, empty = tmp_path / "photos", tmp_path / "empty"
+    (folder / "inner").mkdir(parents=True)
+    empty.mkdir()
+    copies = [folder / "b.jpg", folder / "inner" / "a.jpg", folder / "c.png"]
+    for src, dest in zip(original_images, copies):
+        shutil.copy(src, dest) if dest.suffix == ".jpg" else Image.open(src).save(dest)
+    (folder / "notes.txt").write_text("not an image")
+    assert cli.main(["predict", "--model", str(trained), str(folder), str(empty), str(original_images[3])]) == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["image"] for x in lines] == [*sorted(map(str, copies)), str(empty), str(original_images[3])]
+    assert [("error" in x) for x in lines] == [False, False, False, True, False]
+    assert lines[3]["error"] == f"{empty}: a folder, not an image file"
+
+
 def test_cli_predict_with_a_missing_model_is_an_error_line(tmp_path, original_images):
     run = subprocess.run([sys.executable, "-m", "skincancer", "predict", "--model", str(tmp_path / "none.pkl"),
                           str(original_images[0])], capture_output=True, text=True)
