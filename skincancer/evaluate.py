@@ -376,6 +376,11 @@ def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64,
     return probs.float().numpy(), targets.numpy()
 
 
+def predict_loaded(clf, df: pd.DataFrame, tta: bool = False, bs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`predict_frame` for a loaded model: through its inference copy, at its batch size unless `bs` is given."""
+    return predict_frame(clf.learn, df, tta=tta, bs=bs or clf.batch_size, model=None if tta else clf.model)
+
+
 # --- plots ---------------------------------------------------------------------------------------
 
 def plot_roc(is_malignant, p_malignant, threshold: float | None = None, ax=None, name: str | None = None):
@@ -548,7 +553,7 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = clf.classes
-    probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs or clf.batch_size, model=clf.model)
+    probs, targets = predict_loaded(clf, df, tta=tta, bs=bs)
     calibration = clf.calibration
     metrics = classification_metrics(probs, targets, classes, clf.threshold, dx=df["dx"].to_numpy(), n_boot=n_boot,
                                      groups=lesion_groups(df), calibration=calibration)
@@ -604,7 +609,7 @@ def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = Fal
     groups, dx = lesion_groups(df), df["dx"].to_numpy()
     scored = []
     for clf in (clf_a, clf_b):
-        probs, targets = predict_frame(clf.learn, df, tta=tta, bs=bs or clf.batch_size, model=clf.model)
+        probs, targets = predict_loaded(clf, df, tta=tta, bs=bs)
         metrics = classification_metrics(probs, targets, clf.classes, clf.threshold, dx=dx, n_boot=n_boot,
                                          groups=groups, calibration=clf.calibration)
         metrics.update(model=str(clf.path), task=task_of(clf.classes))

@@ -433,8 +433,8 @@ def library_versions() -> dict[str, str]:
 
 
 def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch: int | None,
-               threshold: dict, processes: int = 1) -> dict:
-    """The JSON written beside an exported model."""
+               decision: dict, processes: int = 1) -> dict:
+    """The JSON written beside an exported model; `decision` is evaluate_splits' threshold, rule and calibration."""
     counts = split_table(df)
     return {
         "task": config.task,
@@ -445,7 +445,7 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
         "presize": config.presize,
         "seed": config.seed,
         "processes": processes,  # data-parallel processes: the batch per step was bs times this
-        **threshold,
+        **decision,
         "monitor": monitor_for(config.task),
         "best_epoch": best_epoch,
         "split_counts": {s: {lbl: int(n) for lbl, n in counts.loc[s].items()} for s in SPLITS if s in counts.index},
@@ -531,16 +531,16 @@ def setup(config: TrainConfig):
 def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None = None,
            processes: int = 1) -> TrainResult:
     """Calibrate and choose the threshold on valid, measure valid and test, write the card, split and learner."""
-    metrics, threshold = evaluate_splits(learn, df, config.target_sensitivity)
-    calibration = threshold["calibration"]
+    metrics, decision = evaluate_splits(learn, df, config.target_sensitivity)
+    calibration = decision["calibration"]
     print("probability of malignancy: " + (
         f"calibrated on valid, sigmoid({calibration['slope']:.3f} * logit(score) {calibration['intercept']:+.3f})"
         if calibration else "the network's score (valid cannot calibrate it: one class only, or ranked backwards)"))
-    print(f"operating threshold {threshold['threshold']:.4f}: chosen on valid for sensitivity >= "
+    print(f"operating threshold {decision['threshold']:.4f}: chosen on valid for sensitivity >= "
           f"{config.target_sensitivity:.2f}")
     for split, m in metrics.items():
         print(f"{split}:\n{metrics_table(m)}")
-    card = model_card(config, df, metrics, best_epoch, threshold, processes)
+    card = model_card(config, df, metrics, best_epoch, decision, processes)
     files = export(learn, config.out, card, df)
     print(f"exported {files['model']} (card {files['card'].name}, split {files['split'].name})")
     return TrainResult(learn=learn, df=df, card=card, files=files)

@@ -16,7 +16,8 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
 from skincancer.evaluate import (bootstrap_auroc, choose_threshold, classification_metrics, metrics_table,
-                                 paired_bootstrap, predict_frame, predicted_classes, read_labels, weighted_aurocs)
+                                 paired_bootstrap, predict_frame, predict_loaded, predicted_classes, read_labels,
+                                 weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -286,7 +287,7 @@ def test_predictions_through_the_inference_copy_are_fastais(trained, originals_d
     clf = load(trained)
     df = originals_meta.assign(path=[originals_dir / "images" / f"{i}.jpg" for i in originals_meta["image_id"]])
     probs, targets = predict_frame(clf.learn, df, bs=5)
-    fast_probs, fast_targets = predict_frame(clf.learn, df, bs=clf.batch_size, model=clf.model)
+    fast_probs, fast_targets = predict_loaded(clf, df)
     np.testing.assert_allclose(fast_probs, probs, atol=1e-5)
     np.testing.assert_array_equal(fast_targets, targets)
     assert targets.sum() == originals_meta["dx"].isin(["mel", "bcc", "akiec"]).sum()
