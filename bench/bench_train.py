@@ -243,8 +243,8 @@ def our_run(df, data: str, overrides: dict, cache_dir: str, workdir: Path) -> di
         sync()
         wall = time.perf_counter() - start
     learn.remove_cb(timer)
-    keys = ("seed", "epochs", "size", "bs", "lr", "wd", "label_smoothing", "mixup", "augment", "imbalance", "compile",
-            "loss_on_device", "reproducible", "cache")
+    keys = ("seed", "epochs", "size", "bs", "lr", "wd", "label_smoothing", "mixup", "ema", "augment", "imbalance",
+            "compile", "loss_on_device", "reproducible", "cache")
     return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, valid_s=timer.valid_times, best_epoch=best,
                 settings={k: getattr(config, k) for k in keys})
 

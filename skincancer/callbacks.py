@@ -1,4 +1,5 @@
-"""fastai callbacks for training concerns: the best epoch, a loss that stops being finite, and speed.
+"""fastai callbacks for training concerns: the best epoch, an average of the weights, a loss that stops being
+finite, and speed.
 
 Each is a function returning a fresh callback, to pass to `fit(cbs=...)` for one fit: a learner keeps callbacks
 added with `add_cb`, so an exported learner would carry them into any later fit.
@@ -13,8 +14,8 @@ from .errors import SkinCancerError
 
 # --- the best epoch -----------------------------------------------------------------------------
 
-def best_epoch_tracker(monitor: str, skip_to: int = 0):
-    """fastai's SaveModelCallback (best epoch by `monitor`), keeping the best weights in memory.
+def best_epoch_tracker(monitor: str, skip_to: int = 0, state=None):
+    """fastai's SaveModelCallback (best epoch by `monitor`), keeping the best weights (or `state()`) in memory.
 
     Writing 100 MB to disk at every improvement cost a quarter of a second per epoch on a GPU, where an epoch
     takes two; the checkpoint callback writes the best weights beside its checkpoint instead. It also ignores
@@ -29,6 +30,9 @@ def best_epoch_tracker(monitor: str, skip_to: int = 0):
         best_state: dict | None = None
 
         def _save(self, name):
+            if state is not None:  # the weights that were validated: an average of them (weight_average)
+                self.best_state = state()
+                return
             # get_model: the plain module's keys, also while DistributedDataParallel wraps it
             self.best_state = {k: v.detach().clone() for k, v in get_model(self.learn.model).state_dict().items()}
 
@@ -43,6 +47,80 @@ def best_epoch_tracker(monitor: str, skip_to: int = 0):
                 super().after_fit(**kwargs)  # a resumed fit with no better epoch: the best saved before it
 
     return ResumableSaveModel(monitor=monitor, comp=np.greater, fname="best", with_opt=False)
+
+
+# --- an average of the weights ------------------------------------------------------------------
+
+def weight_average(decay: float, state: dict | None = None):
+    """A fastai callback keeping an exponential moving average of the weights, and validating with it.
+
+    After the n-th optimiser step the average moves `1 - d` of the way to the weights, `d = min(decay, (n - 1) / n)`:
+    the plain mean of the steps so far until `1 / (1 - decay)` steps, an exponential one after, so the random start
+    weighs nothing. BatchNorm's running statistics are averaged too. Validation runs on the average (the weights are
+    swapped in, then back), so the epoch's metrics, the best epoch and the exported model are the average's, while
+    training goes on from the weights themselves. `averaged_state()` is the average as a state dict; `state` (a
+    `checkpoint()` of an interrupted run) continues one.
+    """
+    import torch
+    from fastai.callback.core import Callback
+    from fastai.torch_core import get_model
+
+    if not 0 < decay < 1:
+        raise SkinCancerError(f"ema: {decay} must be in (0, 1): the average keeps this share of itself at each step")
+
+    class WeightAverage(Callback):
+        order = 5  # after ChannelsLast (-1) has converted the model
+
+        def before_fit(self):
+            self.model_ = get_model(self.learn.model)
+            # the floating-point tensors of the state dict: views of the parameters and buffers (not integer counters)
+            self.names = [k for k, v in self.model_.state_dict().items() if v.is_floating_point()]
+            self.average = self.saved = None
+            self.steps = 0 if state is None else state["steps"]
+
+        def before_train(self):
+            values = self.model_.state_dict()  # taken afresh each epoch: a callback may have replaced a tensor
+            self.live = [values[k] for k in self.names]
+            if self.average is None:  # first epoch this fit trains: from the weights, or the interrupted average
+                start = self.live if state is None else [state["average"][k] for k in self.names]
+                self.average = [torch.empty_like(t).copy_(s) for t, s in zip(self.live, start)]
+
+        def after_step(self):
+            self.steps += 1
+            d = min(decay, (self.steps - 1) / self.steps)
+            with torch.no_grad():
+                torch._foreach_lerp_(self.average, self.live, 1 - d)
+
+        def before_validate(self):
+            if self.average is None:
+                return
+            with torch.no_grad():
+                self.saved = [t.clone() for t in self.live]
+                torch._foreach_copy_(self.live, self.average)
+
+        def after_validate(self):
+            self.restore()
+
+        def after_fit(self):
+            self.restore()  # a fit interrupted while validating
+
+        def restore(self):
+            if self.saved is not None:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.live, self.saved)
+                self.saved = None
+
+        def averaged_state(self) -> dict:
+            """The model's state dict with the average in place of every floating-point tensor."""
+            average = dict(zip(self.names, self.average or []))
+            return {k: (average[k] if k in average else v).detach().clone()
+                    for k, v in self.model_.state_dict().items()}
+
+        def checkpoint(self) -> dict:
+            """What `state` needs to continue this average in a resumed fit."""
+            return {"steps": self.steps, "average": {k: t.detach().cpu() for k, t in self.averaged_state().items()}}
+
+    return WeightAverage()
 
 
 # --- a loss that stops being finite -------------------------------------------------------------

@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-weighted loss (default), balanced sampling, or none")
     t.add_argument("--label-smoothing", type=float, help="default: the recipe's")
     t.add_argument("--mixup", type=float, help="MixUp Beta alpha, 0 for none (default: the recipe's)")
+    t.add_argument("--ema", type=float, help="validate and export an exponential moving average of the weights with "
+                                             "this decay per step, e.g. 0.99 (default: the recipe's, 0: none)")
     t.add_argument("--augment", choices=AUGMENTS, default="two-pass",
                    help="two-pass: fastai's aug_transforms with a random crop (default); one-pass: the crop folded "
                         "into the zoom, one resample at the final size")
@@ -155,6 +157,7 @@ def cmd_train(args) -> int:
                          epochs=args.epochs, size=args.size, presize=args.presize, bs=args.bs, lr=args.lr,
                          wd=args.wd,
                          imbalance=args.imbalance, label_smoothing=args.label_smoothing, mixup=args.mixup,
+                         ema=args.ema,
                          augment=args.augment,
                          seed=args.seed, cache=args.cache, cache_dir=args.cache_dir, compile=args.compile,
                          loss_on_device=args.loss_on_device, reproducible=args.reproducible,

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import __version__
-from .callbacks import best_epoch_tracker, compile_model, loss_on_device, stop_on_nan
+from .callbacks import best_epoch_tracker, compile_model, loss_on_device, stop_on_nan, weight_average
 from .data import (SPLITS, check_augment, class_weights, classes_for, check_no_lesion_leak, check_task, default_presize,
                    make_dataloaders, prepare, split_table)
 from .distributed import (alone, distributed_fit, from_main_process, is_main_process, local_main_process_first,
@@ -31,8 +31,8 @@ IMBALANCE = ("loss", "sampler", "none")
 # Defaults by `pretrained`. Fine-tuning keeps fastai's: a few epochs at bs 64. From scratch needs many more
 # passes, larger batches and stronger regularisation: the recipe measured on one GPU (README, "Speed").
 RECIPES: dict[bool, dict[str, Any]] = {
-    True: dict(epochs=10, size=224, bs=64, lr=2e-3, label_smoothing=0.0, mixup=0.0),
-    False: dict(epochs=60, size=128, bs=256, lr=3e-3, label_smoothing=0.0, mixup=0.0),
+    True: dict(epochs=10, size=224, bs=64, lr=2e-3, label_smoothing=0.0, mixup=0.0, ema=0.0),
+    False: dict(epochs=60, size=128, bs=256, lr=3e-3, label_smoothing=0.0, mixup=0.0, ema=0.0),
 }
 
 
@@ -218,6 +218,7 @@ class TrainConfig:
     target_sensitivity: float = 0.90   # the operating threshold is chosen on valid to reach it
     label_smoothing: float | None = None
     mixup: float | None = None         # MixUp alpha; 0 turns it off
+    ema: float | None = None           # decay of an average of the weights that validates and is exported; 0: off
     augment: str = "two-pass"          # skincancer.data.AUGMENTS: how the batch augmentation resamples
     seed: int = 42
     valid_pct: float = 0.15
@@ -249,6 +250,8 @@ class TrainConfig:
             raise SkinCancerError(f"label_smoothing: {recipe['label_smoothing']} must be in [0, 1)")
         if recipe["mixup"] < 0:
             raise SkinCancerError(f"mixup: {recipe['mixup']} must be 0 (off) or a positive Beta alpha")
+        if not 0 <= recipe["ema"] < 1:
+            raise SkinCancerError(f"ema: {recipe['ema']} must be 0 (off) or a decay in (0, 1), such as 0.99")
         if not 0 < self.target_sensitivity <= 1:
             raise SkinCancerError(f"target_sensitivity: {self.target_sensitivity} must be in (0, 1]")
         if self.wd is not None and self.wd < 0:
@@ -270,8 +273,8 @@ class TrainResult:
 
 # the settings a resumed run must share with the interrupted one
 RESUME_KEYS = ("data", "task", "arch", "pretrained", "epochs", "size", "presize", "bs", "lr", "wd",
-               "freeze_epochs", "imbalance", "label_smoothing", "mixup", "augment", "seed", "valid_pct", "test_pct",
-               "limit", "split_from", "drop_missing", "class_map")
+               "freeze_epochs", "imbalance", "label_smoothing", "mixup", "ema", "augment", "seed", "valid_pct",
+               "test_pct", "limit", "split_from", "drop_missing", "class_map")
 
 
 def checkpoint_dir(out: str | Path) -> Path:
@@ -288,8 +291,8 @@ def phases(config: TrainConfig) -> list[dict]:
             dict(epochs=config.epochs, lr=slice(base / 100, base), frozen=False, kwargs=dict(pct_start=0.3, div=5.0))]
 
 
-def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, skip_to: int = 0):
-    """A fastai callback saving weights, optimiser and progress atomically for --resume.
+def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, skip_to: int = 0, average=None):
+    """A fastai callback saving weights, optimiser, progress (and the `weight_average`) atomically for --resume.
 
     It saves after an epoch when `config.checkpoint_every` seconds have passed since the last save, and after
     the last epoch: on a GPU an epoch takes seconds, and writing the optimiser state each time would cost more.
@@ -297,6 +300,7 @@ def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, 
     """
     import time
 
+    import torch
     from fastai.callback.core import Callback
     from fastai.learner import save_model
 
@@ -318,13 +322,14 @@ def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, 
                 return
             self.saved_at = time.monotonic()
             if tracker.best_state is not None and self.saved_best is not tracker.best_state:
-                import torch
-
                 with atomic_path(folder / "best.pth") as tmp:
                     torch.save(tracker.best_state, tmp)
                 self.saved_best = tracker.best_state
             with atomic_path(folder / "last.pth") as tmp:
                 save_model(tmp, self.learn.model, self.learn.opt, with_opt=True)
+            if average is not None:
+                with atomic_path(folder / "average.pth") as tmp:
+                    torch.save(average.checkpoint(), tmp)
             write_json_atomic(folder / "state.json", {
                 "phase": phase, "epoch": self.epoch, "best": float(tracker.best), "best_epoch": self.best_epoch,
                 "config": {k: getattr(config, k) for k in RESUME_KEYS}})
@@ -344,6 +349,16 @@ def read_resume_state(folder: Path, config: TrainConfig) -> dict:
     if differ:
         raise SkinCancerError(f"{state_file}: the interrupted run used other settings ({'; '.join(differ)})")
     return state
+
+
+def read_average(folder: Path) -> dict:
+    """The weight average an interrupted run saved beside its checkpoint (tensors only: nothing runs on loading)."""
+    import torch
+
+    path = folder / "average.pth"
+    if not path.is_file():
+        raise SkinCancerError(f"{path}: the interrupted run kept no average of its weights (run without --resume)")
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int | None:
@@ -368,8 +383,12 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
                 if phase["epochs"] == 0 or (state and i < state["phase"]):
                     continue
                 start = state["epoch"] + 1 if state and i == state["phase"] else 0
-                tracker = best_epoch_tracker(monitor, skip_to=start)
-                checkpoint = checkpoint_callback(folder, i, config, tracker, skip_to=start)
+                average = None
+                if config.ema:
+                    average = weight_average(config.ema, read_average(folder) if start else None)
+                tracker = best_epoch_tracker(monitor, skip_to=start,
+                                             state=None if average is None else average.averaged_state)
+                checkpoint = checkpoint_callback(folder, i, config, tracker, skip_to=start, average=average)
                 if start:
                     learn.freeze() if phase["frozen"] else learn.unfreeze()
                     learn.load(folder / "last", with_opt=True)
@@ -385,13 +404,16 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
                 elif config.pretrained:
                     learn.freeze() if phase["frozen"] else learn.unfreeze()
                 guard = loss_on_device() if config.loss_on_device else stop_on_nan()
-                cbs = [tracker, checkpoint, guard, *parallel, *([compile_model()] if config.compile else [])]
+                cbs = [tracker, checkpoint, guard, *parallel, *([compile_model()] if config.compile else []),
+                       *([] if average is None else [average])]
                 try:
                     learn.fit_one_cycle(phase["epochs"], phase["lr"], wd=config.wd, start_epoch=start, cbs=cbs,
                                         **phase["kwargs"])
-                finally:
-                    if config.loss_on_device:  # fastai skips after_fit when a fit is interrupted
+                finally:  # fastai skips after_fit when a fit is interrupted
+                    if config.loss_on_device:
                         guard.restore()
+                    if average is not None:  # the weights themselves, not the average, if validation was cut short
+                        average.restore()
                 best_epoch = checkpoint.best_epoch
     finally:
         learn.model_dir = old_dir

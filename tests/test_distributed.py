@@ -47,9 +47,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 def test_two_processes_train_and_only_the_main_one_exports(tmp_path, ham_dir):
     out = tmp_path / "models" / "ddp.pkl"
-    # --loss-on-device: its loss is gathered over the processes as fastai's is (the resume test runs the default)
+    # --loss-on-device: its loss is gathered over the processes as fastai's is (the resume test runs the default);
+    # --ema: each process averages the same weights
     train = ["-m", "skincancer", "train", "--data", str(ham_dir), *SMALL, "--epochs", "2", "--loss-on-device",
-             "--out", str(out)]
+             "--ema", "0.9", "--out", str(out)]
     run = subprocess.run(_launch() + train, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
 
@@ -60,7 +61,7 @@ def test_two_processes_train_and_only_the_main_one_exports(tmp_path, ham_dir):
     assert sorted(p.name for p in out.parent.iterdir()) == ["ddp.json", "ddp.pkl", "ddp.safetensors",
                                                              "ddp.split.csv"]
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["processes"] == 2 and card["metrics"]["test"]["n"] > 0
+    assert card["processes"] == 2 and card["metrics"]["test"]["n"] > 0 and card["config"]["ema"] == 0.9
 
     # the same format as a single process's export: plain BatchNorm layers, loads and predicts
     from skincancer.predict import load

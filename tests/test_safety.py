@@ -242,17 +242,20 @@ def test_a_diverging_loss_stops_training_with_a_clear_error(ham_dir, tmp_path):
     assert not (tmp_path / "m.pkl").exists()
 
 
-def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, capsys):
+def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, capsys, monkeypatch):
     import json
     import subprocess
     import sys
 
+    import torch
+
     from skincancer import cli
+    from skincancer import train as T
     from skincancer.train import checkpoint_dir
 
     out = tmp_path / "r.pkl"
     args = ["train", "--data", str(ham_dir), "--limit", "200", "--size", "32", "--bs", "32", "--epochs", "4",
-            "--no-pretrained", "--workers", "0", "--out", str(out), "--checkpoint-every", "0"]
+            "--no-pretrained", "--workers", "0", "--out", str(out), "--checkpoint-every", "0", "--ema", "0.9"]
     with open(tmp_path / "log", "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "skincancer", *args], stdout=log, stderr=log)
         try:
@@ -260,13 +263,20 @@ def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, ca
         finally:
             proc.kill()  # as a crash or a lost machine would
             proc.wait()
-    done = json.loads((checkpoint_dir(out) / "state.json").read_text())["epoch"]
+    state = json.loads((checkpoint_dir(out) / "state.json").read_text())
+    done = state["epoch"]
     assert not out.exists() and done < 3
+    steps = torch.load(checkpoint_dir(out) / "average.pth", weights_only=True)["steps"]
+    assert steps > 0
 
     assert cli.main([*args[:10], "5", *args[11:], "--resume"]) == 2  # other settings: refused, checkpoint kept
     assert "the interrupted run used other settings (epochs: 4 then, 5 now)" in capsys.readouterr().err
 
+    continued, real_average = [], T.weight_average
+    monkeypatch.setattr(T, "weight_average",
+                        lambda decay, state=None: continued.append(state) or real_average(decay, state))
     assert cli.main([*args, "--resume"]) == 0
+    assert [c["steps"] for c in continued] == [steps]  # the interrupted run's average goes on
     printed = capsys.readouterr().out
     assert f"resuming from {checkpoint_dir(out)}: phase 1, epoch {done + 2} of 4" in printed
     assert out.exists() and not checkpoint_dir(out).exists()

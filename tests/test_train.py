@@ -87,21 +87,32 @@ def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir, original_images):
         assert moved["call"] == call and moved["label"] == res["label"]
 
 
-def test_weight_decay_one_pass_augmentation_and_the_loss_on_device_reach_the_run(tmp_path, ham_dir, monkeypatch):
+def test_weight_decay_one_pass_augmentation_the_loss_on_device_and_the_average_reach_the_run(tmp_path, ham_dir,
+                                                                                             monkeypatch):
     from fastai.vision.all import RandomResizedCropGPU
 
     from skincancer import train as T
 
     guards, real = [], T.loss_on_device
+    averages, real_average = [], T.weight_average
 
     def spy():
         guards.append(real())
         return guards[-1]
 
+    def spy_average(*args):
+        averages.append(real_average(*args))
+        return averages[-1]
+
     monkeypatch.setattr(T, "loss_on_device", spy)
+    monkeypatch.setattr(T, "weight_average", spy_average)
     result = T.train(T.TrainConfig(data=str(ham_dir), pretrained=False, limit=60, size=32, bs=8, epochs=1, wd=0.05,
-                                   augment="one-pass", loss_on_device=True, num_workers=0,
+                                   augment="one-pass", loss_on_device=True, ema=0.9, num_workers=0,
                                    out=str(tmp_path / "m.pkl")))
+    assert len(averages) == 1 and averages[0].steps == len(result.learn.dls.train)
+    assert result.card["config"]["ema"] == 0.9
+    exported = load(tmp_path / "m.pkl").learn.model.state_dict()  # the one epoch's average, not the last weights
+    assert all(torch.equal(exported[k].float(), v.float()) for k, v in averages[0].averaged_state().items())
     assert {g["wd"] for g in result.learn.opt.hypers} == {0.05}
     assert not any(isinstance(t, RandomResizedCropGPU) for t in result.learn.dls.train.after_batch.fs)
     assert result.card["config"]["wd"] == 0.05 and result.card["config"]["augment"] == "one-pass"
@@ -306,8 +317,8 @@ def test_a_run_can_reuse_another_models_split(trained, ham_dir, tmp_path):
     assert "split_from" in dataclasses.asdict(config) and config.split_from == str(recorded)  # on the card
 
 
-def _tiny_learner():
-    """A linear model on 64 random vectors: fastai's training loop in a fraction of a second."""
+def _tiny_learner(model=None):
+    """A linear model (or `model`) on 64 random vectors: fastai's training loop in a fraction of a second."""
     import fastai.callback.progress  # noqa: F401  (fastai's progress bar and Learner.no_bar, as in training)
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
@@ -317,7 +328,7 @@ def _tiny_learner():
     x = torch.randn(64, 4)
     items = list(zip(x, (x[:, 0] > 0).long()))
     dls = DataLoaders.from_dsets(items, items, bs=8, device="cpu")
-    return Learner(dls, torch.nn.Linear(4, 2), loss_func=torch.nn.CrossEntropyLoss())
+    return Learner(dls, torch.nn.Linear(4, 2) if model is None else model, loss_func=torch.nn.CrossEntropyLoss())
 
 
 def _poison_loss(epoch: int, iteration: int):
@@ -404,3 +415,56 @@ def test_restore_gives_fastai_its_smoothing_back_after_an_interrupted_fit():
     assert type(learn.recorder.smooth_loss).__name__ == "AvgSmoothLoss" and learn.recorder.smooth_loss.count == 5
     assert len(learn.recorder.losses) == 5
     pickle.dumps(learn.recorder)
+
+def _float_state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9])  # 0.5: exponential from the 2nd step; 0.9: the plain mean for 10 steps
+def test_the_weight_average_is_the_mean_then_an_ema_validates_and_gives_training_its_weights_back(decay):
+    from fastai.callback.core import Callback
+
+    from skincancer.callbacks import weight_average
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    steps, validated, after = [], [], []
+
+    class Watch(Callback):
+        order = 10  # after the average's own events
+
+        def after_step(self):
+            steps.append(_float_state(self.model))
+
+        def before_validate(self):
+            validated.append(_float_state(self.model))
+
+        def after_epoch(self):
+            after.append(_float_state(self.model))
+
+    learn, average = _tiny_learner(model), weight_average(decay)
+    with learn.no_bar(), learn.no_logging():
+        learn.fit(2, 1e-2, cbs=[average, Watch()])
+    expected = []
+    for n, w in enumerate(steps, start=1):  # BatchNorm's running statistics too, as they stood after each step
+        d = min(decay, (n - 1) / n)
+        expected.append({k: d * expected[-1][k] + (1 - d) * v for k, v in w.items()} if expected else w)
+    assert len(steps) == 16 and len(validated) == 2
+    pairs = (validated[0], expected[7]), (validated[1], expected[15]), (average.averaged_state(), expected[-1])
+    for got, want in pairs:
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+    # training went on from its own weights, and ends with them: only validation saw the average
+    for k in steps[-1]:
+        assert torch.equal(after[-1][k], steps[-1][k]) and torch.equal(after[0][k], steps[7][k])
+    assert not torch.equal(validated[1]["0.weight"], steps[-1]["0.weight"])
+    assert average.averaged_state()["1.num_batches_tracked"] == 16  # an integer buffer is the model's own
+
+
+def test_weight_average_rejects_a_decay_outside_zero_one():
+    from skincancer.callbacks import weight_average
+
+    for decay in (0.0, 1.0, -0.5):
+        with pytest.raises(SkinCancerError, match="ema: .* must be in \\(0, 1\\)"):
+            weight_average(decay)
+    with pytest.raises(SkinCancerError, match="ema: 1.5 must be 0 \\(off\\) or a decay in \\(0, 1\\)"):
+        TrainConfig(data=".", ema=1.5).resolved()
