@@ -296,7 +296,8 @@ def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, 
 
     It saves after an epoch when `config.checkpoint_every` seconds have passed since the last save, and after
     the last epoch: on a GPU an epoch takes seconds, and writing the optimiser state each time would cost more.
-    In a distributed run only the main process writes.
+    Each save writes files named by its phase and epoch, then `state.json` naming them, then removes the files no
+    state names: a crash in between leaves the previous save whole. In a distributed run only the main process writes.
     """
     import time
 
@@ -307,6 +308,7 @@ def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, 
     class Checkpoint(Callback):
         order = tracker.order + 1  # after the tracker has seen this epoch's metric
         best_epoch: int | None = None
+        best_file: str | None = None  # a resumed fit: the interrupted run's best weights until it finds better
         saved_best: dict | None = None
 
         def before_fit(self):
@@ -321,18 +323,27 @@ def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, 
                                           and time.monotonic() - self.saved_at < config.checkpoint_every):
                 return
             self.saved_at = time.monotonic()
+            tag = f"{phase}-{self.epoch}"
             if tracker.best_state is not None and self.saved_best is not tracker.best_state:
-                with atomic_path(folder / "best.pth") as tmp:
+                self.best_file = f"best-{tag}.pth"
+                with atomic_path(folder / self.best_file) as tmp:
                     torch.save(tracker.best_state, tmp)
                 self.saved_best = tracker.best_state
-            with atomic_path(folder / "last.pth") as tmp:
+            files = {"last": f"last-{tag}.pth"}
+            with atomic_path(folder / files["last"]) as tmp:
                 save_model(tmp, self.learn.model, self.learn.opt, with_opt=True)
             if average is not None:
-                with atomic_path(folder / "average.pth") as tmp:
+                files["average"] = f"average-{tag}.pth"
+                with atomic_path(folder / files["average"]) as tmp:
                     torch.save(average.checkpoint(), tmp)
+            if self.best_file is not None:
+                files["best"] = self.best_file
             write_json_atomic(folder / "state.json", {
                 "phase": phase, "epoch": self.epoch, "best": float(tracker.best), "best_epoch": self.best_epoch,
-                "config": {k: getattr(config, k) for k in RESUME_KEYS}})
+                "files": files, "config": {k: getattr(config, k) for k in RESUME_KEYS}})
+            for old in folder.glob("*.pth"):
+                if old.name not in files.values():
+                    old.unlink(missing_ok=True)
 
     return Checkpoint()
 
@@ -340,9 +351,16 @@ def checkpoint_callback(folder: Path, phase: int, config: TrainConfig, tracker, 
 def read_resume_state(folder: Path, config: TrainConfig) -> dict:
     """The interrupted run's progress, after checking that it was run with the same settings."""
     state_file = folder / "state.json"
-    if not state_file.is_file() or not (folder / "last.pth").is_file():
+    if not state_file.is_file():
         raise SkinCancerError(f"{folder}: no checkpoint to resume from (run without --resume to start afresh)")
     state = json.loads(state_file.read_text(encoding="utf-8"))
+    if "files" not in state:
+        raise SkinCancerError(f"{state_file}: written by an older skincancer, which named no checkpoint files; "
+                              "run without --resume to start afresh")
+    missing = [name for name in state["files"].values() if not (folder / name).is_file()]
+    if missing:
+        raise SkinCancerError(f"{state_file}: the checkpoint files it names are missing ({', '.join(missing)}); "
+                              "run without --resume to start afresh")
     now = {k: getattr(config, k) for k in RESUME_KEYS}
     differ = [f"{k}: {state['config'].get(k)!r} then, {now[k]!r} now" for k in RESUME_KEYS
               if state["config"].get(k) != now[k]]
@@ -351,14 +369,14 @@ def read_resume_state(folder: Path, config: TrainConfig) -> dict:
     return state
 
 
-def read_average(folder: Path) -> dict:
+def read_average(folder: Path, state: dict) -> dict:
     """The weight average an interrupted run saved beside its checkpoint (tensors only: nothing runs on loading)."""
     import torch
 
-    path = folder / "average.pth"
-    if not path.is_file():
-        raise SkinCancerError(f"{path}: the interrupted run kept no average of its weights (run without --resume)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    name = state["files"].get("average")
+    if name is None:
+        raise SkinCancerError(f"{folder}: the interrupted run kept no average of its weights (run without --resume)")
+    return torch.load(folder / name, map_location="cpu", weights_only=True)
 
 
 def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int | None:
@@ -385,20 +403,23 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
                 start = state["epoch"] + 1 if state and i == state["phase"] else 0
                 average = None
                 if config.ema:
-                    average = weight_average(config.ema, read_average(folder) if start else None)
+                    average = weight_average(config.ema, read_average(folder, state) if start else None)
                 tracker = best_epoch_tracker(monitor, skip_to=start,
                                              state=None if average is None else average.averaged_state)
                 checkpoint = checkpoint_callback(folder, i, config, tracker, skip_to=start, average=average)
                 if start:
                     learn.freeze() if phase["frozen"] else learn.unfreeze()
-                    learn.load(folder / "last", with_opt=True)
+                    files = state["files"]
+                    learn.load(folder / Path(files["last"]).stem, with_opt=True)
                     tracker.best, tracker.reset_on_fit = state["best"], False
-                    checkpoint.best_epoch = state.get("best_epoch")
+                    checkpoint.best_epoch, checkpoint.best_file = state.get("best_epoch"), files.get("best")
+                    if checkpoint.best_file:  # what the tracker restores if the resumed fit finds nothing better
+                        tracker.fname = Path(checkpoint.best_file).stem
                     print(f"resuming from {folder}: phase {i + 1}, epoch {start + 1} of {phase['epochs']}")
                     state = None
                     if start >= phase["epochs"]:  # the phase had ended: keep its best epoch and go on
-                        if (folder / "best.pth").exists():
-                            learn.load(folder / "best")
+                        if checkpoint.best_file:
+                            learn.load(folder / Path(checkpoint.best_file).stem)
                         best_epoch = checkpoint.best_epoch
                         continue
                 elif config.pretrained:

@@ -266,7 +266,7 @@ def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, ca
     state = json.loads((checkpoint_dir(out) / "state.json").read_text())
     done = state["epoch"]
     assert not out.exists() and done < 3
-    steps = torch.load(checkpoint_dir(out) / "average.pth", weights_only=True)["steps"]
+    steps = torch.load(checkpoint_dir(out) / state["files"]["average"], weights_only=True)["steps"]
     assert steps > 0
 
     assert cli.main([*args[:10], "5", *args[11:], "--resume"]) == 2  # other settings: refused, checkpoint kept
@@ -281,6 +281,40 @@ def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, ca
     assert f"resuming from {checkpoint_dir(out)}: phase 1, epoch {done + 2} of 4" in printed
     assert out.exists() and not checkpoint_dir(out).exists()
     assert json.loads(out.with_suffix(".json").read_text())["config"]["epochs"] == 4
+
+
+def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint_whole(ham_dir, tmp_path, monkeypatch, capsys):
+    from pathlib import Path
+
+    from skincancer import train as T
+
+    config = T.TrainConfig(data=str(ham_dir), pretrained=False, epochs=3, size=32, bs=32, limit=120, num_workers=0,
+                           ema=0.9, out=str(tmp_path / "c.pkl"), checkpoint_every=0)
+    real_write, writes = T.write_json_atomic, []
+
+    def crash_on_the_second_state(path, data):
+        writes.append(path)
+        if len(writes) == 2:  # epoch 2's weights are written, its state.json is not: the process dies here
+            raise KeyboardInterrupt
+        real_write(path, data)
+
+    monkeypatch.setattr(T, "write_json_atomic", crash_on_the_second_state)
+    config, df, learn = T.setup(config)
+    with pytest.raises(KeyboardInterrupt):
+        T.fit(learn, config, T.monitor_for("binary"))
+    folder = T.checkpoint_dir(config.out)
+    state = json.loads((folder / "state.json").read_text())
+    assert state["epoch"] == 0 and state["files"]["last"] == "last-0-0.pth"
+    assert (folder / "last-0-1.pth").exists()  # the torn save's weights: named by no state, never read
+
+    monkeypatch.setattr(T, "write_json_atomic", real_write)
+    config, df, learn = T.setup(config)
+    loaded, real_load = [], learn.load
+    learn.load = lambda name, **kwargs: loaded.append(Path(name).name) or real_load(name, **kwargs)
+    T.fit(learn, config, T.monitor_for("binary"), resume=True)
+    assert loaded[0] == "last-0-0" and "phase 1, epoch 2 of 3" in capsys.readouterr().out
+    state = json.loads((folder / "state.json").read_text())
+    assert state["epoch"] == 2 and sorted(p.name for p in folder.glob("*.pth")) == sorted(state["files"].values())
 
 
 def test_resume_inside_the_unfrozen_phase_of_fine_tuning(ham_dir, tmp_path, monkeypatch, capsys):
