@@ -124,3 +124,17 @@ def test_augmentation_benchmark_smoke_times_both_pipelines(ham_dir, tmp_path):
     for figure in ("two-pass", "one-pass", "ms/batch", "ratio one-pass / two-pass, images/s",
                    "ratio ours / fastai's transforms, one-pass"):
         assert figure in stdout
+
+
+def test_average_benchmark_smoke_prints_the_paired_table(ham_dir, tmp_path):
+    import json
+
+    out = tmp_path / "average.jsonl"
+    stdout = smoke("bench_average.py", "--decays", "0.9,0.99", "--out", str(out), tmpdir=tmp_path)
+    assert "epoch    weights    ema 0.9   ema 0.99" in stdout
+    for line in ("best ", "test ", "each average minus the weights, last epoch: valid ema 0.9 "):
+        assert line in stdout
+    row = json.loads(out.read_text())
+    assert row["columns"] == ["weights", "ema 0.9", "ema 0.99"] and row["settings"]["epochs"] == 2
+    assert len(row["valid"]) == 2 and all(len(r) == 3 and all(0 <= v <= 1 for v in r) for r in row["valid"])
+    assert len(row["test"]) == 3 and all(0 <= v <= 1 for v in row["test"])
