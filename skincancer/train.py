@@ -606,6 +606,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         if world_size() > 1:
             print(f"data-parallel on {world_size()} processes: {config.bs} images per process, "
                   f"{config.bs * world_size()} per step, lr {config.lr:g} (README: more than one GPU)")
+        if config.ema:
+            print(f"validating, keeping and exporting an average of the weights (decay {config.ema:g} a step)")
         best_epoch = fit(learn, config, monitor_for(config.task), resume=resume)
     if not is_main_process():
         return TrainResult(learn=learn, df=df, card={})

@@ -57,7 +57,7 @@ def test_two_processes_train_and_only_the_main_one_exports(tmp_path, ham_dir):
     # one process printed and wrote: one split table, one export line, one set of files and no leftovers
     assert run.stdout.count("split by lesion") == 1
     assert run.stdout.count("data-parallel on 2 processes: 32 images per process, 64 per step") == 1
-    assert run.stdout.count("exported ") == 1
+    assert run.stdout.count("exported ") == 1 and run.stdout.count("an average of the weights (decay 0.9 a step)") == 1
     assert sorted(p.name for p in out.parent.iterdir()) == ["ddp.json", "ddp.pkl", "ddp.safetensors",
                                                              "ddp.split.csv"]
     card = json.loads(out.with_suffix(".json").read_text())
