@@ -317,6 +317,24 @@ def test_a_crash_while_checkpointing_leaves_the_previous_checkpoint_whole(ham_di
     assert state["epoch"] == 2 and sorted(p.name for p in folder.glob("*.pth")) == sorted(state["files"].values())
 
 
+def test_resume_refuses_a_state_whose_files_are_gone_or_unnamed(tmp_path):
+    import json
+
+    from skincancer.train import TrainConfig, read_resume_state
+
+    config = TrainConfig(data=".", out=str(tmp_path / "m.pkl")).resolved()
+    folder = tmp_path / "m.checkpoints"
+    folder.mkdir()
+    (folder / "last-0-3.pth").write_bytes(b"weights")
+    state = {"phase": 0, "epoch": 3, "best": 0.8, "best_epoch": 2, "config": {}}
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(SkinCancerError, match="written by an older skincancer, which named no checkpoint files"):
+        read_resume_state(folder, config)
+    (folder / "state.json").write_text(json.dumps({**state, "files": {"last": "last-0-3.pth", "best": "best-0-2.pth"}}))
+    with pytest.raises(SkinCancerError, match=r"the checkpoint files it names are missing \(best-0-2.pth\)"):
+        read_resume_state(folder, config)
+
+
 def test_resume_inside_the_unfrozen_phase_of_fine_tuning(ham_dir, tmp_path, monkeypatch, capsys):
     import torch
     import torchvision
