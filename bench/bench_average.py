@@ -26,9 +26,10 @@ from common import SHARED
 def auroc(probs, targets) -> float:
     """AUROC of malignant (class 1) from softmax probabilities."""
     import numpy as np
-    import sklearn.metrics as skm
 
-    return float(skm.roc_auc_score(np.asarray(targets), np.asarray(probs)[:, 1]))
+    from skincancer.train import auroc_or_nan
+
+    return auroc_or_nan(np.asarray(targets), np.asarray(probs)[:, 1])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -370,13 +370,14 @@ def read_resume_state(folder: Path, config: TrainConfig) -> dict:
 
 
 def read_average(folder: Path, state: dict) -> dict:
-    """The weight average an interrupted run saved beside its checkpoint (tensors only: nothing runs on loading)."""
+    """The weight average an interrupted run saved beside its checkpoint (tensors only: nothing runs on loading).
+
+    A run with `ema` saves one at every checkpoint, and `ema` must match to resume, so read_resume_state's check
+    that the state's files exist covers it.
+    """
     import torch
 
-    name = state["files"].get("average")
-    if name is None:
-        raise SkinCancerError(f"{folder}: the interrupted run kept no average of its weights (run without --resume)")
-    return torch.load(folder / name, map_location="cpu", weights_only=True)
+    return torch.load(folder / state["files"]["average"], map_location="cpu", weights_only=True)
 
 
 def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int | None:
