@@ -5,7 +5,9 @@
     python bench/bench_predict.py --smoke      # seconds: a tiny model at 32 px; CI runs this to keep it working
 
 Prints model load times, single-image latency, and images/s of a per-image `learn.predict` loop, of fastai's
-batched `learn.get_preds` at bs 64, and of `predict_batch`, with the ratios. Timings depend on the input size and
+batched `learn.get_preds` at bs 64, and of `predict_batch`, with the ratios; then fastai's test-time augmentation
+(`learn.tta`: five passes) through the learner's own network and through the inference copy, as `evaluate --tta` runs
+it, on the first `--tta-n` images. Timings depend on the input size and
 the machine, not on how well the weights were trained. It asserts nothing about speed: compare ratios measured in
 the same run.
 """
@@ -39,7 +41,17 @@ def throwaway_model(folder: Path, size: int) -> Path:
     return out
 
 
-def run(model: Path, images: list[Path], bs: int | None) -> dict:
+def tta_seconds(clf, images: list[Path], bs: int, model=None) -> float:
+    """Seconds of `evaluate --tta`'s predictions of `images`, through `model` (default: the learner's own network)."""
+    import pandas as pd
+
+    from skincancer.evaluate import predict_frame
+
+    df = pd.DataFrame({"path": images, "dx": "nv"})  # the labels are not scored, only needed by the pipeline
+    return timed(predict_frame, clf.learn, df, tta=True, bs=bs, model=model)[1]
+
+
+def run(model: Path, images: list[Path], bs: int | None, tta_n: int) -> dict:
     """Measure load, latency and throughput; return the figures."""
     import fastai.vision.all  # noqa: F401  (imports are not load time)
     import torch
@@ -63,7 +75,13 @@ def run(model: Path, images: list[Path], bs: int | None) -> dict:
         _, fastai_s = timed(lambda: learn.get_preds(dl=learn.dls.test_dl(decoded, bs=64, num_workers=0)))
     bs = bs or clf.batch_size
     _, batch_s = timed(clf.predict_batch, images, bs=bs)
-    return {"images": len(images), "size": clf.card.get("size"), "bs": bs, "threads": torch.get_num_threads(),
+    with clf.learn.no_bar():
+        tta_fastai_s = tta_seconds(clf, images[:tta_n], bs)
+        tta_copy_s = tta_seconds(clf, images[:tta_n], bs, model=clf.model)
+    n_tta = len(images[:tta_n])
+    return {"tta_images": n_tta, "tta_fastai_images_per_s": n_tta / tta_fastai_s,
+            "tta_copy_images_per_s": n_tta / tta_copy_s, "tta_ratio": tta_fastai_s / tta_copy_s,
+            "images": len(images), "size": clf.card.get("size"), "bs": bs, "threads": torch.get_num_threads(),
             "load_safetensors_s": load_safe, "load_pickle_s": load_pickle, "prepare_s": prepare_s,
             "latency_median_ms": 1000 * statistics.median(latencies), "loop_images_per_s": len(images) / loop_s,
             "get_preds_images_per_s": len(images) / fastai_s, "batch_images_per_s": len(images) / batch_s,
@@ -77,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", type=Path, default=SHARED / "ham10000_200x150" / "images")
     p.add_argument("--n", type=int, default=256, help="images to predict")
     p.add_argument("--bs", type=int, help="predict_batch's batch size (default: the model's, `Classifier.batch_size`)")
+    p.add_argument("--tta-n", type=int, default=64, help="images to predict with test-time augmentation")
     p.add_argument("--size", type=int, default=224, help="without --model: the throwaway model's input size")
     p.add_argument("--smoke", action="store_true", help="a 32 px model, 16 images: checks the script runs")
     args = p.parse_args(argv)
@@ -86,7 +105,7 @@ def main(argv=None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or throwaway_model(Path(tmp), 32 if args.smoke else args.size)
-        r = run(model, images, args.bs)
+        r = run(model, images, args.bs, 8 if args.smoke else args.tta_n)
     print(f"\nCPU inference, {r['images']} images of {args.images} at {r['size']} px, {r['threads']} torch threads")
     print(f"  load (safetensors, default)  {r['load_safetensors_s']:8.2f} s")
     print(f"  load (pickle, trusted)       {r['load_pickle_s']:8.2f} s")
@@ -96,6 +115,9 @@ def main(argv=None) -> int:
     print(f"  learn.get_preds, bs 64       {r['get_preds_images_per_s']:8.1f} images/s")
     print(f"  predict_batch, bs {r['bs']:<3d}        {r['batch_images_per_s']:8.1f} images/s")
     print(f"  ratio batch / loop           {r['ratio']:8.2f}x")
+    print(f"  TTA (learn.tta), {r['tta_images']} images, bs {r['bs']}: five passes each")
+    print(f"    through the learner's network {r['tta_fastai_images_per_s']:6.1f} images/s")
+    print(f"    through the inference copy    {r['tta_copy_images_per_s']:6.1f} images/s ({r['tta_ratio']:.2f}x)")
     return 0
 
 

@@ -357,15 +357,17 @@ def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64,
                   model=None) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and targets for a frame with `path` and `dx`, through the learner's validation pipeline.
 
-    With `model` (a loaded model's `Classifier.model`) and no TTA, the batches go through it, not `learn.model`.
+    With `model` (a loaded model's `Classifier.model`), the batches go through it, not `learn.model`; with `tta`,
+    fastai's `learn.tta` does (its augmented passes and their mix with the plain one).
     """
-    from .predict import batch_preds
+    from .predict import batch_preds, lent_model
 
     dl = learn.dls.test_dl(add_labels(df, task_of(learn.dls.vocab)), with_labels=True, bs=bs)
     metrics, learn.metrics = learn.metrics, []  # computed here from the predictions, not by fastai per pass
     try:
         if tta:
-            probs, targets = learn.tta(dl=dl)
+            with lent_model(learn, learn.model if model is None else model):
+                probs, targets = learn.tta(dl=dl)
         elif model is not None:
             probs, targets = batch_preds(learn, dl, model)
         else:
@@ -378,7 +380,7 @@ def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64,
 
 def predict_loaded(clf, df: pd.DataFrame, tta: bool = False, bs: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """`predict_frame` for a loaded model: through its inference copy, at its batch size unless `bs` is given."""
-    return predict_frame(clf.learn, df, tta=tta, bs=bs or clf.batch_size, model=None if tta else clf.model)
+    return predict_frame(clf.learn, df, tta=tta, bs=bs or clf.batch_size, model=clf.model)
 
 
 # --- plots ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -176,6 +177,16 @@ def inference_model(model):
     except Exception:  # an architecture torch.fx cannot trace keeps its BatchNorms: slower, the same predictions
         pass
     return model.to(memory_format=torch.channels_last)
+
+
+@contextlib.contextmanager
+def lent_model(learn, model):
+    """Run fastai's loops on `learn` (`tta`, `get_preds`) through `model` for a while, then give back its own."""
+    own, learn.model = learn.model, model
+    try:
+        yield learn
+    finally:
+        learn.model = own
 
 
 def batch_preds(learn, dl, model) -> tuple:

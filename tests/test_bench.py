@@ -23,7 +23,8 @@ def smoke(script: str, *args: str, tmpdir=None) -> str:
 def test_predict_benchmark_smoke_prints_its_figures(ham_dir, tmp_path):
     stdout = smoke("bench_predict.py", tmpdir=tmp_path)
     for figure in ("load (safetensors, default)", "inference copy", "single-image latency", "learn.get_preds, bs 64",
-                   "predict_batch, bs 64", "ratio batch / loop"):
+                   "predict_batch, bs 64", "ratio batch / loop", "TTA (learn.tta), 8 images",
+                   "through the inference copy"):
         assert figure in stdout
     assert "at 32 px" in stdout
     assert not list(tmp_path.rglob("*.pkl"))  # the throwaway model went with its temporary folder

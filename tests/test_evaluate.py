@@ -293,6 +293,27 @@ def test_predictions_through_the_inference_copy_are_fastais(trained, originals_d
     assert targets.sum() == originals_meta["dx"].isin(["mel", "bcc", "akiec"]).sum()
 
 
+def test_tta_through_the_inference_copy_is_fastais(trained, originals_dir, originals_meta):
+    from fastai.torch_core import set_seed
+
+    clf = load(trained)
+    own = clf.learn.model
+    df = originals_meta.assign(path=[originals_dir / "images" / f"{i}.jpg" for i in originals_meta["image_id"]])
+    set_seed(3)  # fastai's augmentation draws from Python's, NumPy's and torch's generators
+    fastai_tta, _ = predict_frame(clf.learn, df, tta=True, bs=5)
+    batches = []
+    hook = clf.model.register_forward_hook(lambda module, args, out: batches.append(len(out)))
+    set_seed(3)
+    copy_tta, targets = predict_loaded(clf, df, tta=True, bs=5)
+    hook.remove()
+    plain, _ = predict_loaded(clf, df, bs=5)
+    assert sum(batches) == 5 * len(df)  # four augmented passes and a plain one, all through the inference copy
+    np.testing.assert_allclose(copy_tta, fastai_tta, atol=1e-5)  # the same augmented views, the same mix
+    assert np.abs(copy_tta - plain).max() > 1e-3  # and they were augmented
+    assert clf.learn.model is own and clf.model is not own  # the learner has its own network back, for Grad-CAM
+    assert targets.sum() == originals_meta["dx"].isin(["mel", "bcc", "akiec"]).sum()
+
+
 def test_evaluate_needs_labels_with_images(trained, originals_dir, tmp_path, capsys):
     assert cli.main(["evaluate", "--model", str(trained), "--images", str(originals_dir),
                      "--out", str(tmp_path)]) == 2
