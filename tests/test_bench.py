@@ -139,3 +139,17 @@ def test_average_benchmark_smoke_prints_the_paired_table(ham_dir, tmp_path):
     assert row["columns"] == ["weights", "ema 0.9", "ema 0.99"] and row["settings"]["epochs"] == 2
     assert len(row["valid"]) == 2 and all(len(r) == 3 and all(0 <= v <= 1 for v in r) for r in row["valid"])
     assert len(row["test"]) == 3 and all(0 <= v <= 1 for v in row["test"])
+
+
+def test_views_benchmark_smoke_pairs_every_choice_with_the_models_own_evaluation(ham_dir, tmp_path):
+    import re
+
+    stdout = smoke("bench_views.py", tmpdir=tmp_path)
+    for split in ("valid", "test"):
+        block = stdout.split(f"\n{split} (")[1].split("\n\n")[0]
+        recorded = float(re.search(r"AUROC in the model card: ([\d.]+)", block).group(1))
+        baseline = float(re.search(r"32 px +([\d.]+) +the baseline", block).group(1))
+        assert baseline == pytest.approx(recorded, abs=1e-4)  # the bench's pipeline is the one training scored
+        for choice in ("24 px ", "32 px, flips and quarter turns", "32 px, fastai's tta", "40 px "):
+            assert re.search(re.escape(choice) + r".* [01]\.\d{4} +[+-]\d\.\d{4} \(", block), choice
+    assert not list(tmp_path.rglob("*.pkl"))  # the throwaway model went with its temporary folder
