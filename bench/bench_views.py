@@ -3,13 +3,14 @@
     python bench/bench_views.py --model models/skincancer.pkl --data DIR [--sizes 112,128,144,160]
     python bench/bench_views.py --smoke      # seconds: a throwaway model at 32 px; CI runs it
 
-Predicts the images of the model's recorded valid and test splits (NAME.split.csv) at each test-time size (the
-photo squished to the size, presized in the model's proportion, as `predict` does at the training size), and at the
+Predicts the images of the model's recorded valid and test splits (NAME.split.csv) at each test-time size (the photo
+squished to the size, presized in the model's proportion, as `predict` does at the training size), and at the
 training size also averaged over the eight flips and quarter turns of each image (a lesion has no up or down, and
-these move pixels without resampling them, so they add no blur) and with fastai's `learn.tta` (four passes with the training augmentation, mixed with
-a plain one). Prints the malignant AUROC of each choice, and its paired difference from the plain prediction at the
-training size with a 95% interval over resampled lesions. One model predicts every row, so the differences are the
-choices' alone, free of the noise between trainings; valid decides, test checks. It asserts nothing: read the table.
+these move pixels without resampling them, so they add no blur) and with fastai's `learn.tta` (four passes with the
+training augmentation, mixed with a plain one). Prints the malignant AUROC of each choice, and its paired difference
+from the plain prediction at the training size with a 95% interval over resampled lesions. One model predicts every
+row, so the differences are the choices' alone, free of the noise between trainings; valid decides, test checks. It
+asserts nothing: read the table.
 """
 
 from __future__ import annotations

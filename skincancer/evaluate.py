@@ -369,7 +369,7 @@ def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64,
             with lent_model(learn, learn.model if model is None else model):
                 probs, targets = learn.tta(dl=dl)
         elif model is not None:
-            probs, targets = batch_preds(learn, dl, model)
+            probs, targets = batch_preds(learn, dl, model, show_progress=True)
         else:
             with learn.no_bar():
                 probs, targets = learn.get_preds(dl=dl)

@@ -189,14 +189,15 @@ def lent_model(learn, model):
         learn.model = own
 
 
-def batch_preds(learn, dl, model) -> tuple:
+def batch_preds(learn, dl, model, show_progress: bool = False) -> tuple:
     """(probabilities, targets or None) of every batch of `dl` through `model`, with `learn`'s loss activation."""
     import torch
+    from fastprogress.fastprogress import progress_bar
 
     activation = getattr(learn.loss_func, "activation", lambda x: x)
     probs, targets = [], []
     with torch.inference_mode():
-        for batch in dl:
+        for batch in progress_bar(dl, leave=False) if show_progress and len(dl) > 1 else dl:
             x = batch[0].contiguous(memory_format=torch.channels_last)
             probs.append(activation(model(x)).float().cpu())
             targets.extend(t.cpu() for t in batch[dl.n_inp:dl.n_inp + 1])

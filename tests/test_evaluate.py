@@ -293,6 +293,20 @@ def test_predictions_through_the_inference_copy_are_fastais(trained, originals_d
     assert targets.sum() == originals_meta["dx"].isin(["mel", "bcc", "akiec"]).sum()
 
 
+def test_evaluation_shows_progress_and_predict_keeps_stdout_for_its_json(trained, originals_dir, originals_meta,
+                                                                         monkeypatch):
+    import fastprogress.fastprogress as fp
+
+    bars, real = [], fp.progress_bar
+    monkeypatch.setattr(fp, "progress_bar", lambda gen, **kwargs: bars.append(len(gen)) or real(gen, **kwargs))
+    clf = load(trained)
+    df = originals_meta.assign(path=[originals_dir / "images" / f"{i}.jpg" for i in originals_meta["image_id"]])
+    predict_loaded(clf, df, bs=5)
+    assert bars == [3]  # one bar over the 3 batches of 14 images
+    clf.predict_batch(list(df["path"]), bs=5)  # a console bar would write into `predict`'s JSON lines on stdout
+    assert bars == [3]
+
+
 def test_tta_through_the_inference_copy_is_fastais(trained, originals_dir, originals_meta):
     from fastai.torch_core import set_seed
 
