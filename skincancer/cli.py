@@ -176,7 +176,7 @@ def cmd_evaluate(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command writes PNG files and opens no window
-    from .evaluate import evaluate, metrics_table, read_labels, read_test_split
+    from .evaluate import evaluate, metrics_table, read_labels, read_test_split, subgroup_table
     from .predict import DISCLAIMER, load
 
     _check_labels(args)
@@ -187,6 +187,9 @@ def cmd_evaluate(args) -> int:
     print(f"{clf.path.name} on {which}{' with TTA' if args.tta else ''}:")
     print(metrics_table(metrics))
     print(f"threshold rule: {metrics['threshold_rule']}")
+    if metrics.get("subgroups"):
+        print("by subgroup (the malignant call):")
+        print(subgroup_table(metrics["subgroups"]))
     print(f"wrote {args.out}/metrics.json and {', '.join(metrics['plots'])}")
     print(DISCLAIMER)
     return 0

@@ -310,6 +310,87 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(rows)
 
 
+# --- subgroups -----------------------------------------------------------------------------------
+
+# Metadata describing the patient, the lesion or how its diagnosis was made (HAM10000's columns, where a set has
+# them): a model can fail in one subgroup while its overall numbers look fine, which is why the ISIC AI working
+# group's reporting checklist (CLEAR Derm, Daneshjou et al., JAMA Dermatology 2022) asks for results by subgroup.
+SUBGROUPS = {"sex": "sex", "age": "age", "localization": "site", "dx_type": "confirmed by", "dataset": "source"}
+AGE_BANDS = (0, 30, 45, 60, 75)  # HAM10000 records ages in steps of 5 years
+# Fewer cases than this make a rate or an AUROC, and a bootstrap interval of it, meaningless: 2 of 3 malignant
+# caught is not a sensitivity of 0.67, and resampling 3 cases gives degenerate intervals.
+MIN_CASES = 10
+
+
+def subgroup_labels(df: pd.DataFrame, column: str) -> pd.Series:
+    """Each image's subgroup under a metadata column, as text: ages in bands of 15 years, 'unknown' where missing."""
+    if column != "age":
+        return df[column].astype(str).str.strip().replace({"": "unknown", "nan": "unknown"})
+    age = pd.to_numeric(df[column], errors="coerce")
+    names = [f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BANDS, AGE_BANDS[1:])] + [f"{AGE_BANDS[-1]}+"]
+    bands = pd.cut(age, [*AGE_BANDS, np.inf], right=False, labels=names)
+    return bands.astype(object).where(bands.notna(), "unknown")
+
+
+def _subgroup_order(labels: np.ndarray, column: str) -> list[str]:
+    """Ages in order, other subgroups from the largest; 'unknown' last."""
+    values, counts = np.unique(labels, return_counts=True)
+    if column == "age":
+        known = sorted((v for v in values if v != "unknown"), key=lambda v: int(v.rstrip("+").split("-")[0]))
+    else:
+        known = [v for _, v in sorted(zip(-counts, values)) if v != "unknown"]
+    return known + (["unknown"] if "unknown" in values else [])
+
+
+def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: float, n_boot: int = 1000,
+                     seed: int = 0, groups=None) -> list[dict]:
+    """AUROC, sensitivity and specificity at `threshold` within each subgroup of the SUBGROUPS columns `df` has.
+
+    One row a subgroup, with 95% bootstrap intervals from draws within it (whole lesions where `groups` are given).
+    A statistic is None where its subgroup holds fewer than MIN_CASES of the images it counts: sensitivity needs
+    malignant ones, specificity benign ones, AUROC both. Columns with fewer than two known subgroups are left out.
+    """
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    if len(df) != len(y) or len(p) != len(y):
+        raise SkinCancerError(f"{len(df)} images, {len(y)} truths and {len(p)} probabilities do not match")
+    groups = None if groups is None else np.asarray(groups)
+    rows = []
+    for column in [c for c in SUBGROUPS if c in df.columns]:
+        labels = subgroup_labels(df, column).to_numpy(dtype=str)
+        order = _subgroup_order(labels, column)
+        if len([v for v in order if v != "unknown"]) < 2:
+            continue
+        for name in order:
+            inside = labels == name
+            yk, pk = y[inside], p[inside]
+            said, n_pos, n_neg = pk >= threshold, int(yk.sum()), int((~yk).sum())
+            ci = bootstrap_intervals(yk, pk, threshold, n_boot, seed, groups=None if groups is None else groups[inside])
+            enough = {"auroc": min(n_pos, n_neg) >= MIN_CASES, "sensitivity": n_pos >= MIN_CASES,
+                      "specificity": n_neg >= MIN_CASES}
+            stat = {"auroc": _finite_or_none(weighted_aurocs(yk, pk, np.ones(len(yk)))[0]),
+                     "sensitivity": _ratio(int((said & yk).sum()), n_pos),
+                     "specificity": _ratio(int((~said & ~yk).sum()), n_neg)}
+            rows.append({"column": column, "subgroup": name, "n": int(inside.sum()), "n_malignant": n_pos,
+                         **{k: stat[k] if enough[k] else None for k in stat},
+                         **{f"{k}_ci95": list(ci[k]) if enough[k] and ci[k] else None for k in stat}})
+    return rows
+
+
+def subgroup_table(rows: list[dict]) -> str:
+    """A short text table of `subgroup_metrics`: n, AUROC, sensitivity and specificity with intervals, a line each."""
+    def cell(row, k):
+        v, ci = row[k], row[f"{k}_ci95"]
+        return "too few" if v is None else f"{v:.2f} ({ci[0]:.2f}-{ci[1]:.2f})" if ci else f"{v:.2f}"
+
+    lines = [f"  {'':<30}{'n':>5} {'mal.':>5}  {'AUROC':<18}{'sensitivity':<18}specificity"]
+    for row in rows:
+        name = f"{SUBGROUPS[row['column']]}: {row['subgroup']}"
+        lines.append(f"  {name[:30]:<30}{row['n']:>5} {row['n_malignant']:>5}  {cell(row, 'auroc'):<18}"
+                     f"{cell(row, 'sensitivity'):<18}{cell(row, 'specificity')}")
+    lines.append(f"  (at the threshold; 95% intervals; 'too few': under {MIN_CASES} of the cases a statistic counts)")
+    return "\n".join(lines)
+
+
 # --- labelled images -----------------------------------------------------------------------------
 
 def read_labels(labels_csv: str | Path, images_dir: str | Path) -> pd.DataFrame:
@@ -507,6 +588,44 @@ def plot_paired_differences(paired: dict, names: tuple[str, str] = ("A", "B"), a
     return fig
 
 
+def plot_subgroups(rows: list[dict], overall: dict | None = None):
+    """A forest plot of `subgroup_metrics`: AUROC, sensitivity and specificity with their intervals, by subgroup.
+
+    Dashed lines mark the `overall` values (a metrics dict) each subgroup is read against.
+    """
+    plt = pyplot()
+    stats = {"auroc": "AUROC", "sensitivity": "sensitivity at the threshold",
+             "specificity": "specificity at the threshold"}
+    labels, where, headers = [], [], []  # a header line for each column, then a line for each of its subgroups
+    for i, row in enumerate(rows):
+        if i == 0 or row["column"] != rows[i - 1]["column"]:
+            headers.append(len(labels))
+            labels.append(SUBGROUPS[row["column"]])
+        where.append(len(labels))
+        labels.append(f"{row['subgroup']}  (n {row['n']}, {row['n_malignant']} malignant)")
+    y = len(labels)
+    fig, axes = plt.subplots(1, len(stats), figsize=(15, 1.0 + 0.24 * y), sharey=True)
+    for ax, (k, title) in zip(axes, stats.items()):
+        for row, row_y in zip(rows, where):
+            v, ci = row[k], row[f"{k}_ci95"]
+            if v is None:
+                continue
+            err = [[v - ci[0]], [ci[1] - v]] if ci else None
+            ax.errorbar(v, row_y, xerr=err, fmt="o", ms=4, color="tab:blue", ecolor="tab:blue", capsize=2, lw=1)
+        if overall is not None and overall.get(k) is not None:
+            ax.axvline(overall[k], color="grey", ls="--", lw=1, label=f"all images {overall[k]:.3f}")
+            ax.legend(loc="lower left", fontsize=8)
+        ax.set(xlim=(0, 1.02), title=title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(y), labels, fontsize=8)
+    for i in headers:
+        axes[0].get_yticklabels()[i].set_fontweight("bold")
+    axes[0].set_ylim(y - 0.5, -0.5)
+    fig.suptitle("By subgroup: the malignant call, with 95% intervals (wide where a subgroup is small)")
+    fig.tight_layout()
+    return fig
+
+
 def _thumb(path: str, size: int = 160):
     from PIL import Image
 
@@ -575,6 +694,10 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
                         "reliability.png": plot_reliability(
                             truth, p_mal, uncalibrated=None if calibration is None else scores),
                         "threshold.png": plot_threshold(truth, p_mal, clf.threshold)})
+    subgroups = subgroup_metrics(df, truth, p_mal, clf.threshold, n_boot=n_boot, groups=lesion_groups(df))
+    if subgroups:
+        metrics["subgroups"] = subgroups
+        figures["subgroups.png"] = plot_subgroups(subgroups, metrics)
     if gradcam_images:
         picks = np.argsort(-p_mal)[:gradcam_images]  # the images the model finds most malignant
         figures["gradcam.png"] = plot_gradcam_grid(clf.learn, [df.iloc[i]["path"] for i in picks],

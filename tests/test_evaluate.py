@@ -15,8 +15,9 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
-from skincancer.evaluate import (bootstrap_auroc, choose_threshold, classification_metrics, metrics_table,
-                                 paired_bootstrap, predict_frame, predict_loaded, predicted_classes, read_labels,
+from skincancer.evaluate import (MIN_CASES, bootstrap_auroc, bootstrap_intervals, choose_threshold,
+                                 classification_metrics, metrics_table, paired_bootstrap, plot_subgroups, predict_frame,
+                                 predict_loaded, predicted_classes, read_labels, subgroup_metrics, subgroup_table,
                                  weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
@@ -224,6 +225,51 @@ def originals_meta(originals_dir):
     return pd.read_csv(originals_dir / "HAM10000_metadata.csv")
 
 
+def test_subgroup_metrics_are_each_subgroups_own_and_small_ones_say_too_few():
+    rng = np.random.default_rng(0)
+    n = 600
+    df = pd.DataFrame({
+        "lesion_id": [f"L{i // 2}" for i in range(n)],  # two photos a lesion
+        "sex": rng.choice(["male", "female", ""], n, p=[0.5, 0.45, 0.05]),
+        "age": rng.choice(["29.0", "30", "44.9", "45", "75.0", "90", "", "n/a"], n),
+        "localization": np.where(np.arange(n) < 20, "ear", rng.choice(["back", "face"], n)),
+        "dataset": "one source",  # a single subgroup says nothing: left out
+    })
+    y = rng.random(n) < 0.3
+    y[:20] = np.arange(20) < 4  # 'ear': 4 malignant, 16 benign
+    p = np.clip(0.25 * y + rng.random(n), 0, 1)
+    rows = subgroup_metrics(df, y, p, 0.6, n_boot=200, groups=df["lesion_id"])
+    assert {r["column"] for r in rows} == {"sex", "age", "localization"}
+    ages = [r["subgroup"] for r in rows if r["column"] == "age"]
+    assert ages == ["0-29", "30-44", "45-59", "75+", "unknown"]  # in order; '', 'n/a' unknown; no empty band
+    band = {"29.0": "0-29", "30": "30-44", "44.9": "30-44", "45": "45-59", "75.0": "75+", "90": "75+"}
+    for r in rows:
+        column, name = r["column"], r["subgroup"]
+        if column == "age":
+            inside = df["age"].map(band).fillna("unknown").to_numpy() == name
+        else:
+            inside = df[column].replace("", "unknown").to_numpy() == name
+        yk, pk = y[inside], p[inside]
+        assert r["n"] == inside.sum() and r["n_malignant"] == yk.sum()
+        if column == "localization" and name == "ear":  # 4 malignant: no AUROC or sensitivity; 16 benign suffice
+            assert r["auroc"] is None and r["sensitivity"] is None and r["auroc_ci95"] is None
+            assert r["specificity"] == pytest.approx((pk[~yk] < 0.6).mean()) and r["specificity_ci95"] is not None
+            continue
+        assert min(yk.sum(), (~yk).sum()) >= MIN_CASES
+        assert r["auroc"] == pytest.approx(roc_auc_score(yk, pk))
+        assert r["sensitivity"] == pytest.approx((pk[yk] >= 0.6).mean())
+        assert r["specificity"] == pytest.approx((pk[~yk] < 0.6).mean())
+        ci = bootstrap_intervals(yk, pk, 0.6, 200, groups=df["lesion_id"].to_numpy()[inside])  # lesions, in it
+        assert r["auroc_ci95"] == pytest.approx(list(ci["auroc"]))
+        assert r["sensitivity_ci95"] == pytest.approx(list(ci["sensitivity"]))
+    table = subgroup_table(rows)
+    assert len(table.splitlines()) == len(rows) + 2 and "site: ear" in table and "too few" in table
+    fig = plot_subgroups(rows, {"auroc": 0.7, "sensitivity": 0.8, "specificity": 0.5})
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "sex"  # each column under its header
+    with pytest.raises(SkinCancerError, match="do not match"):
+        subgroup_metrics(df, y[:-1], p[:-1], 0.6)
+
+
 def test_reads_isic_one_hot_and_plain_label_files(tmp_path, originals_dir, originals_meta):
     onehot = pd.DataFrame({"image": originals_meta["image_id"],
                            **{d.upper(): (originals_meta["dx"] == d).astype(float) for d in DX_CLASSES}})
@@ -264,11 +310,14 @@ def test_evaluate_the_recorded_test_split(trained, ham_dir, tmp_path, capsys):
     card = json.loads(trained.with_suffix(".json").read_text())
     assert m["n"] == card["split_images"]["test"] and m["threshold"] == card["threshold"]
     assert m["auroc"] == pytest.approx(card["metrics"]["test"]["auroc"], abs=1e-6)
-    assert set(m["plots"]) == PLOTS
-    for name in PLOTS:
+    assert set(m["plots"]) == PLOTS | {"subgroups.png"}
+    for name in m["plots"]:
         with Image.open(out / name) as img:
             assert img.format == "PNG" and min(img.size) > 100
-    assert "auroc" in capsys.readouterr().out
+    for column in ("sex", "age", "localization", "dx_type"):  # the HAM10000 metadata: every image in one subgroup
+        assert sum(r["n"] for r in m["subgroups"] if r["column"] == column) == m["n"]
+    printed = capsys.readouterr().out
+    assert "auroc" in printed and "by subgroup" in printed and "site: " in printed
 
 
 def test_evaluate_labelled_images_with_tta_and_no_positives(trained, originals_dir, originals_meta, tmp_path):
@@ -281,6 +330,7 @@ def test_evaluate_labelled_images_with_tta_and_no_positives(trained, originals_d
     assert m["tta"] is True and m["n"] == len(benign)
     assert m["auroc"] is None and m["sensitivity"] is None  # undefined without a malignant image, and said so
     assert "roc.png" not in m["plots"] and (out / "confusion.png").exists()
+    assert "subgroups" not in m and "subgroups.png" not in m["plots"]  # image_id,dx: no metadata to group by
 
 
 def test_predictions_through_the_inference_copy_are_fastais(trained, originals_dir, originals_meta):
