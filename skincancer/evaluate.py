@@ -317,6 +317,7 @@ def metrics_table(metrics: dict) -> str:
 # group's reporting checklist (CLEAR Derm, Daneshjou et al., JAMA Dermatology 2022) asks for results by subgroup.
 SUBGROUPS = {"sex": "sex", "age": "age", "localization": "site", "dx_type": "confirmed by", "dataset": "source"}
 AGE_BANDS = (0, 30, 45, 60, 75)  # HAM10000 records ages in steps of 5 years
+AGE_BAND_NAMES = [f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BANDS, AGE_BANDS[1:])] + [f"{AGE_BANDS[-1]}+"]
 # Fewer cases than this make a rate or an AUROC, and a bootstrap interval of it, meaningless: 2 of 3 malignant
 # caught is not a sensitivity of 0.67, and resampling 3 cases gives degenerate intervals.
 MIN_CASES = 10
@@ -327,8 +328,7 @@ def subgroup_labels(df: pd.DataFrame, column: str) -> pd.Series:
     if column != "age":
         return df[column].astype(str).str.strip().replace({"": "unknown", "nan": "unknown"})
     age = pd.to_numeric(df[column], errors="coerce")
-    names = [f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BANDS, AGE_BANDS[1:])] + [f"{AGE_BANDS[-1]}+"]
-    bands = pd.cut(age, [*AGE_BANDS, np.inf], right=False, labels=names)
+    bands = pd.cut(age, [*AGE_BANDS, np.inf], right=False, labels=AGE_BAND_NAMES)
     return bands.astype(object).where(bands.notna(), "unknown")
 
 
@@ -336,7 +336,7 @@ def _subgroup_order(labels: np.ndarray, column: str) -> list[str]:
     """Ages in order, other subgroups from the largest; 'unknown' last."""
     values, counts = np.unique(labels, return_counts=True)
     if column == "age":
-        known = sorted((v for v in values if v != "unknown"), key=lambda v: int(v.rstrip("+").split("-")[0]))
+        known = [v for v in AGE_BAND_NAMES if v in values]
     else:
         known = [v for _, v in sorted(zip(-counts, values)) if v != "unknown"]
     return known + (["unknown"] if "unknown" in values else [])
@@ -363,16 +363,15 @@ def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: flo
         for name in order:
             inside = labels == name
             yk, pk = y[inside], p[inside]
-            said, n_pos, n_neg = pk >= threshold, int(yk.sum()), int((~yk).sum())
-            ci = bootstrap_intervals(yk, pk, threshold, n_boot, seed, groups=None if groups is None else groups[inside])
+            n_pos, n_neg = int(yk.sum()), int((~yk).sum())
             enough = {"auroc": min(n_pos, n_neg) >= MIN_CASES, "sensitivity": n_pos >= MIN_CASES,
                       "specificity": n_neg >= MIN_CASES}
-            stat = {"auroc": _finite_or_none(weighted_aurocs(yk, pk, np.ones(len(yk)))[0]),
-                     "sensitivity": _ratio(int((said & yk).sum()), n_pos),
-                     "specificity": _ratio(int((~said & ~yk).sum()), n_neg)}
+            stat = _call_statistics(yk, pk, threshold, np.ones((1, len(yk))))
+            within = None if groups is None else groups[inside]
+            ci = bootstrap_intervals(yk, pk, threshold, n_boot, seed, groups=within) if any(enough.values()) else {}
             rows.append({"column": column, "subgroup": name, "n": int(inside.sum()), "n_malignant": n_pos,
-                         **{k: stat[k] if enough[k] else None for k in stat},
-                         **{f"{k}_ci95": list(ci[k]) if enough[k] and ci[k] else None for k in stat}})
+                         **{k: float(stat[k][0]) if ok else None for k, ok in enough.items()},
+                         **{f"{k}_ci95": list(ci[k]) if ok and ci[k] else None for k, ok in enough.items()}})
     return rows
 
 
@@ -676,8 +675,9 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     classes = clf.classes
     probs, targets = predict_loaded(clf, df, tta=tta, bs=bs)
     calibration = clf.calibration
+    groups = lesion_groups(df)
     metrics = classification_metrics(probs, targets, classes, clf.threshold, dx=df["dx"].to_numpy(), n_boot=n_boot,
-                                     groups=lesion_groups(df), calibration=calibration)
+                                     groups=groups, calibration=calibration)
     card = clf.card
     metrics["threshold_rule"] = card.get("threshold_rule", "0.5 (no rule recorded in the model card)")
     metrics["tta"] = tta
@@ -694,7 +694,7 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
                         "reliability.png": plot_reliability(
                             truth, p_mal, uncalibrated=None if calibration is None else scores),
                         "threshold.png": plot_threshold(truth, p_mal, clf.threshold)})
-    subgroups = subgroup_metrics(df, truth, p_mal, clf.threshold, n_boot=n_boot, groups=lesion_groups(df))
+    subgroups = subgroup_metrics(df, truth, p_mal, clf.threshold, n_boot=n_boot, groups=groups)
     if subgroups:
         metrics["subgroups"] = subgroups
         figures["subgroups.png"] = plot_subgroups(subgroups, metrics)
