@@ -15,7 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--limit", "300", "--size", "64", "--bs", "32", "--epochs", "1", "--no-pretrained", "--workers", "0"]
 SHARED = Path(os.environ.get("SKINCANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
 # presized caches of this test session (subprocesses inherit it), never the user's ~/.cache/skincancer
-os.environ["SKINCANCER_CACHE"] = tempfile.mkdtemp(prefix="skincancer-test-cache-")
+TEST_CACHE = tempfile.mkdtemp(prefix="skincancer-test-cache-")
+os.environ["SKINCANCER_CACHE"] = TEST_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Delete this session's presized caches: every run would otherwise leave one in the temporary folder."""
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
 
 
 def _need(path: Path) -> Path:

@@ -327,7 +327,7 @@ def _tiny_learner(model=None):
     set_seed(0)  # the data, the model and the shuffling: two learners train alike
     x = torch.randn(64, 4)
     items = list(zip(x, (x[:, 0] > 0).long()))
-    dls = DataLoaders.from_dsets(items, items, bs=8, device="cpu")
+    dls = DataLoaders.from_dsets(items, items, bs=8, device="cpu", num_workers=0)  # fastai would fork one per core
     return Learner(dls, torch.nn.Linear(4, 2) if model is None else model, loss_func=torch.nn.CrossEntropyLoss())
 
 
