@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="two models on the same held-out images: B - A with paired bootstrap intervals")
     c.add_argument("--models", nargs=2, required=True, metavar=("A", "B"), help="two exported learners (.pkl)")
     _labelled_images_args(c, "compare on the test split both models recorded (train B with --split-from A's)",
-                          "comparison.json and comparison.png")
+                          "comparison.json, comparison.png and comparison_subgroups.png")
 
     d = sub.add_parser("download", help="download, verify and extract HAM10000 (the ISIC 2018 Task 3 files)")
     d.add_argument("--dest", required=True, help="folder to put the data in (e.g. data/HAM10000)")
@@ -201,11 +201,11 @@ def _check_labels(args) -> None:
 
 
 def cmd_compare(args) -> int:
-    """Run `compare`: write OUT/comparison.json and comparison.png, print both models and B - A."""
+    """Run `compare`: write OUT/comparison.json and its plots, print both models and B - A (by subgroup too)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    from .evaluate import compare, comparison_table, read_labels, read_paired_test_split
+    from .evaluate import compare, comparison_table, read_labels, read_paired_test_split, subgroup_table
     from .predict import DISCLAIMER, load
 
     _check_labels(args)
@@ -216,7 +216,10 @@ def cmd_compare(args) -> int:
     which = "the test split of " + args.data if args.data else args.labels
     print(f"B = {clf_b.path.name} against A = {clf_a.path.name} on {which}{' with TTA' if args.tta else ''}:")
     print(comparison_table(result))
-    print(f"wrote {args.out}/comparison.json and comparison.png")
+    if result.get("subgroups"):
+        print("by subgroup (B - A, the malignant call; about twenty intervals, so one may exclude 0 by chance):")
+        print(subgroup_table(result["subgroups"], difference=True))
+    print(f"wrote {args.out}/comparison.json and {', '.join(result['plots'])}")
     print(DISCLAIMER)
     return 0
 

@@ -351,10 +351,56 @@ def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: flo
     malignant ones, specificity benign ones, AUROC both. Columns with fewer than two known subgroups are left out.
     """
     y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
-    if len(df) != len(y) or len(p) != len(y):
-        raise SkinCancerError(f"{len(df)} images, {len(y)} truths and {len(p)} probabilities do not match")
+    _check_lengths(df, y, p)
     groups = None if groups is None else np.asarray(groups)
     rows = []
+    for row, inside, enough in _subgroups(df, y):
+        yk, pk = y[inside], p[inside]
+        stat = _call_statistics(yk, pk, threshold, np.ones((1, len(yk))))
+        within = None if groups is None else groups[inside]
+        ci = bootstrap_intervals(yk, pk, threshold, n_boot, seed, groups=within) if any(enough.values()) else {}
+        rows.append({**row, **{k: float(stat[k][0]) if ok else None for k, ok in enough.items()},
+                     **{f"{k}_ci95": list(ci[k]) if ok and ci[k] else None for k, ok in enough.items()}})
+    return rows
+
+
+def paired_subgroup_metrics(df: pd.DataFrame, is_malignant, p_a, p_b, threshold_a: float, threshold_b: float,
+                            n_boot: int = 1000, seed: int = 0, groups=None) -> list[dict]:
+    """Model B against model A within each subgroup of `subgroup_metrics`: B - A and its paired interval.
+
+    One row a subgroup, with the `paired_bootstrap` of its images (whole lesions where `groups` are given): AUROC,
+    and sensitivity and specificity at each model's own threshold, as B - A with its 95% interval under the
+    statistic's name and each model's value under `NAME_a` and `NAME_b`. None where the subgroup has too few cases.
+    """
+    y = np.asarray(is_malignant, dtype=bool)
+    p_a, p_b = (np.asarray(p, dtype=np.float64) for p in (p_a, p_b))
+    _check_lengths(df, y, p_a, p_b)
+    groups = None if groups is None else np.asarray(groups)
+    rows = []
+    for row, inside, enough in _subgroups(df, y):
+        paired = {}
+        if any(enough.values()):
+            paired = paired_bootstrap(y[inside], p_a[inside], p_b[inside], threshold_a, threshold_b, n_boot, seed,
+                                      groups=None if groups is None else groups[inside])
+        for k, ok in enough.items():
+            r = paired[k] if ok else dict.fromkeys(("difference", "ci", "a", "b"))
+            row.update({k: r["difference"], f"{k}_ci95": r["ci"], f"{k}_a": r["a"], f"{k}_b": r["b"]})
+        rows.append(row)
+    return rows
+
+
+def _check_lengths(df: pd.DataFrame, y: np.ndarray, *probabilities: np.ndarray) -> None:
+    if any(len(v) != len(df) for v in (y, *probabilities)):
+        raise SkinCancerError(f"{len(df)} images, {len(y)} truths and "
+                              f"{' and '.join(str(len(p)) for p in probabilities)} probabilities do not match")
+
+
+def _subgroups(df: pd.DataFrame, y: np.ndarray):
+    """(row, mask, enough) for each subgroup of the SUBGROUPS columns `df` has, in order.
+
+    `row` starts a result row (column, subgroup, n, n_malignant); `enough` says which of AUROC, sensitivity and
+    specificity have MIN_CASES of the cases they count. Columns with fewer than two known subgroups are left out.
+    """
     for column in [c for c in SUBGROUPS if c in df.columns]:
         labels = subgroup_labels(df, column).to_numpy(dtype=str)
         order = _subgroup_order(labels, column)
@@ -362,31 +408,30 @@ def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: flo
             continue
         for name in order:
             inside = labels == name
-            yk, pk = y[inside], p[inside]
-            n_pos, n_neg = int(yk.sum()), int((~yk).sum())
+            n_pos, n_neg = int(y[inside].sum()), int((~y[inside]).sum())
             enough = {"auroc": min(n_pos, n_neg) >= MIN_CASES, "sensitivity": n_pos >= MIN_CASES,
                       "specificity": n_neg >= MIN_CASES}
-            stat = _call_statistics(yk, pk, threshold, np.ones((1, len(yk))))
-            within = None if groups is None else groups[inside]
-            ci = bootstrap_intervals(yk, pk, threshold, n_boot, seed, groups=within) if any(enough.values()) else {}
-            rows.append({"column": column, "subgroup": name, "n": int(inside.sum()), "n_malignant": n_pos,
-                         **{k: float(stat[k][0]) if ok else None for k, ok in enough.items()},
-                         **{f"{k}_ci95": list(ci[k]) if ok and ci[k] else None for k, ok in enough.items()}})
-    return rows
+            yield {"column": column, "subgroup": name, "n": int(inside.sum()), "n_malignant": n_pos}, inside, enough
 
 
-def subgroup_table(rows: list[dict]) -> str:
-    """A short text table of `subgroup_metrics`: n, AUROC, sensitivity and specificity with intervals, a line each."""
+def subgroup_table(rows: list[dict], difference: bool = False) -> str:
+    """A short text table of `subgroup_metrics` (or, with `difference`, of `paired_subgroup_metrics`), a line each."""
     def cell(row, k):
         v, ci = row[k], row[f"{k}_ci95"]
-        return "too few" if v is None else f"{v:.2f} ({ci[0]:.2f}-{ci[1]:.2f})" if ci else f"{v:.2f}"
+        if v is None:
+            return "too few"
+        if difference:
+            return f"{v:+.3f} ({ci[0]:+.3f} to {ci[1]:+.3f})" if ci else f"{v:+.3f}"
+        return f"{v:.2f} ({ci[0]:.2f}-{ci[1]:.2f})" if ci else f"{v:.2f}"
 
-    lines = [f"  {'':<30}{'n':>5} {'mal.':>5}  {'AUROC':<18}{'sensitivity':<18}specificity"]
+    width, of = (26, " (B - A)") if difference else (18, "")
+    lines = [f"  {'':<30}{'n':>5} {'mal.':>5}  {'AUROC' + of:<{width}}{'sensitivity' + of:<{width}}specificity{of}"]
     for row in rows:
         name = f"{SUBGROUPS[row['column']]}: {row['subgroup']}"
-        lines.append(f"  {name[:30]:<30}{row['n']:>5} {row['n_malignant']:>5}  {cell(row, 'auroc'):<18}"
-                     f"{cell(row, 'sensitivity'):<18}{cell(row, 'specificity')}")
-    lines.append(f"  (at the threshold; 95% intervals; 'too few': under {MIN_CASES} of the cases a statistic counts)")
+        lines.append(f"  {name[:30]:<30}{row['n']:>5} {row['n_malignant']:>5}  {cell(row, 'auroc'):<{width}}"
+                     f"{cell(row, 'sensitivity'):<{width}}{cell(row, 'specificity')}")
+    where = "at each model's own threshold" if difference else "at the threshold"
+    lines.append(f"  ({where}; 95% intervals; 'too few': under {MIN_CASES} of the cases a statistic counts)")
     return "\n".join(lines)
 
 
@@ -587,10 +632,11 @@ def plot_paired_differences(paired: dict, names: tuple[str, str] = ("A", "B"), a
     return fig
 
 
-def plot_subgroups(rows: list[dict], overall: dict | None = None):
+def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[str, str] | None = None):
     """A forest plot of `subgroup_metrics`: AUROC, sensitivity and specificity with their intervals, by subgroup.
 
-    Dashed lines mark the `overall` values (a metrics dict) each subgroup is read against.
+    Dashed lines mark the `overall` values (a dict of them) each subgroup is read against. Given the two models'
+    `names`, the rows are a `paired_subgroup_metrics` and the plot shows B - A against the line of no difference.
     """
     plt = pyplot()
     stats = {"auroc": "AUROC", "sensitivity": "sensitivity at the threshold",
@@ -603,24 +649,35 @@ def plot_subgroups(rows: list[dict], overall: dict | None = None):
         where.append(len(labels))
         labels.append(f"{row['subgroup']}  (n {row['n']}, {row['n_malignant']} malignant)")
     y = len(labels)
+    ends = [abs(x) for row in rows for k in stats for x in [row[k], *(row[f"{k}_ci95"] or [])] if x is not None]
+    reach = 1.1 * max(ends, default=0.1)  # one symmetric scale for the three differences
     fig, axes = plt.subplots(1, len(stats), figsize=(15, 1.0 + 0.24 * y), sharey=True)
     for ax, (k, title) in zip(axes, stats.items()):
         for row, row_y in zip(rows, where):
             v, ci = row[k], row[f"{k}_ci95"]
             if v is None:
                 continue
+            colour = "tab:blue"
+            if names is not None and ci:
+                colour = "grey" if ci[0] <= 0 <= ci[1] else "seagreen" if ci[0] > 0 else "crimson"
             err = [[v - ci[0]], [ci[1] - v]] if ci else None
-            ax.errorbar(v, row_y, xerr=err, fmt="o", ms=4, color="tab:blue", ecolor="tab:blue", capsize=2, lw=1)
+            ax.errorbar(v, row_y, xerr=err, fmt="o", ms=4, color=colour, ecolor=colour, capsize=2, lw=1)
         if overall is not None and overall.get(k) is not None:
-            ax.axvline(overall[k], color="grey", ls="--", lw=1, label=f"all images {overall[k]:.3f}")
+            ax.axvline(overall[k], color="grey", ls="--", lw=1,
+                       label=f"all images {overall[k]:{'+' if names else ''}.3f}")
             ax.legend(loc="lower left", fontsize=8)
-        ax.set(xlim=(0, 1.02), title=title)
+        if names is None:
+            ax.set(xlim=(0, 1.02), title=title)
+        else:
+            ax.axvline(0, color="black", lw=1)
+            ax.set(xlim=(-reach, reach), title=f"{title}: B - A")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(y), labels, fontsize=8)
     for i in headers:
         axes[0].get_yticklabels()[i].set_fontweight("bold")
     axes[0].set_ylim(y - 0.5, -0.5)
-    fig.suptitle("By subgroup: the malignant call, with 95% intervals (wide where a subgroup is small)")
+    fig.suptitle("By subgroup: the malignant call, with 95% intervals (wide where a subgroup is small)" if names is None
+                 else f"By subgroup: {names[1]} - {names[0]}, paired, with 95% intervals")
     fig.tight_layout()
     return fig
 
@@ -725,7 +782,10 @@ def read_paired_test_split(model_a: str | Path, model_b: str | Path, data_dir: s
 
 def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int | None = None,
             n_boot: int = 1000) -> dict:
-    """Two loaded models on one labelled frame: OUT/comparison.json and comparison.png, B against A, paired."""
+    """Two loaded models on one labelled frame: OUT/comparison.json and its plots, B against A, paired.
+
+    Where the images carry HAM10000's metadata, the difference is also given by subgroup (`paired_subgroup_metrics`).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = (Path(clf_a.path).stem, Path(clf_b.path).stem)
@@ -753,8 +813,15 @@ def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = Fal
         axes[0].set_title("no ROC: the images hold one class only")
     plot_paired_differences(paired, names, ax=axes[1])
     fig.tight_layout()
-    save_figure(fig, out_dir / "comparison.png")
-    result["plots"] = ["comparison.png"]
+    figures = {"comparison.png": fig}
+    subgroups = paired_subgroup_metrics(df, truth, p_a, p_b, t_a, t_b, n_boot=n_boot, groups=groups)
+    if subgroups:
+        result["subgroups"] = subgroups
+        figures["comparison_subgroups.png"] = plot_subgroups(
+            subgroups, {k: paired[k]["difference"] for k in PAIRED}, names=names)
+    for name, figure in figures.items():
+        save_figure(figure, out_dir / name)
+    result["plots"] = sorted(figures)
     write_json_atomic(out_dir / "comparison.json", result)
     return result
 

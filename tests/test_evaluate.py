@@ -16,9 +16,9 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
 from skincancer.evaluate import (MIN_CASES, bootstrap_auroc, bootstrap_intervals, choose_threshold,
-                                 classification_metrics, metrics_table, paired_bootstrap, plot_subgroups, predict_frame,
-                                 predict_loaded, predicted_classes, read_labels, subgroup_metrics, subgroup_table,
-                                 weighted_aurocs)
+                                 classification_metrics, metrics_table, paired_bootstrap, paired_subgroup_metrics,
+                                 plot_subgroups, predict_frame, predict_loaded, predicted_classes, read_labels,
+                                 subgroup_labels, subgroup_metrics, subgroup_table, weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -225,9 +225,9 @@ def originals_meta(originals_dir):
     return pd.read_csv(originals_dir / "HAM10000_metadata.csv")
 
 
-def test_subgroup_metrics_are_each_subgroups_own_and_small_ones_say_too_few():
+def _subgroup_frame(n: int = 600):
+    """Images with HAM10000's metadata columns, truths and probabilities; 'ear' has 4 malignant and 16 benign."""
     rng = np.random.default_rng(0)
-    n = 600
     df = pd.DataFrame({
         "lesion_id": [f"L{i // 2}" for i in range(n)],  # two photos a lesion
         "sex": rng.choice(["male", "female", ""], n, p=[0.5, 0.45, 0.05]),
@@ -236,8 +236,12 @@ def test_subgroup_metrics_are_each_subgroups_own_and_small_ones_say_too_few():
         "dataset": "one source",  # a single subgroup says nothing: left out
     })
     y = rng.random(n) < 0.3
-    y[:20] = np.arange(20) < 4  # 'ear': 4 malignant, 16 benign
-    p = np.clip(0.25 * y + rng.random(n), 0, 1)
+    y[:20] = np.arange(20) < 4
+    return df, y, np.clip(0.25 * y + rng.random(n), 0, 1)
+
+
+def test_subgroup_metrics_are_each_subgroups_own_and_small_ones_say_too_few():
+    df, y, p = _subgroup_frame()
     rows = subgroup_metrics(df, y, p, 0.6, n_boot=200, groups=df["lesion_id"])
     assert {r["column"] for r in rows} == {"sex", "age", "localization"}
     ages = [r["subgroup"] for r in rows if r["column"] == "age"]
@@ -268,6 +272,35 @@ def test_subgroup_metrics_are_each_subgroups_own_and_small_ones_say_too_few():
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "sex"  # each column under its header
     with pytest.raises(SkinCancerError, match="do not match"):
         subgroup_metrics(df, y[:-1], p[:-1], 0.6)
+
+
+def test_paired_subgroups_are_each_subgroups_own_paired_bootstrap_at_each_models_threshold():
+    df, y, p_a = _subgroup_frame()
+    women = df["sex"].to_numpy() == "female"
+    p_b = np.where(women, np.clip(p_a + 0.3 * y, 0, 1), p_a)  # B ranks better for women only
+    rows = paired_subgroup_metrics(df, y, p_a, p_b, 0.6, 0.5, n_boot=200, groups=df["lesion_id"])
+    assert [(r["column"], r["subgroup"]) for r in rows] == [(r["column"], r["subgroup"]) for r in
+                                                            subgroup_metrics(df, y, p_a, 0.6, n_boot=0)]
+    lesions = df["lesion_id"].to_numpy()
+    for r in rows:
+        inside = subgroup_labels(df, r["column"]).to_numpy() == r["subgroup"]
+        if r["subgroup"] == "ear":  # too few malignant for AUROC and sensitivity, for either model
+            assert all(r[f"auroc{k}"] is None and r[f"sensitivity{k}"] is None for k in ("", "_ci95", "_a", "_b"))
+            assert r["specificity_b"] == pytest.approx((p_b[inside & ~y] < 0.5).mean())
+            continue
+        want = paired_bootstrap(y[inside], p_a[inside], p_b[inside], 0.6, 0.5, n_boot=200, groups=lesions[inside])
+        for k in ("auroc", "sensitivity", "specificity"):
+            assert r[k] == pytest.approx(want[k]["difference"]) and r[f"{k}_ci95"] == pytest.approx(want[k]["ci"])
+            assert r[f"{k}_a"] == pytest.approx(want[k]["a"]) and r[f"{k}_b"] == pytest.approx(want[k]["b"])
+        assert r["sensitivity_b"] == pytest.approx((p_b[inside & y] >= 0.5).mean())  # B at its own threshold
+    by_sex = {r["subgroup"]: r for r in rows if r["column"] == "sex"}
+    assert by_sex["female"]["auroc_ci95"][0] > 0 and by_sex["male"]["auroc"] == 0  # the same scores for men
+    table = subgroup_table(rows, difference=True)
+    assert "each model's own threshold" in table and f"{by_sex['female']['auroc']:+.3f}" in table
+    fig = plot_subgroups(rows, {"auroc": 0.01, "sensitivity": 0.0, "specificity": -0.02}, names=("a", "b"))
+    assert fig.axes[0].get_title() == "AUROC: B - A" and fig.axes[0].get_xlim()[0] < 0 < fig.axes[0].get_xlim()[1]
+    with pytest.raises(SkinCancerError, match="do not match"):
+        paired_subgroup_metrics(df, y, p_a, p_b[:-1], 0.6, 0.5)
 
 
 def test_reads_isic_one_hot_and_plain_label_files(tmp_path, originals_dir, originals_meta):
@@ -404,10 +437,15 @@ def test_compare_two_models_on_the_test_split_they_share(trained, ham_dir, tmp_p
     auroc = result["difference"]["auroc"]
     assert auroc["difference"] == pytest.approx(result["b"]["auroc"] - result["a"]["auroc"])
     assert result["difference"]["resampled"] == "lesions" and len(auroc["ci"]) == 2
-    with Image.open(out / "comparison.png") as img:
-        assert img.format == "PNG" and min(img.size) > 100
+    for plot in ("comparison.png", "comparison_subgroups.png"):
+        with Image.open(out / plot) as img:
+            assert img.format == "PNG" and min(img.size) > 100
+    assert result["plots"] == ["comparison.png", "comparison_subgroups.png"]
+    assert {r["column"] for r in result["subgroups"]} >= {"sex", "age", "localization", "dx_type"}
+    assert sum(r["n"] for r in result["subgroups"] if r["column"] == "sex") == result["n"]
     stdout = capsys.readouterr().out
     assert "B = dx.pkl against A = smoke.pkl" in stdout and "balanced_accuracy" in stdout
+    assert "by subgroup (B - A" in stdout and "confirmed by: histo" in stdout
     assert "not a medical device" in stdout
 
 
