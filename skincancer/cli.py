@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics and plots of a model on held-out labelled images")
     e.add_argument("--model", required=True, help="exported learner (.pkl)")
     _labelled_images_args(e, "evaluate the test split recorded beside the model", "metrics.json and the PNG plots")
+    e.add_argument("--prevalence", type=float, nargs="+", metavar="P",
+                   help="also give PPV and NPV were P of the people tested malignant (0.05: 5%%), e.g. a clinic's")
 
     c = sub.add_parser("compare", help="two models on the same held-out images: B - A with paired bootstrap intervals")
     c.add_argument("--models", nargs=2, required=True, metavar=("A", "B"), help="two exported learners (.pkl)")
@@ -176,17 +178,22 @@ def cmd_evaluate(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command writes PNG files and opens no window
-    from .evaluate import evaluate, metrics_table, read_labels, read_test_split, subgroup_table
+    from .evaluate import (evaluate, metrics_table, prevalence_table, read_labels, read_test_split,
+                           subgroup_table)
     from .predict import DISCLAIMER, load
 
     _check_labels(args)
     clf = load(args.model, trusted=args.trust_pickle)
     df = read_test_split(args.model, args.data) if args.data else read_labels(args.labels, args.images)
-    metrics = evaluate(clf, df, args.out, tta=args.tta, bs=args.bs, n_boot=args.bootstrap)
+    metrics = evaluate(clf, df, args.out, tta=args.tta, bs=args.bs, n_boot=args.bootstrap,
+                       prevalences=args.prevalence or ())
     which = "test split of " + args.data if args.data else args.labels
     print(f"{clf.path.name} on {which}{' with TTA' if args.tta else ''}:")
     print(metrics_table(metrics))
     print(f"threshold rule: {metrics['threshold_rule']}")
+    if metrics.get("at_prevalence"):
+        print("at other prevalences (the malignant call; Bayes' rule on sensitivity and specificity):")
+        print(prevalence_table(metrics["at_prevalence"]))
     if metrics.get("subgroups"):
         print("by subgroup (the malignant call):")
         print(subgroup_table(metrics["subgroups"]))

@@ -199,6 +199,74 @@ def paired_bootstrap(is_malignant, p_a, p_b, threshold_a=0.5, threshold_b=0.5, n
     return out
 
 
+def check_prevalences(prevalences) -> list[float]:
+    """`prevalences` as floats, or SkinCancerError naming one that is not strictly between 0 and 1."""
+    out = []
+    for v in prevalences:
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            raise SkinCancerError(f"prevalence: {v!r} is not a number") from None
+        if not 0 < v < 1:
+            raise SkinCancerError(f"prevalence: {v} must be strictly between 0 and 1 (0.05 for 5% malignant)")
+        out.append(v)
+    return out
+
+
+def at_prevalence(is_malignant, p_malignant, threshold: float, prevalences, n_boot: int = 1000, seed: int = 0,
+                  level: float = 0.95, groups=None) -> list[dict]:
+    """PPV and NPV of the malignant call at `threshold` where `prevalence` of the people tested have a malignancy.
+
+    Sensitivity and specificity do not depend on prevalence, PPV and NPV do (Bayes' rule): the test split's 20%
+    malignant is not a clinic's. Each row gives them with bootstrap intervals (the replicates' sensitivity and
+    specificity carried through), and per 1,000 people tested: malignancies found and missed, benign lesions called
+    malignant. It assumes the images of each class are like the clinic's, which a prevalence cannot check.
+    """
+    prevalences = check_prevalences(prevalences)
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    if not y.any() or y.all():
+        return []  # sensitivity or specificity undefined
+    point = _call_statistics(y, p, threshold, np.ones((1, len(y))))
+    reps = _bootstrap_statistics(y, [(p, threshold)], max(n_boot, 0), seed, groups)[0]
+    rows = []
+    for prevalence in prevalences:
+        (ppv,), (npv,) = _predictive_values(point, prevalence)
+        row = {"prevalence": prevalence, "ppv": _finite_or_none(ppv), "npv": _finite_or_none(npv)}
+        for k, scores in zip(("ppv", "npv"), _predictive_values(reps, prevalence)):
+            scores = scores[np.isfinite(scores)]
+            row[f"{k}_ci95"] = list(_percentiles(scores, level)) if len(scores) and row[k] is not None else None
+        sens, spec = float(point["sensitivity"][0]), float(point["specificity"][0])
+        row["per_1000"] = {"malignant": 1000 * prevalence, "found": 1000 * prevalence * sens,
+                           "missed": 1000 * prevalence * (1 - sens),
+                           "benign_called_malignant": 1000 * (1 - prevalence) * (1 - spec)}
+        rows.append(row)
+    return rows
+
+
+def _predictive_values(statistics: dict[str, np.ndarray], prevalence: float) -> tuple[np.ndarray, np.ndarray]:
+    """PPV and NPV from arrays of sensitivity and specificity, at `prevalence` (NaN where undefined)."""
+    sens, spec = statistics["sensitivity"], statistics["specificity"]
+    found, false_alarm = sens * prevalence, (1 - spec) * (1 - prevalence)
+    cleared, missed = spec * (1 - prevalence), (1 - sens) * prevalence
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return found / (found + false_alarm), cleared / (cleared + missed)
+
+
+def prevalence_table(rows: list[dict]) -> str:
+    """A short text table of `at_prevalence`: PPV and NPV with intervals, and what the call does per 1,000 tested."""
+    def cell(row, k):
+        v, ci = row[k], row[f"{k}_ci95"]
+        return "undefined" if v is None else f"{v:.3f} ({ci[0]:.3f}-{ci[1]:.3f})" if ci else f"{v:.3f}"
+
+    lines = [f"  {'prevalence':<12}{'PPV':<22}{'NPV':<22}per 1,000 tested"]
+    for row in rows:
+        n = row["per_1000"]
+        lines.append(f"  {row['prevalence']:<12.3g}{cell(row, 'ppv'):<22}{cell(row, 'npv'):<22}"
+                     f"{n['found']:.0f} of {n['malignant']:.0f} malignant found, "
+                     f"{n['benign_called_malignant']:.0f} benign called malignant")
+    return "\n".join(lines)
+
+
 def predicted_classes(probs, classes, threshold: float = 0.5, calibration: dict | None = None) -> np.ndarray:
     """Each image's predicted class index: the call at `threshold` for a binary model, the most likely class else."""
     probs = np.asarray(probs)
@@ -723,10 +791,14 @@ def lesion_groups(df: pd.DataFrame):
 
 
 def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int | None = None, n_boot: int = 1000,
-             gradcam_images: int = 8) -> dict:
-    """Predict a labelled frame with a loaded model, write OUT/metrics.json and the PNG plots, return the metrics."""
+             gradcam_images: int = 8, prevalences=()) -> dict:
+    """Predict a labelled frame with a loaded model, write OUT/metrics.json and the PNG plots, return the metrics.
+
+    Given `prevalences`, the metrics also hold PPV and NPV at each (`at_prevalence`).
+    """
     from .gradcam import plot_gradcam_grid
 
+    prevalences = check_prevalences(prevalences)  # before the long prediction
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     classes = clf.classes
@@ -751,6 +823,8 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
                         "reliability.png": plot_reliability(
                             truth, p_mal, uncalibrated=None if calibration is None else scores),
                         "threshold.png": plot_threshold(truth, p_mal, clf.threshold)})
+    if prevalences:
+        metrics["at_prevalence"] = at_prevalence(truth, p_mal, clf.threshold, prevalences, n_boot, groups=groups)
     subgroups = subgroup_metrics(df, truth, p_mal, clf.threshold, n_boot=n_boot, groups=groups)
     if subgroups:
         metrics["subgroups"] = subgroups

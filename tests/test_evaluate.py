@@ -15,10 +15,10 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
-from skincancer.evaluate import (MIN_CASES, bootstrap_auroc, bootstrap_intervals, choose_threshold,
+from skincancer.evaluate import (MIN_CASES, at_prevalence, bootstrap_auroc, bootstrap_intervals, choose_threshold,
                                  classification_metrics, metrics_table, paired_bootstrap, paired_subgroup_metrics,
-                                 plot_subgroups, predict_frame, predict_loaded, predicted_classes, read_labels,
-                                 subgroup_labels, subgroup_metrics, subgroup_table, weighted_aurocs)
+                                 plot_subgroups, predict_frame, predict_loaded, predicted_classes, prevalence_table,
+                                 read_labels, subgroup_labels, subgroup_metrics, subgroup_table, weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -274,6 +274,30 @@ def test_subgroup_metrics_are_each_subgroups_own_and_small_ones_say_too_few():
         subgroup_metrics(df, y[:-1], p[:-1], 0.6)
 
 
+def test_ppv_and_npv_at_a_prevalence_follow_bayes_and_at_the_samples_own_are_the_counted_ones():
+    df, y, p = _subgroup_frame()
+    said = p >= 0.6
+    sens, spec = (said & y).sum() / y.sum(), (~said & ~y).sum() / (~y).sum()
+    own = y.mean()
+    rows = at_prevalence(y, p, 0.6, [own, 0.05, 0.01], n_boot=300, groups=df["lesion_id"])
+    assert rows[0]["ppv"] == pytest.approx((said & y).sum() / said.sum())  # the images' own prevalence: counted
+    assert rows[0]["npv"] == pytest.approx((~said & ~y).sum() / (~said).sum())
+    for row, prevalence in zip(rows, [own, 0.05, 0.01]):
+        assert row["ppv"] == pytest.approx(sens * prevalence / (sens * prevalence + (1 - spec) * (1 - prevalence)))
+        assert row["ppv_ci95"][0] < row["ppv"] < row["ppv_ci95"][1] and row["npv_ci95"][0] <= row["npv"]
+        n = row["per_1000"]
+        assert n["found"] + n["missed"] == pytest.approx(n["malignant"]) == pytest.approx(1000 * prevalence)
+        assert n["benign_called_malignant"] == pytest.approx(1000 * (1 - prevalence) * (1 - spec))
+    assert rows[0]["ppv"] > rows[1]["ppv"] > rows[2]["ppv"] and rows[0]["npv"] < rows[1]["npv"] < rows[2]["npv"]
+    table = prevalence_table(rows)
+    assert len(table.splitlines()) == 4 and f"{1000 * 0.05 * sens:.0f} of 50 malignant found" in table
+    assert at_prevalence(y, p, 0.6, [0.05], n_boot=0)[0]["ppv_ci95"] is None
+    assert at_prevalence(np.zeros(5, bool), p[:5], 0.6, [0.05]) == []  # no sensitivity without a malignant case
+    for bad in (0, 1, 1.5, "five"):
+        with pytest.raises(SkinCancerError, match="prevalence"):
+            at_prevalence(y, p, 0.6, [bad])
+
+
 def test_paired_subgroups_are_each_subgroups_own_paired_bootstrap_at_each_models_threshold():
     df, y, p_a = _subgroup_frame()
     women = df["sex"].to_numpy() == "female"
@@ -338,8 +362,9 @@ def test_training_chose_the_threshold_on_valid_for_the_target(trained):
 def test_evaluate_the_recorded_test_split(trained, ham_dir, tmp_path, capsys):
     out = tmp_path / "eval"
     assert cli.main(["evaluate", "--model", str(trained), "--data", str(ham_dir), "--out", str(out),
-                     "--bootstrap", "200"]) == 0
+                     "--bootstrap", "200", "--prevalence", "0.05", "0.3"]) == 0
     m = json.loads((out / "metrics.json").read_text())
+    assert [r["prevalence"] for r in m["at_prevalence"]] == [0.05, 0.3]
     card = json.loads(trained.with_suffix(".json").read_text())
     assert m["n"] == card["split_images"]["test"] and m["threshold"] == card["threshold"]
     assert m["auroc"] == pytest.approx(card["metrics"]["test"]["auroc"], abs=1e-6)
@@ -351,6 +376,7 @@ def test_evaluate_the_recorded_test_split(trained, ham_dir, tmp_path, capsys):
         assert sum(r["n"] for r in m["subgroups"] if r["column"] == column) == m["n"]
     printed = capsys.readouterr().out
     assert "auroc" in printed and "by subgroup" in printed and "site: " in printed
+    assert "at other prevalences" in printed and "of 50 malignant found" in printed
 
 
 def test_evaluate_labelled_images_with_tta_and_no_positives(trained, originals_dir, originals_meta, tmp_path):

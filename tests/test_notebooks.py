@@ -54,6 +54,9 @@ def test_notebooks_run_in_order_with_small_parameters(tmp_path, ham_dir, origina
                  "02_lr_find.png", "02_history.png", "evaluation/roc.png", "evaluation/gradcam.png",
                  "evaluation/tta_paired.png"]:
         assert (figures / name).stat().st_size > 5000, name
+    evaluation = json.dumps([c.outputs for c in nbformat.read(tmp_path / "03_evaluate.ipynb", as_version=4).cells
+                             if c.cell_type == "code"])
+    assert "of 20 malignant found" in evaluation and "site: " in evaluation  # the prevalence and subgroup tables
     # the prediction notebook shows the probability and the disclaimer
     cells = nbformat.read(tmp_path / "04_predict.ipynb", as_version=4).cells
     text = json.dumps([c.outputs for c in cells if c.cell_type == "code"])
