@@ -215,7 +215,7 @@ def check_prevalences(prevalences) -> list[float]:
 
 def at_prevalence(is_malignant, p_malignant, threshold: float, prevalences, n_boot: int = 1000, seed: int = 0,
                   level: float = 0.95, groups=None) -> list[dict]:
-    """PPV and NPV of the malignant call at `threshold` where `prevalence` of the people tested have a malignancy.
+    """PPV and NPV of the malignant call at `threshold` for each share of people tested malignant in `prevalences`.
 
     Sensitivity and specificity do not depend on prevalence, PPV and NPV do (Bayes' rule): the test split's 20%
     malignant is not a clinic's. Each row gives them with bootstrap intervals (the replicates' sensitivity and
