@@ -191,6 +191,10 @@ def cmd_evaluate(args) -> int:
     print(f"{clf.path.name} on {which}{' with TTA' if args.tta else ''}:")
     print(metrics_table(metrics))
     print(f"threshold rule: {metrics['threshold_rule']}")
+    if metrics.get("net_benefit"):
+        nb = metrics["net_benefit"]
+        print(f"net benefit at the threshold (finding a malignancy worth {nb['benign_per_malignancy']:.1f} benign "
+              f"biopsies): {nb['model']:.4f} a person; biopsy all: {nb['biopsy_all']:.4f}; biopsy none: 0")
     if metrics.get("at_prevalence"):
         print("at other prevalences (the malignant call; Bayes' rule on sensitivity and specificity):")
         print(prevalence_table(metrics["at_prevalence"]))

@@ -680,6 +680,43 @@ def plot_threshold(is_malignant, p_malignant, threshold: float | None = None, ax
     return fig
 
 
+def net_benefit(is_malignant, p_malignant, thresholds) -> np.ndarray:
+    """Net benefit of biopsying every lesion whose probability of malignancy reaches each threshold.
+
+    Decision curve analysis (Vickers and Elkin, 2006): true positives per person tested, less false positives
+    weighted by the odds of the threshold, t / (1 - t), which a threshold t implies (biopsying 1/t - 1 benign
+    lesions is worth finding one malignancy). It reads in malignancies found per person, at the images' prevalence.
+    """
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    t = np.asarray(thresholds, dtype=np.float64)
+    if len(y) == 0 or not ((t > 0) & (t < 1)).all():
+        raise SkinCancerError("net benefit needs images, and thresholds strictly between 0 and 1")
+    said = p[None, :] >= t[:, None]
+    tp, fp = (said & y).sum(axis=1) / len(y), (said & ~y).sum(axis=1) / len(y)
+    return tp - fp * t / (1 - t)
+
+
+def plot_decision_curve(is_malignant, p_malignant, threshold: float | None = None, ax=None):
+    """Net benefit against the threshold probability, beside biopsying all lesions and none (a decision curve)."""
+    plt = pyplot()
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4))
+    y = np.asarray(is_malignant, dtype=bool)
+    ts = np.linspace(0.01, 0.6, 119)
+    prevalence = y.mean()
+    model = net_benefit(y, p_malignant, ts)
+    ax.plot(ts, model, label="biopsy where the model's probability reaches the threshold")
+    ax.plot(ts, prevalence - (1 - prevalence) * ts / (1 - ts), color="grey", label="biopsy all")
+    ax.axhline(0, color="black", lw=1, label="biopsy none")
+    if threshold is not None and 0 < threshold < 1:
+        ax.axvline(threshold, color="crimson", ls="--", lw=1,
+                   label=f"operating threshold {threshold:.3f} (1 malignancy = {1 / threshold - 1:.1f} benign)")
+    ax.set(xlabel="threshold probability (the risk at which a biopsy is worth it)",
+           ylabel="net benefit (malignancies found per person)", ylim=(-0.05, max(prevalence, 0.01) * 1.15),
+           title=f"Decision curve (at this set's prevalence, {prevalence:.1%})")
+    ax.legend(loc="upper right", fontsize=8)
+    return fig
+
+
 def plot_paired_differences(paired: dict, names: tuple[str, str] = ("A", "B"), ax=None):
     """B - A for each statistic of a `paired_bootstrap`, with its interval, against the line of no difference."""
     plt = pyplot()
@@ -790,6 +827,16 @@ def lesion_groups(df: pd.DataFrame):
     return df["lesion_id"].astype(str).to_numpy()
 
 
+def _net_benefit_at(y: np.ndarray, p: np.ndarray, threshold: float) -> dict | None:
+    """The model's net benefit at its operating threshold beside biopsying all lesions, or None out of (0, 1)."""
+    if not 0 < threshold < 1:
+        return None
+    prevalence = float(np.mean(y))
+    return {"threshold": threshold, "benign_per_malignancy": 1 / threshold - 1,
+            "model": float(net_benefit(y, p, [threshold])[0]),
+            "biopsy_all": prevalence - (1 - prevalence) * threshold / (1 - threshold)}
+
+
 def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int | None = None, n_boot: int = 1000,
              gradcam_images: int = 8, prevalences=()) -> dict:
     """Predict a labelled frame with a loaded model, write OUT/metrics.json and the PNG plots, return the metrics.
@@ -822,7 +869,9 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
         figures.update({"roc.png": plot_roc(truth, p_mal, clf.threshold), "pr.png": plot_pr(truth, p_mal),
                         "reliability.png": plot_reliability(
                             truth, p_mal, uncalibrated=None if calibration is None else scores),
-                        "threshold.png": plot_threshold(truth, p_mal, clf.threshold)})
+                        "threshold.png": plot_threshold(truth, p_mal, clf.threshold),
+                        "decision_curve.png": plot_decision_curve(truth, p_mal, clf.threshold)})
+        metrics["net_benefit"] = _net_benefit_at(truth, p_mal, clf.threshold)
     if prevalences:
         metrics["at_prevalence"] = at_prevalence(truth, p_mal, clf.threshold, prevalences, n_boot, groups=groups)
     subgroups = subgroup_metrics(df, truth, p_mal, clf.threshold, n_boot=n_boot, groups=groups)

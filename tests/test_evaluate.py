@@ -16,13 +16,15 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
 from skincancer.evaluate import (MIN_CASES, at_prevalence, bootstrap_auroc, bootstrap_intervals, choose_threshold,
-                                 classification_metrics, metrics_table, paired_bootstrap, paired_subgroup_metrics,
-                                 plot_subgroups, predict_frame, predict_loaded, predicted_classes, prevalence_table,
-                                 read_labels, subgroup_labels, subgroup_metrics, subgroup_table, weighted_aurocs)
+                                 classification_metrics, metrics_table, net_benefit, paired_bootstrap,
+                                 paired_subgroup_metrics, plot_decision_curve, plot_subgroups, predict_frame,
+                                 predict_loaded, predicted_classes, prevalence_table, read_labels, subgroup_labels,
+                                 subgroup_metrics, subgroup_table, weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
-PLOTS = {"roc.png", "pr.png", "confusion.png", "reliability.png", "threshold.png", "top_losses.png", "gradcam.png"}
+PLOTS = {"roc.png", "pr.png", "confusion.png", "reliability.png", "threshold.png", "decision_curve.png",
+         "top_losses.png", "gradcam.png"}
 
 
 @settings(max_examples=80, deadline=None)
@@ -298,6 +300,23 @@ def test_ppv_and_npv_at_a_prevalence_follow_bayes_and_at_the_samples_own_are_the
             at_prevalence(y, p, 0.6, [bad])
 
 
+def test_net_benefit_is_true_positives_less_weighted_false_positives_and_bounded_by_the_prevalence():
+    _, y, p = _subgroup_frame()
+    thresholds = np.array([0.05, 0.3, 0.6, 0.9])
+    got = net_benefit(y, p, thresholds)
+    for t, value in zip(thresholds, got):
+        tp, fp = ((p >= t) & y).sum(), ((p >= t) & ~y).sum()
+        assert value == pytest.approx(tp / len(y) - fp / len(y) * t / (1 - t))
+    assert net_benefit(y, y.astype(float), thresholds) == pytest.approx(np.full(4, y.mean()))  # a perfect model
+    biopsy_all = net_benefit(y, np.ones(len(y)), thresholds)  # calls everything malignant
+    assert biopsy_all == pytest.approx(y.mean() - (1 - y.mean()) * thresholds / (1 - thresholds))
+    for bad in ([0.0], [1.0]):
+        with pytest.raises(SkinCancerError, match="strictly between 0 and 1"):
+            net_benefit(y, p, bad)
+    fig = plot_decision_curve(y, p, 0.25)
+    assert "1 malignancy = 3.0 benign" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()][-1]
+
+
 def test_paired_subgroups_are_each_subgroups_own_paired_bootstrap_at_each_models_threshold():
     df, y, p_a = _subgroup_frame()
     women = df["sex"].to_numpy() == "female"
@@ -367,6 +386,9 @@ def test_evaluate_the_recorded_test_split(trained, ham_dir, tmp_path, capsys):
     assert [r["prevalence"] for r in m["at_prevalence"]] == [0.05, 0.3]
     card = json.loads(trained.with_suffix(".json").read_text())
     assert m["n"] == card["split_images"]["test"] and m["threshold"] == card["threshold"]
+    nb = m["net_benefit"]
+    assert nb["threshold"] == card["threshold"] and nb["benign_per_malignancy"] == 1 / nb["threshold"] - 1
+    assert nb["model"] <= m["n_malignant"] / m["n"]  # never more than finding every malignancy with no false alarm
     assert m["auroc"] == pytest.approx(card["metrics"]["test"]["auroc"], abs=1e-6)
     assert set(m["plots"]) == PLOTS | {"subgroups.png"}
     for name in m["plots"]:
@@ -377,6 +399,7 @@ def test_evaluate_the_recorded_test_split(trained, ham_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "auroc" in printed and "by subgroup" in printed and "site: " in printed
     assert "at other prevalences" in printed and "of 50 malignant found" in printed
+    assert "net benefit at the threshold" in printed
 
 
 def test_evaluate_labelled_images_with_tta_and_no_positives(trained, originals_dir, originals_meta, tmp_path):
@@ -388,7 +411,8 @@ def test_evaluate_labelled_images_with_tta_and_no_positives(trained, originals_d
     m = json.loads((out / "metrics.json").read_text())
     assert m["tta"] is True and m["n"] == len(benign)
     assert m["auroc"] is None and m["sensitivity"] is None  # undefined without a malignant image, and said so
-    assert "roc.png" not in m["plots"] and (out / "confusion.png").exists()
+    assert "roc.png" not in m["plots"] and "decision_curve.png" not in m["plots"] and (out / "confusion.png").exists()
+    assert "net_benefit" not in m
     assert "subgroups" not in m and "subgroups.png" not in m["plots"]  # image_id,dx: no metadata to group by
 
 

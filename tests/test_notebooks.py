@@ -52,7 +52,7 @@ def test_notebooks_run_in_order_with_small_parameters(tmp_path, ham_dir, origina
     assert model.exists() and json.loads(model.with_suffix(".json").read_text())["task"] == "binary"
     for name in ["01_diagnoses.png", "01_demographics.png", "01_examples.png", "01_split.png", "01_batch.png",
                  "02_lr_find.png", "02_history.png", "evaluation/roc.png", "evaluation/gradcam.png",
-                 "evaluation/tta_paired.png"]:
+                 "evaluation/tta_paired.png", "evaluation/decision_curve.png"]:
         assert (figures / name).stat().st_size > 5000, name
     evaluation = json.dumps([c.outputs for c in nbformat.read(tmp_path / "03_evaluate.ipynb", as_version=4).cells
                              if c.cell_type == "code"])
