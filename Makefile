@@ -8,10 +8,12 @@ MODEL  ?= models/skincancer.pkl
 
 .PHONY: test train app clean-venv
 
+# pip -qq prints errors only: some machines' pip settings warn once per package about a missing local index
+# folder, over 200 lines that buried CI's log
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet -r requirements.txt
-	$(PY) -m pip install --quiet -e ".[test]"
+	$(PY) -m pip install --quiet --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --quiet -e ".[test]"
 	touch $@
 
 test: $(VENV)/.installed
