@@ -142,6 +142,25 @@ def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0
     return bootstrap_intervals(is_malignant, p_malignant, 0.5, n_boot, seed, level, groups)["auroc"] or (None, None)
 
 
+def calibration_in_the_large(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                             groups=None) -> dict:
+    """Mean probability of malignancy against the share malignant, and their gap with a bootstrap interval.
+
+    A calibrated model's mean probability matches the share of malignant images in any group it was calibrated on;
+    a gap within a subgroup means its probabilities run high (positive) or low there. Whole `groups` (lesions) are
+    resampled where given.
+    """
+    y, p = np.asarray(is_malignant, dtype=np.float64), np.asarray(p_malignant, dtype=np.float64)
+    if len(y) == 0 or len(p) != len(y):
+        raise SkinCancerError(f"{len(y)} truths and {len(p)} probabilities: calibration needs both, alike")
+    out = {"mean_probability": float(p.mean()), "share_malignant": float(y.mean()),
+           "calibration_gap": float(p.mean() - y.mean()), "calibration_gap_ci95": None}
+    if n_boot > 0:
+        gaps = np.concatenate([w @ (p - y) / w.sum(axis=1) for w in bootstrap_weights(len(y), n_boot, seed, groups)])
+        out["calibration_gap_ci95"] = list(_percentiles(gaps, level))
+    return out
+
+
 def _mean_over_runs(statistics: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Each statistic averaged over the runs (the trainings of one recipe) that `statistics` holds, one dict a run."""
     return {k: np.mean([st[k] for st in statistics], axis=0) for k in PAIRED}
@@ -389,6 +408,7 @@ AGE_BAND_NAMES = [f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BANDS, AGE_BANDS[1:])] 
 # Fewer cases than this make a rate or an AUROC, and a bootstrap interval of it, meaningless: 2 of 3 malignant
 # caught is not a sensitivity of 0.67, and resampling 3 cases gives degenerate intervals.
 MIN_CASES = 10
+CALIBRATION_KEYS = ("mean_probability", "share_malignant", "calibration_gap", "calibration_gap_ci95")
 
 
 def subgroup_labels(df: pd.DataFrame, column: str) -> pd.Series:
@@ -412,11 +432,12 @@ def _subgroup_order(labels: np.ndarray, column: str) -> list[str]:
 
 def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: float, n_boot: int = 1000,
                      seed: int = 0, groups=None) -> list[dict]:
-    """AUROC, sensitivity and specificity at `threshold` within each subgroup of the SUBGROUPS columns `df` has.
+    """AUROC, sensitivity and specificity at `threshold`, and calibration, within each subgroup of SUBGROUPS' columns.
 
     One row a subgroup, with 95% bootstrap intervals from draws within it (whole lesions where `groups` are given).
     A statistic is None where its subgroup holds fewer than MIN_CASES of the images it counts: sensitivity needs
-    malignant ones, specificity benign ones, AUROC both. Columns with fewer than two known subgroups are left out.
+    malignant ones, specificity benign ones, AUROC both, calibration (`calibration_in_the_large`) any. Columns with
+    fewer than two known subgroups are left out.
     """
     y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
     _check_lengths(df, y, p)
@@ -427,8 +448,12 @@ def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: flo
         stat = _call_statistics(yk, pk, threshold, np.ones((1, len(yk))))
         within = None if groups is None else groups[inside]
         ci = bootstrap_intervals(yk, pk, threshold, n_boot, seed, groups=within) if any(enough.values()) else {}
+        calibration = dict.fromkeys(CALIBRATION_KEYS)
+        if row["n"] >= MIN_CASES:
+            calibration = calibration_in_the_large(yk, pk, n_boot, seed, groups=within)
         rows.append({**row, **{k: float(stat[k][0]) if ok else None for k, ok in enough.items()},
-                     **{f"{k}_ci95": list(ci[k]) if ok and ci[k] else None for k, ok in enough.items()}})
+                     **{f"{k}_ci95": list(ci[k]) if ok and ci[k] else None for k, ok in enough.items()},
+                     **calibration})
     return rows
 
 
@@ -493,11 +518,18 @@ def subgroup_table(rows: list[dict], difference: bool = False) -> str:
         return f"{v:.2f} ({ci[0]:.2f}-{ci[1]:.2f})" if ci else f"{v:.2f}"
 
     width, of = (26, " (B - A)") if difference else (18, "")
-    lines = [f"  {'':<30}{'n':>5} {'mal.':>5}  {'AUROC' + of:<{width}}{'sensitivity' + of:<{width}}specificity{of}"]
+    gap = not difference and any("calibration_gap" in row for row in rows)
+    lines = [f"  {'':<30}{'n':>5} {'mal.':>5}  {'AUROC' + of:<{width}}{'sensitivity' + of:<{width}}"
+             + (f"{'specificity':<{width}}mean p - share malignant" if gap else f"specificity{of}")]
     for row in rows:
         name = f"{SUBGROUPS[row['column']]}: {row['subgroup']}"
+        calibration = row.get("calibration_gap")
+        calibration = "too few" if calibration is None else (
+            f"{calibration:+.2f} ({row['calibration_gap_ci95'][0]:+.2f} to {row['calibration_gap_ci95'][1]:+.2f})"
+            if row["calibration_gap_ci95"] else f"{calibration:+.2f}")
         lines.append(f"  {name[:30]:<30}{row['n']:>5} {row['n_malignant']:>5}  {cell(row, 'auroc'):<{width}}"
-                     f"{cell(row, 'sensitivity'):<{width}}{cell(row, 'specificity')}")
+                     f"{cell(row, 'sensitivity'):<{width}}"
+                     + (f"{cell(row, 'specificity'):<{width}}{calibration}" if gap else cell(row, "specificity")))
     where = "at each model's own threshold" if difference else "at the threshold"
     lines.append(f"  ({where}; 95% intervals; 'too few': under {MIN_CASES} of the cases a statistic counts)")
     return "\n".join(lines)
@@ -746,6 +778,9 @@ def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[s
     plt = pyplot()
     stats = {"auroc": "AUROC", "sensitivity": "sensitivity at the threshold",
              "specificity": "specificity at the threshold"}
+    gap = names is None and any("calibration_gap" in row for row in rows)
+    if gap:
+        stats["calibration_gap"] = "mean probability - share malignant"
     labels, where, headers = [], [], []  # a header line for each column, then a line for each of its subgroups
     for i, row in enumerate(rows):
         if i == 0 or row["column"] != rows[i - 1]["column"]:
@@ -754,28 +789,35 @@ def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[s
         where.append(len(labels))
         labels.append(f"{row['subgroup']}  (n {row['n']}, {row['n_malignant']} malignant)")
     y = len(labels)
-    ends = [abs(x) for row in rows for k in stats for x in [row[k], *(row[f"{k}_ci95"] or [])] if x is not None]
-    reach = 1.1 * max(ends, default=0.1)  # one symmetric scale for the three differences
-    fig, axes = plt.subplots(1, len(stats), figsize=(15, 1.0 + 0.24 * y), sharey=True)
+    def reach(keys):  # a symmetric scale about 0 that holds every value and interval of `keys`
+        ends = [abs(x) for row in rows for k in keys for x in [row[k], *(row[f"{k}_ci95"] or [])] if x is not None]
+        return 1.1 * max(ends, default=0.1)
+
+    differences = reach([k for k in stats if k != "calibration_gap"])
+    fig, axes = plt.subplots(1, len(stats), figsize=(5 * len(stats), 1.0 + 0.24 * y), sharey=True)
     for ax, (k, title) in zip(axes, stats.items()):
+        centred = names is not None or k == "calibration_gap"  # differences, read against 0
         for row, row_y in zip(rows, where):
             v, ci = row[k], row[f"{k}_ci95"]
             if v is None:
                 continue
             colour = "tab:blue"
-            if names is not None and ci:
+            if centred and ci:
                 colour = "grey" if ci[0] <= 0 <= ci[1] else "seagreen" if ci[0] > 0 else "crimson"
+                if k == "calibration_gap" and colour != "grey":
+                    colour = "darkorange"  # probabilities off in either direction: neither is good
             err = [[v - ci[0]], [ci[1] - v]] if ci else None
             ax.errorbar(v, row_y, xerr=err, fmt="o", ms=4, color=colour, ecolor=colour, capsize=2, lw=1)
         if overall is not None and overall.get(k) is not None:
             ax.axvline(overall[k], color="grey", ls="--", lw=1,
-                       label=f"all images {overall[k]:{'+' if names else ''}.3f}")
+                       label=f"all images {overall[k]:{'+' if centred else ''}.3f}")
             ax.legend(loc="lower left", fontsize=8)
-        if names is None:
+        if not centred:
             ax.set(xlim=(0, 1.02), title=title)
         else:
             ax.axvline(0, color="black", lw=1)
-            ax.set(xlim=(-reach, reach), title=f"{title}: B - A")
+            scale = reach([k]) if k == "calibration_gap" else differences
+            ax.set(xlim=(-scale, scale), title=title if k == "calibration_gap" else f"{title}: B - A")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(y), labels, fontsize=8)
     for i in headers:
@@ -877,7 +919,8 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     subgroups = subgroup_metrics(df, truth, p_mal, clf.threshold, n_boot=n_boot, groups=groups)
     if subgroups:
         metrics["subgroups"] = subgroups
-        figures["subgroups.png"] = plot_subgroups(subgroups, metrics)
+        overall_gap = metrics["mean_probability"] - metrics["n_malignant"] / metrics["n"]
+        figures["subgroups.png"] = plot_subgroups(subgroups, {**metrics, "calibration_gap": overall_gap})
     if gradcam_images:
         picks = np.argsort(-p_mal)[:gradcam_images]  # the images the model finds most malignant
         figures["gradcam.png"] = plot_gradcam_grid(clf.learn, [df.iloc[i]["path"] for i in picks],

@@ -15,11 +15,11 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
-from skincancer.evaluate import (MIN_CASES, at_prevalence, bootstrap_auroc, bootstrap_intervals, choose_threshold,
-                                 classification_metrics, metrics_table, net_benefit, paired_bootstrap,
-                                 paired_subgroup_metrics, plot_decision_curve, plot_subgroups, predict_frame,
-                                 predict_loaded, predicted_classes, prevalence_table, read_labels, subgroup_labels,
-                                 subgroup_metrics, subgroup_table, weighted_aurocs)
+from skincancer.evaluate import (MIN_CASES, at_prevalence, bootstrap_auroc, bootstrap_intervals,
+                                 calibration_in_the_large, choose_threshold, classification_metrics, metrics_table,
+                                 net_benefit, paired_bootstrap, paired_subgroup_metrics, plot_decision_curve,
+                                 plot_subgroups, predict_frame, predict_loaded, predicted_classes, prevalence_table,
+                                 read_labels, subgroup_labels, subgroup_metrics, subgroup_table, weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -315,6 +315,46 @@ def test_net_benefit_is_true_positives_less_weighted_false_positives_and_bounded
             net_benefit(y, p, bad)
     fig = plot_decision_curve(y, p, 0.25)
     assert "1 malignancy = 3.0 benign" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()][-1]
+
+
+def test_calibration_in_the_large_is_the_mean_gap_and_its_interval_resamples_lesions():
+    rng = np.random.default_rng(1)
+    y = rng.random(400) < 0.2
+    p = np.clip(0.1 + 0.5 * y + rng.normal(0, 0.1, 400), 0, 1)
+    one_each = calibration_in_the_large(y, p, n_boot=1000, seed=3)
+    assert one_each["calibration_gap"] == pytest.approx(p.mean() - y.mean())
+    assert one_each["mean_probability"] == pytest.approx(p.mean()) and one_each["share_malignant"] == y.mean()
+    lo, hi = one_each["calibration_gap_ci95"]
+    se = (p - y).std(ddof=1) / np.sqrt(len(y))  # a mean's standard error: the bootstrap should agree
+    assert lo == pytest.approx(one_each["calibration_gap"] - 1.96 * se, abs=0.3 * se)
+    assert hi == pytest.approx(one_each["calibration_gap"] + 1.96 * se, abs=0.3 * se)
+    lesions = np.repeat([f"lesion{i:04d}" for i in range(len(y))], 3)  # three photos of every lesion
+    y3, p3 = np.repeat(y, 3), np.repeat(p, 3)
+    by_lesion = calibration_in_the_large(y3, p3, n_boot=1000, seed=3, groups=lesions)["calibration_gap_ci95"]
+    by_image = calibration_in_the_large(y3, p3, n_boot=1000, seed=3)["calibration_gap_ci95"]
+    assert by_lesion == pytest.approx([lo, hi])  # copies add no information
+    assert by_image[1] - by_image[0] < 0.7 * (by_lesion[1] - by_lesion[0])
+    assert calibration_in_the_large(y, p, n_boot=0)["calibration_gap_ci95"] is None
+
+
+def test_each_subgroup_gets_its_own_calibration_gap_unless_it_is_tiny():
+    df, y, p = _subgroup_frame()
+    df.loc[20:24, "localization"] = "scalp"  # 5 images: too few
+    rows = subgroup_metrics(df, y, p, 0.6, n_boot=200, groups=df["lesion_id"])
+    lesions = df["lesion_id"].to_numpy()
+    for r in rows:
+        inside = subgroup_labels(df, r["column"]).to_numpy() == r["subgroup"]
+        if inside.sum() < MIN_CASES:
+            assert all(r[k] is None for k in ("mean_probability", "share_malignant", "calibration_gap",
+                                               "calibration_gap_ci95")), r["subgroup"]
+            continue
+        assert r["mean_probability"] == pytest.approx(p[inside].mean()) and r["share_malignant"] == y[inside].mean()
+        want = calibration_in_the_large(y[inside], p[inside], 200, groups=lesions[inside])  # lesions within it
+        assert r["calibration_gap_ci95"] == pytest.approx(want["calibration_gap_ci95"])
+    assert any(r["subgroup"] == "scalp" for r in rows)
+    assert "mean p - share malignant" in subgroup_table(rows)
+    fig = plot_subgroups(rows, {"auroc": 0.7, "sensitivity": 0.8, "specificity": 0.5, "calibration_gap": 0.0})
+    assert [ax.get_title() for ax in fig.axes][-1] == "mean probability - share malignant"
 
 
 def test_paired_subgroups_are_each_subgroups_own_paired_bootstrap_at_each_models_threshold():
