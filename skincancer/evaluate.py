@@ -509,13 +509,12 @@ def _subgroups(df: pd.DataFrame, y: np.ndarray):
 
 def subgroup_table(rows: list[dict], difference: bool = False) -> str:
     """A short text table of `subgroup_metrics` (or, with `difference`, of `paired_subgroup_metrics`), a line each."""
-    def cell(row, k):
+    def cell(row, k, signed=difference, digits=3 if difference else 2):
         v, ci = row[k], row[f"{k}_ci95"]
         if v is None:
             return "too few"
-        if difference:
-            return f"{v:+.3f} ({ci[0]:+.3f} to {ci[1]:+.3f})" if ci else f"{v:+.3f}"
-        return f"{v:.2f} ({ci[0]:.2f}-{ci[1]:.2f})" if ci else f"{v:.2f}"
+        form, to = (f"+.{digits}f", " to ") if signed else (f".{digits}f", "-")
+        return f"{v:{form}} ({ci[0]:{form}}{to}{ci[1]:{form}})" if ci else f"{v:{form}}"
 
     width, of = (26, " (B - A)") if difference else (18, "")
     gap = not difference and any("calibration_gap" in row for row in rows)
@@ -523,13 +522,10 @@ def subgroup_table(rows: list[dict], difference: bool = False) -> str:
              + (f"{'specificity':<{width}}mean p - share malignant" if gap else f"specificity{of}")]
     for row in rows:
         name = f"{SUBGROUPS[row['column']]}: {row['subgroup']}"
-        calibration = row.get("calibration_gap")
-        calibration = "too few" if calibration is None else (
-            f"{calibration:+.2f} ({row['calibration_gap_ci95'][0]:+.2f} to {row['calibration_gap_ci95'][1]:+.2f})"
-            if row["calibration_gap_ci95"] else f"{calibration:+.2f}")
         lines.append(f"  {name[:30]:<30}{row['n']:>5} {row['n_malignant']:>5}  {cell(row, 'auroc'):<{width}}"
                      f"{cell(row, 'sensitivity'):<{width}}"
-                     + (f"{cell(row, 'specificity'):<{width}}{calibration}" if gap else cell(row, "specificity")))
+                     + (f"{cell(row, 'specificity'):<{width}}{cell(row, 'calibration_gap', signed=True)}" if gap
+                        else cell(row, "specificity")))
     where = "at each model's own threshold" if difference else "at the threshold"
     lines.append(f"  ({where}; 95% intervals; 'too few': under {MIN_CASES} of the cases a statistic counts)")
     return "\n".join(lines)
@@ -737,7 +733,7 @@ def plot_decision_curve(is_malignant, p_malignant, threshold: float | None = Non
     prevalence = y.mean()
     model = net_benefit(y, p_malignant, ts)
     ax.plot(ts, model, label="biopsy where the model's probability reaches the threshold")
-    ax.plot(ts, prevalence - (1 - prevalence) * ts / (1 - ts), color="grey", label="biopsy all")
+    ax.plot(ts, net_benefit(y, np.ones(len(y)), ts), color="grey", label="biopsy all")
     ax.axhline(0, color="black", lw=1, label="biopsy none")
     if threshold is not None and 0 < threshold < 1:
         ax.axvline(threshold, color="crimson", ls="--", lw=1,
@@ -789,6 +785,7 @@ def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[s
         where.append(len(labels))
         labels.append(f"{row['subgroup']}  (n {row['n']}, {row['n_malignant']} malignant)")
     y = len(labels)
+
     def reach(keys):  # a symmetric scale about 0 that holds every value and interval of `keys`
         ends = [abs(x) for row in rows for k in keys for x in [row[k], *(row[f"{k}_ci95"] or [])] if x is not None]
         return 1.1 * max(ends, default=0.1)
@@ -873,10 +870,9 @@ def _net_benefit_at(y: np.ndarray, p: np.ndarray, threshold: float) -> dict | No
     """The model's net benefit at its operating threshold beside biopsying all lesions, or None out of (0, 1)."""
     if not 0 < threshold < 1:
         return None
-    prevalence = float(np.mean(y))
     return {"threshold": threshold, "benign_per_malignancy": 1 / threshold - 1,
             "model": float(net_benefit(y, p, [threshold])[0]),
-            "biopsy_all": prevalence - (1 - prevalence) * threshold / (1 - threshold)}
+            "biopsy_all": float(net_benefit(y, np.ones(len(y)), [threshold])[0])}
 
 
 def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int | None = None, n_boot: int = 1000,
@@ -919,7 +915,7 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
     subgroups = subgroup_metrics(df, truth, p_mal, clf.threshold, n_boot=n_boot, groups=groups)
     if subgroups:
         metrics["subgroups"] = subgroups
-        overall_gap = metrics["mean_probability"] - metrics["n_malignant"] / metrics["n"]
+        overall_gap = calibration_in_the_large(truth, p_mal, n_boot=0)["calibration_gap"]
         figures["subgroups.png"] = plot_subgroups(subgroups, {**metrics, "calibration_gap": overall_gap})
     if gradcam_images:
         picks = np.argsort(-p_mal)[:gradcam_images]  # the images the model finds most malignant
