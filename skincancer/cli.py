@@ -178,7 +178,7 @@ def cmd_evaluate(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")  # the command writes PNG files and opens no window
-    from .evaluate import (evaluate, metrics_table, prevalence_table, read_labels, read_test_split,
+    from .evaluate import (evaluate, lesion_table, metrics_table, prevalence_table, read_labels, read_test_split,
                            subgroup_table)
     from .predict import DISCLAIMER, load
 
@@ -195,6 +195,9 @@ def cmd_evaluate(args) -> int:
         nb = metrics["net_benefit"]
         print(f"net benefit at the threshold (finding a malignancy worth {nb['benign_per_malignancy']:.1f} benign "
               f"biopsies): {nb['model']:.4f} a person; biopsy all: {nb['biopsy_all']:.4f}; biopsy none: 0")
+    if metrics.get("by_lesion"):
+        print("lesion by lesion (one photo of each, drawn at random, against the mean probability of all its photos):")
+        print(lesion_table(metrics["by_lesion"]))
     if metrics.get("at_prevalence"):
         print("at other prevalences (the malignant call; Bayes' rule on sensitivity and specificity):")
         print(prevalence_table(metrics["at_prevalence"]))

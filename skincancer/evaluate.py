@@ -200,8 +200,19 @@ def paired_bootstrap(is_malignant, p_a, p_b, threshold_a=0.5, threshold_b=0.5, n
     points = [_call_statistics(y, p, t, ones) for p, t in runs]
     reps = _bootstrap_statistics(y, runs, max(n_boot, 0), seed, groups)  # one set of replicates for every run
     n_a = len(p_a)
-    a, b = _mean_over_runs(points[:n_a]), _mean_over_runs(points[n_a:])
-    reps_a, reps_b = _mean_over_runs(reps[:n_a]), _mean_over_runs(reps[n_a:])
+    out = _paired_differences(_mean_over_runs(points[:n_a]), _mean_over_runs(points[n_a:]),
+                              _mean_over_runs(reps[:n_a]), _mean_over_runs(reps[n_a:]), level)
+    out.update(level=level, resampled="lesions" if groups is not None else "images", replicates=int(n_boot),
+               runs={"a": len(p_a), "b": len(p_b)})
+    return out
+
+
+def _paired_differences(a: dict, b: dict, reps_a: dict, reps_b: dict, level: float) -> dict[str, dict]:
+    """For each statistic of PAIRED: A's and B's values, B - A, its percentile interval, se and two-sided p-value.
+
+    `a` and `b` hold each statistic's value as a 1-element array, `reps_a` and `reps_b` its value on the same
+    bootstrap replicates.
+    """
     out = {}
     for k in PAIRED:
         d = reps_b[k] - reps_a[k]
@@ -213,9 +224,69 @@ def paired_bootstrap(is_malignant, p_a, p_b, threshold_a=0.5, threshold_b=0.5, n
                   "difference": _finite_or_none(point), "ci": ci,
                   "se": float(d.std(ddof=1)) if ci and len(d) > 1 else None,
                   "p_value": float(min(1.0, 2 * (far + 1) / (len(d) + 1))) if ci else None}
-    out.update(level=level, resampled="lesions" if groups is not None else "images", replicates=int(n_boot),
-               runs={"a": len(p_a), "b": len(p_b)})
     return out
+
+
+def lesion_scores(groups, is_malignant, p_malignant) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each lesion's truth and mean probability of malignancy over its photos, and each photo's lesion index.
+
+    Lesions are numbered in the order of their sorted ids (as `bootstrap_weights` numbers them). A lesion whose
+    photos disagree on the truth is an error in the labels.
+    """
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    ids, codes = np.unique(np.asarray(groups).astype(str), return_inverse=True)
+    if not len(ids) or not len(codes) == len(y) == len(p):
+        raise SkinCancerError(f"{len(codes)} lesion ids, {len(y)} truths and {len(p)} probabilities: lesion scores "
+                              "need one of each per photo")
+    photos = np.bincount(codes)
+    malignant_photos = np.bincount(codes, weights=y)
+    mixed = ids[(malignant_photos > 0) & (malignant_photos < photos)]
+    if len(mixed):
+        raise SkinCancerError(f"{len(mixed)} lesions have both benign and malignant photos, e.g. {first_few(mixed)}: "
+                              "each lesion has one diagnosis")
+    return malignant_photos > 0, np.bincount(codes, weights=p) / photos, codes
+
+
+LESION_SIDES = ("one photo", "all photos")
+
+
+def lesion_metrics(groups, is_malignant, p_malignant, threshold: float, n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95) -> dict:
+    """The malignant call lesion by lesion: one photo of each lesion against the mean of all its photos, paired.
+
+    Image-level metrics count a lesion once per photo, and HAM10000's malignant lesions have more photos than its
+    benign ones. `one_photo` counts each lesion once, through one of its photos drawn at random: the expectation over
+    that draw, in which each photo weighs 1 / its lesion's photos. `all_photos` calls each lesion on the mean
+    probability of its photos, at the same threshold. `difference` is all photos - one photo (`paired_bootstrap`'s
+    shape, B - A). `each_photo` is the usual count, photo by photo. All three are scored on the same replicates of
+    resampled lesions (those `classification_metrics` draws with the same seed), each with its own `*_ci95`.
+    """
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    y_lesion, p_lesion, codes = lesion_scores(groups, y, p)
+    photos = np.bincount(codes)
+
+    def scored(w):  # lesion weights (replicates, lesions) -> (each photo, one photo, all photos)
+        return (_call_statistics(y, p, threshold, w[:, codes]),
+                _call_statistics(y, p, threshold, w[:, codes] / photos[codes]),
+                _call_statistics(y_lesion, p_lesion, threshold, w))
+
+    points = scored(np.ones((1, len(photos))))
+    chunks = [scored(w) for w in bootstrap_weights(len(photos), max(n_boot, 0), seed)]
+    reps = [{k: np.concatenate([c[i][k] for c in chunks]) if chunks else np.empty(0) for k in PAIRED}
+            for i in range(3)]
+    difference = _paired_differences(points[1], points[2], reps[1], reps[2], level)
+    difference.update(level=level, resampled="lesions", replicates=int(max(n_boot, 0)))
+    sides = {}
+    for name, point, rep in zip(("each_photo", "one_photo", "all_photos"), points, reps):
+        side = {}
+        for k in PAIRED:
+            finite = rep[k][np.isfinite(rep[k])]
+            side[k] = _finite_or_none(float(point[k][0]))
+            side[f"{k}_ci95"] = list(_percentiles(finite, level)) if len(finite) and side[k] is not None else None
+        sides[name] = side
+    return {"n_lesions": len(photos), "n_malignant": int(y_lesion.sum()), "n_photos": len(y),
+            "lesions_with_several_photos": int((photos > 1).sum()), "threshold": float(threshold), **sides,
+            "difference": difference}
 
 
 def check_prevalences(prevalences) -> list[float]:
@@ -402,9 +473,14 @@ def metrics_table(metrics: dict) -> str:
 # Metadata describing the patient, the lesion or how its diagnosis was made (HAM10000's columns, where a set has
 # them): a model can fail in one subgroup while its overall numbers look fine, which is why the ISIC AI working
 # group's reporting checklist (CLEAR Derm, Daneshjou et al., JAMA Dermatology 2022) asks for results by subgroup.
-SUBGROUPS = {"sex": "sex", "age": "age", "localization": "site", "dx_type": "confirmed by", "dataset": "source"}
+# `photos` is not a column of the metadata but how many of the evaluated images show the image's lesion (from
+# `lesion_id`): HAM10000 photographed some lesions several times, and not at random (more often the malignant ones).
+SUBGROUPS = {"sex": "sex", "age": "age", "localization": "site", "dx_type": "confirmed by", "dataset": "source",
+             "photos": "photos of lesion"}
 AGE_BANDS = (0, 30, 45, 60, 75)  # HAM10000 records ages in steps of 5 years
 AGE_BAND_NAMES = [f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BANDS, AGE_BANDS[1:])] + [f"{AGE_BANDS[-1]}+"]
+PHOTO_COUNTS = ["1", "2", "3+"]
+ORDERED = {"age": AGE_BAND_NAMES, "photos": PHOTO_COUNTS}  # subgroups listed in this order, not by size
 # Fewer cases than this make a rate or an AUROC, and a bootstrap interval of it, meaningless: 2 of 3 malignant
 # caught is not a sensitivity of 0.67, and resampling 3 cases gives degenerate intervals.
 MIN_CASES = 10
@@ -412,7 +488,14 @@ CALIBRATION_KEYS = ("mean_probability", "share_malignant", "calibration_gap", "c
 
 
 def subgroup_labels(df: pd.DataFrame, column: str) -> pd.Series:
-    """Each image's subgroup under a metadata column, as text: ages in bands of 15 years, 'unknown' where missing."""
+    """Each image's subgroup under a SUBGROUPS column, as text: ages in bands of 15 years, 'unknown' where missing.
+
+    For `photos`, the number of images in `df` of the image's lesion: 1, 2 or 3+.
+    """
+    if column == "photos":
+        ids = df["lesion_id"].astype(str).str.strip().where(df["lesion_id"].notna(), "")
+        counts = ids.map(ids.value_counts())
+        return counts.map(lambda n: PHOTO_COUNTS[min(n, 3) - 1]).where(ids != "", "unknown")
     if column != "age":
         return df[column].astype(str).str.strip().replace({"": "unknown", "nan": "unknown"})
     age = pd.to_numeric(df[column], errors="coerce")
@@ -421,10 +504,10 @@ def subgroup_labels(df: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _subgroup_order(labels: np.ndarray, column: str) -> list[str]:
-    """Ages in order, other subgroups from the largest; 'unknown' last."""
+    """Ages and photo counts in order, other subgroups from the largest; 'unknown' last."""
     values, counts = np.unique(labels, return_counts=True)
-    if column == "age":
-        known = [v for v in AGE_BAND_NAMES if v in values]
+    if column in ORDERED:
+        known = [v for v in ORDERED[column] if v in values]
     else:
         known = [v for _, v in sorted(zip(-counts, values)) if v != "unknown"]
     return known + (["unknown"] if "unknown" in values else [])
@@ -494,7 +577,7 @@ def _subgroups(df: pd.DataFrame, y: np.ndarray):
     `row` starts a result row (column, subgroup, n, n_malignant); `enough` says which of AUROC, sensitivity and
     specificity have MIN_CASES of the cases they count. Columns with fewer than two known subgroups are left out.
     """
-    for column in [c for c in SUBGROUPS if c in df.columns]:
+    for column in [c for c in SUBGROUPS if c in df.columns or (c == "photos" and "lesion_id" in df.columns)]:
         labels = subgroup_labels(df, column).to_numpy(dtype=str)
         order = _subgroup_order(labels, column)
         if len([v for v in order if v != "unknown"]) < 2:
@@ -765,6 +848,35 @@ def plot_paired_differences(paired: dict, names: tuple[str, str] = ("A", "B"), a
     return fig
 
 
+LESION_COUNTS = {"each_photo": "each photo (the usual count)", "one_photo": "one photo of each lesion",
+                 "all_photos": "each lesion on all its photos"}
+
+
+def plot_lesions(by_lesion: dict):
+    """`lesion_metrics` drawn: each statistic counted photo by photo and lesion by lesion, and all photos - one."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw=dict(width_ratios=[1.2, 1]))
+    names = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy"}
+    for j, (side, label) in enumerate(LESION_COUNTS.items()):
+        values = by_lesion[side]
+        for i, k in enumerate(PAIRED):
+            v, ci = values[k], values[f"{k}_ci95"]
+            if v is None:
+                continue
+            xerr = [[v - ci[0]], [ci[1] - v]] if ci else None
+            axes[0].errorbar(v, i + 0.22 * (j - 1), xerr=xerr, fmt="o", color=f"C{j}", capsize=3,
+                             label=label if i == 0 else None)
+    axes[0].set_yticks(range(len(PAIRED)), [names.get(k, k) for k in PAIRED])
+    axes[0].set_ylim(len(PAIRED) - 0.5, -0.5)
+    axes[0].legend(loc="lower left", fontsize=8)
+    axes[0].set(xlabel="value (95% interval, lesions resampled)",
+                title=f"{by_lesion['n_photos']} photos of {by_lesion['n_lesions']} lesions, counted three ways")
+    plot_paired_differences(by_lesion["difference"], LESION_SIDES, ax=axes[1])
+    axes[1].set_title("Each lesion on all its photos - on one")
+    fig.tight_layout()
+    return fig
+
+
 def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[str, str] | None = None):
     """A forest plot of `subgroup_metrics`: AUROC, sensitivity and specificity with their intervals, by subgroup.
 
@@ -910,6 +1022,9 @@ def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: 
                         "threshold.png": plot_threshold(truth, p_mal, clf.threshold),
                         "decision_curve.png": plot_decision_curve(truth, p_mal, clf.threshold)})
         metrics["net_benefit"] = _net_benefit_at(truth, p_mal, clf.threshold)
+    if groups is not None:
+        metrics["by_lesion"] = lesion_metrics(groups, truth, p_mal, clf.threshold, n_boot)
+        figures["lesions.png"] = plot_lesions(metrics["by_lesion"])
     if prevalences:
         metrics["at_prevalence"] = at_prevalence(truth, p_mal, clf.threshold, prevalences, n_boot, groups=groups)
     subgroups = subgroup_metrics(df, truth, p_mal, clf.threshold, n_boot=n_boot, groups=groups)
@@ -965,6 +1080,11 @@ def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = Fal
     paired = paired_bootstrap(truth, p_a, p_b, t_a, t_b, n_boot=n_boot, groups=groups)
     result = {"a": m_a, "b": m_b, "difference": paired, "n": int(len(df)), "n_malignant": int(truth.sum()),
               "tta": tta, "names": list(names)}
+    if groups is not None:  # each lesion called once, on the mean probability of its photos, by each model
+        (y_lesion, pa_lesion, _), (_, pb_lesion, _) = (lesion_scores(groups, truth, p) for p in (p_a, p_b))
+        result["by_lesion"] = {"n_lesions": len(y_lesion), "n_malignant": int(y_lesion.sum()),
+                               "difference": paired_bootstrap(y_lesion, pa_lesion, pb_lesion, t_a, t_b, n_boot)}
+        result["by_lesion"]["difference"]["resampled"] = "lesions"
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=[1, 1.3]))
     if m_a["auroc"] is not None:
@@ -988,9 +1108,9 @@ def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = Fal
     return result
 
 
-def comparison_table(result: dict) -> str:
-    """A short text table of a `compare` result: each statistic for A and B, and B - A with its interval."""
-    paired, (name_a, name_b) = result["difference"], result["names"]
+def paired_table(paired: dict, names: tuple[str, str] = ("A", "B")) -> list[str]:
+    """The lines of a text table of a `paired_bootstrap`: each statistic for A and B, and B - A with its interval."""
+    name_a, name_b = names
     width = max(len(name_a), len(name_b), 8)
     level = round(100 * paired["level"])
     how = f" ({level}% CI, {paired['resampled']} resampled), p" if paired["replicates"] > 0 else " (no bootstrap)"
@@ -1002,6 +1122,31 @@ def comparison_table(result: dict) -> str:
             continue
         ci = f" ({r['ci'][0]:+.4f} to {r['ci'][1]:+.4f}), p {r['p_value']:.3f}" if r["ci"] else ""
         rows.append(f"  {k:<18}{r['a']:>{width}.4f} {r['b']:>{width}.4f}  {r['difference']:+.4f}{ci}")
+    return rows
+
+
+def comparison_table(result: dict) -> str:
+    """A short text table of a `compare` result: each statistic for A and B, and B - A with its interval."""
+    names = tuple(result["names"])
+    rows = paired_table(result["difference"], names)
     rows.append(f"  (sensitivity and specificity at each model's own threshold: {result['a']['threshold']:.4f} "
                 f"and {result['b']['threshold']:.4f}; n {result['n']}, {result['n_malignant']} malignant)")
+    if result.get("by_lesion"):
+        lesions = result["by_lesion"]
+        rows.append(f"  lesion by lesion (each called on the mean probability of its photos; {lesions['n_lesions']} "
+                    f"lesions, {lesions['n_malignant']} malignant):")
+        rows += paired_table(lesions["difference"], names)
+    return "\n".join(rows)
+
+
+
+def lesion_table(by_lesion: dict) -> str:
+    """A short text table of `lesion_metrics`: one photo of each lesion against all its photos averaged."""
+    rows = paired_table(by_lesion["difference"], LESION_SIDES)
+    each, ci = by_lesion["each_photo"]["auroc"], by_lesion["all_photos"]["auroc_ci95"]
+    rows.append(f"  ({by_lesion['n_photos']} photos of {by_lesion['n_lesions']} lesions, {by_lesion['n_malignant']} "
+                f"malignant, {by_lesion['lesions_with_several_photos']} with several photos; the call at the "
+                f"threshold {by_lesion['threshold']:.4f}"
+                + (f"; AUROC photo by photo {each:.4f}" if each is not None else "")
+                + (f"; all photos' AUROC 95% CI {ci[0]:.4f}-{ci[1]:.4f})" if ci else ")"))
     return "\n".join(rows)

@@ -16,10 +16,12 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
 from skincancer.evaluate import (MIN_CASES, at_prevalence, bootstrap_auroc, bootstrap_intervals,
-                                 calibration_in_the_large, choose_threshold, classification_metrics, metrics_table,
-                                 net_benefit, paired_bootstrap, paired_subgroup_metrics, plot_decision_curve,
+                                 calibration_in_the_large, choose_threshold, classification_metrics, lesion_metrics,
+                                 lesion_scores, lesion_table, malignant_scores, metrics_table, net_benefit,
+                                 paired_bootstrap, paired_subgroup_metrics, plot_decision_curve, plot_lesions,
                                  plot_subgroups, predict_frame, predict_loaded, predicted_classes, prevalence_table,
-                                 read_labels, subgroup_labels, subgroup_metrics, subgroup_table, weighted_aurocs)
+                                 read_labels, read_test_split, subgroup_labels, subgroup_metrics, subgroup_table,
+                                 weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -276,6 +278,79 @@ def test_subgroup_metrics_are_each_subgroups_own_and_small_ones_say_too_few():
         subgroup_metrics(df, y[:-1], p[:-1], 0.6)
 
 
+def _lesion_case(n_lesions: int = 9, seed: int = 3):
+    """Lesions of 1 to 3 photos, one truth each, and photo probabilities that vary within a lesion."""
+    rng = np.random.default_rng(seed)
+    photos = rng.integers(1, 4, n_lesions)
+    photos[:2] = (3, 1)
+    truth = np.arange(n_lesions) % 3 == 0
+    lesions = np.repeat([f"L{i}" for i in range(n_lesions)], photos)
+    y = np.repeat(truth, photos)
+    return lesions, y, np.clip(0.3 * y + rng.random(len(y)), 0, 1)
+
+
+def test_lesion_scores_average_a_lesions_photos_and_refuse_a_lesion_with_two_truths():
+    lesions, y, p = np.array(["b", "a", "b", "c"]), np.array([1, 0, 1, 0], bool), np.array([0.2, 0.5, 0.6, 0.1])
+    y_lesion, p_lesion, codes = lesion_scores(lesions, y, p)
+    assert list(y_lesion) == [False, True, False] and p_lesion == pytest.approx([0.5, 0.4, 0.1])  # a, b, c
+    assert list(codes) == [1, 0, 1, 2]
+    with pytest.raises(SkinCancerError, match="1 lesions have both benign and malignant photos, e.g. b"):
+        lesion_scores(lesions, np.array([1, 0, 0, 0], bool), p)
+    with pytest.raises(SkinCancerError, match="3 lesion ids, 4 truths"):
+        lesion_scores(lesions[:3], y, p)
+
+
+def test_one_photo_a_lesion_is_the_expectation_over_which_photo_and_all_photos_are_averaged():
+    import itertools
+
+    lesions, y, p = _lesion_case()
+    m = lesion_metrics(lesions, y, p, 0.6, n_boot=300)
+    assert (m["n_lesions"], m["n_photos"], m["n_malignant"]) == (9, len(y), 3)
+    draws = []  # every way of picking one photo of each lesion, scored as a set of 9 images
+    for pick in itertools.product(*[np.flatnonzero(lesions == f"L{i}") for i in range(9)]):
+        yk, pk = y[list(pick)], p[list(pick)]
+        draws.append((roc_auc_score(yk, pk), (pk[yk] >= 0.6).mean(), (pk[~yk] < 0.6).mean()))
+    expected = np.mean(draws, axis=0)
+    one = m["one_photo"]
+    assert [one["auroc"], one["sensitivity"], one["specificity"]] == pytest.approx(expected)
+    y_lesion, p_lesion, _ = lesion_scores(lesions, y, p)
+    every = m["all_photos"]
+    assert every["auroc"] == pytest.approx(roc_auc_score(y_lesion, p_lesion))
+    assert every["specificity"] == pytest.approx((p_lesion[~y_lesion] < 0.6).mean())
+    d = m["difference"]
+    assert d["auroc"]["difference"] == pytest.approx(every["auroc"] - one["auroc"]) and d["resampled"] == "lesions"
+    # photo by photo is the usual count, on the same lesion replicates as classification_metrics' intervals
+    each = bootstrap_intervals(y, p, 0.6, 300, groups=lesions)
+    assert m["each_photo"]["auroc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["each_photo"]["auroc_ci95"] == pytest.approx(list(each["auroc"]))
+    assert m["each_photo"]["specificity_ci95"] == pytest.approx(list(each["specificity"]))
+    table = lesion_table(m)
+    assert "one photo" in table and "all photos" in table and "9 lesions, 3 malignant" in table
+    fig = plot_lesions(m)
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_legend().get_texts()) == 3
+
+
+def test_with_one_photo_a_lesion_the_three_counts_agree():
+    rng = np.random.default_rng(1)
+    y, p = rng.random(200) < 0.3, rng.random(200)
+    m = lesion_metrics([f"L{i}" for i in range(200)], y, p, 0.5, n_boot=100)
+    for k in ("auroc", "sensitivity", "specificity", "auroc_ci95"):
+        assert m["one_photo"][k] == pytest.approx(m["each_photo"][k])
+        assert m["all_photos"][k] == pytest.approx(m["each_photo"][k])
+    assert m["difference"]["auroc"]["difference"] == 0 and m["lesions_with_several_photos"] == 0
+
+
+def test_photos_of_a_lesion_are_a_subgroup():
+    df = pd.DataFrame({"lesion_id": ["a", "b", "b", "c", "c", "c", "d", "d", "d", "d", None]})
+    assert list(subgroup_labels(df, "photos")) == ["1", "2", "2", "3+", "3+", "3+", "3+", "3+", "3+", "3+",
+                                                   "unknown"]
+    df, y, p = _subgroup_frame()
+    df["lesion_id"] = np.where(np.arange(len(df)) < 100, df["lesion_id"], [f"S{i}" for i in range(len(df))])
+    rows = [r for r in subgroup_metrics(df, y, p, 0.6, n_boot=0) if r["column"] == "photos"]
+    assert [(r["subgroup"], r["n"]) for r in rows] == [("1", 500), ("2", 100)]
+    assert rows[0]["auroc"] == pytest.approx(roc_auc_score(y[100:], p[100:]))
+
+
 def test_ppv_and_npv_at_a_prevalence_follow_bayes_and_at_the_samples_own_are_the_counted_ones():
     df, y, p = _subgroup_frame()
     said = p >= 0.6
@@ -430,7 +505,10 @@ def test_evaluate_the_recorded_test_split(trained, ham_dir, tmp_path, capsys):
     assert nb["threshold"] == card["threshold"] and nb["benign_per_malignancy"] == 1 / nb["threshold"] - 1
     assert nb["model"] <= m["n_malignant"] / m["n"]  # never more than finding every malignancy with no false alarm
     assert m["auroc"] == pytest.approx(card["metrics"]["test"]["auroc"], abs=1e-6)
-    assert set(m["plots"]) == PLOTS | {"subgroups.png"}
+    assert set(m["plots"]) == PLOTS | {"subgroups.png", "lesions.png"}
+    lesions = m["by_lesion"]
+    assert lesions["n_photos"] == m["n"] and lesions["each_photo"]["auroc"] == pytest.approx(m["auroc"])
+    assert lesions["n_lesions"] == card["split_lesions"]["test"]
     for name in m["plots"]:
         with Image.open(out / name) as img:
             assert img.format == "PNG" and min(img.size) > 100
@@ -440,6 +518,7 @@ def test_evaluate_the_recorded_test_split(trained, ham_dir, tmp_path, capsys):
     assert "auroc" in printed and "by subgroup" in printed and "site: " in printed
     assert "at other prevalences" in printed and "of 50 malignant found" in printed
     assert "net benefit at the threshold" in printed
+    assert "lesion by lesion" in printed and "photos of lesion: 1" in printed
 
 
 def test_evaluate_labelled_images_with_tta_and_no_positives(trained, originals_dir, originals_meta, tmp_path):
@@ -454,6 +533,7 @@ def test_evaluate_labelled_images_with_tta_and_no_positives(trained, originals_d
     assert "roc.png" not in m["plots"] and "decision_curve.png" not in m["plots"] and (out / "confusion.png").exists()
     assert "net_benefit" not in m
     assert "subgroups" not in m and "subgroups.png" not in m["plots"]  # image_id,dx: no metadata to group by
+    assert "by_lesion" not in m and "lesions.png" not in m["plots"]  # nor lesion ids
 
 
 def test_predictions_through_the_inference_copy_are_fastais(trained, originals_dir, originals_meta):
@@ -533,9 +613,19 @@ def test_compare_two_models_on_the_test_split_they_share(trained, ham_dir, tmp_p
     assert result["plots"] == ["comparison.png", "comparison_subgroups.png"]
     assert {r["column"] for r in result["subgroups"]} >= {"sex", "age", "localization", "dx_type"}
     assert sum(r["n"] for r in result["subgroups"] if r["column"] == "sex") == result["n"]
+    lesions = result["by_lesion"]  # each model calls each lesion on the mean of its photos, paired
+    df = pd.read_csv(trained.with_suffix(".split.csv"))
+    assert lesions["n_lesions"] == df.loc[df["split"] == "test", "lesion_id"].nunique()
+    assert lesions["difference"]["resampled"] == "lesions"
+    clf = load(trained)
+    test = read_test_split(trained, ham_dir)
+    y, p = malignant_scores(*predict_loaded(clf, test), clf.classes, clf.calibration)
+    y_lesion, p_lesion, _ = lesion_scores(test["lesion_id"], y, p)
+    assert lesions["difference"]["auroc"]["a"] == pytest.approx(roc_auc_score(y_lesion, p_lesion), abs=1e-6)
+    assert lesions["difference"]["sensitivity"]["a"] == pytest.approx((p_lesion[y_lesion] >= clf.threshold).mean())
     stdout = capsys.readouterr().out
     assert "B = dx.pkl against A = smoke.pkl" in stdout and "balanced_accuracy" in stdout
-    assert "by subgroup (B - A" in stdout and "confirmed by: histo" in stdout
+    assert "by subgroup (B - A" in stdout and "confirmed by: histo" in stdout and "lesion by lesion" in stdout
     assert "not a medical device" in stdout
 
 
