@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--bs", type=_positive_int, help=BS_HELP)
     r.add_argument("--trust-pickle", action="store_true",
                    help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
+    r.add_argument("--lesion", action="store_true",
+                   help="the images are photos of one lesion: one call on the mean of their probabilities")
     r.add_argument("images", nargs="+", help="image files, or folders: every image under a folder, in sorted order")
 
     a = sub.add_parser("app", help="serve a local web page (Gradio) to predict uploaded or camera photos")
@@ -253,7 +255,11 @@ def cmd_predict(args) -> int:
     """Run `predict`: print one JSON line per image; non-zero exit when any image failed."""
     from .predict import load
 
-    results = load(args.model, trusted=args.trust_pickle).predict_batch(expand_folders(args.images), bs=args.bs)
+    clf = load(args.model, trusted=args.trust_pickle)
+    if args.lesion:
+        print(json.dumps(clf.predict_lesion(expand_folders(args.images), bs=args.bs)), flush=True)
+        return 0
+    results = clf.predict_batch(expand_folders(args.images), bs=args.bs)
     for res in results:
         print(json.dumps(res), flush=True)
     return 1 if any("error" in r for r in results) else 0

@@ -158,6 +158,27 @@ class Classifier:
                     results[i] = self._result(describe(images[i]), p)
         return results  # type: ignore[return-value]
 
+    def predict_lesion(self, images: Iterable[ImageInput], bs: int | None = None) -> dict:
+        """One call for several photos of one lesion, on the mean of their probabilities; each photo's result too.
+
+        The mean is taken of the calibrated probability of malignancy (and, for a dx model, of each diagnosis's
+        score), as `evaluate` counts lesion by lesion. An unreadable photo is an error naming it: a call on the
+        others would silently be about fewer photos than asked.
+        """
+        images = list(images)
+        if not images:
+            raise SkinCancerError("predict_lesion: no photos given")
+        opened = [open_image(image) for image in images]  # raises on the first unreadable one, naming it
+        probs = self._probs(opened, bs)
+        photos = [self._result(describe(image), p) for image, p in zip(images, probs)]
+        p_mal = float(np.mean([r["malignant_probability"] for r in photos]))
+        classes = self.classes
+        scores = np.mean([[r["probabilities"][c] for c in classes] for r in photos], axis=0)
+        call = "malignant" if p_mal >= self.threshold else "benign"
+        label = call if task_of(classes) == "binary" else classes[int(np.argmax(scores))]
+        return {"lesion": [r["image"] for r in photos], "label": label, "call": call, "malignant_probability": p_mal,
+                "probabilities": {c: float(v) for c, v in zip(classes, scores)}, "photos": photos}
+
 
 CPU_BATCH_PIXELS = 8 * 224 * 224
 

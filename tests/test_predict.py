@@ -63,6 +63,34 @@ def test_batch_matches_single_predictions_and_isolates_bad_files(clf, original_i
                                        list(single["probabilities"].values()), atol=1e-5)
 
 
+def test_a_lesion_is_called_on_the_mean_probability_of_its_photos(clf, original_images, tmp_path):
+    photos = original_images[:3]
+    lesion = clf.predict_lesion(photos, bs=2)
+    singles = [clf.predict(path) for path in photos]
+    assert lesion["lesion"] == [str(p) for p in photos] and len(lesion["photos"]) == 3
+    for got, single in zip(lesion["photos"], singles):  # each photo's own result, as `predict` gives it
+        assert got["malignant_probability"] == pytest.approx(single["malignant_probability"], abs=1e-5)
+    p = np.mean([r["malignant_probability"] for r in singles])
+    assert lesion["malignant_probability"] == pytest.approx(p, abs=1e-5)
+    assert lesion["probabilities"]["malignant"] == pytest.approx(p, abs=1e-5)
+    assert lesion["call"] == lesion["label"] == ("malignant" if lesion["malignant_probability"] >= clf.threshold
+                                                 else "benign")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(SkinCancerError, match="bad.jpg: not a readable image"):
+        clf.predict_lesion([photos[0], bad])
+    with pytest.raises(SkinCancerError, match="no photos"):
+        clf.predict_lesion([])
+
+
+def test_cli_predicts_one_lesion_from_its_photos(trained, original_images, capsys):
+    assert cli.main(["predict", "--model", str(trained), "--lesion", *map(str, original_images[:2])]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    result = json.loads(line)
+    assert result["lesion"] == [str(p) for p in original_images[:2]] and len(result["photos"]) == 2
+    assert set(result) == {"lesion", "label", "call", "malignant_probability", "probabilities", "photos"}
+
+
 def test_the_inference_copy_folds_batchnorm_and_predicts_as_fastai(clf, original_images):
     import torch
 

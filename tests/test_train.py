@@ -7,6 +7,7 @@ import json
 import pickle
 import urllib.error
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -85,6 +86,13 @@ def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir, original_images):
     for threshold, call in ((p - 1e-6, "malignant"), (p + 1e-6, "benign")):
         moved = dataclasses.replace(clf, card={**clf.card, "threshold": threshold}).predict(original_images[0])
         assert moved["call"] == call and moved["label"] == res["label"]
+    # several photos of one lesion: the mean of each diagnosis's score names the label, the mean probability calls
+    lesion = clf.predict_lesion(original_images[:3])
+    photos = [clf.predict(path) for path in original_images[:3]]
+    mean = {d: np.mean([r["probabilities"][d] for r in photos]) for d in card["classes"]}
+    assert lesion["probabilities"] == pytest.approx(mean, abs=1e-5) and lesion["label"] == max(mean, key=mean.get)
+    assert lesion["malignant_probability"] == pytest.approx(np.mean([r["malignant_probability"] for r in photos]),
+                                                            abs=1e-5)
 
 
 def test_weight_decay_one_pass_augmentation_the_loss_on_device_and_the_average_reach_the_run(tmp_path, ham_dir,
