@@ -798,29 +798,69 @@ def net_benefit(is_malignant, p_malignant, thresholds) -> np.ndarray:
     weighted by the odds of the threshold, t / (1 - t), which a threshold t implies (biopsying 1/t - 1 benign
     lesions is worth finding one malignancy). It reads in malignancies found per person, at the images' prevalence.
     """
-    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
-    t = np.asarray(thresholds, dtype=np.float64)
+    y = np.asarray(is_malignant, dtype=bool)
+    return _net_benefits(y, p_malignant, thresholds, np.ones((1, len(y))))[0]
+
+
+def _net_benefits(y: np.ndarray, p, thresholds, w: np.ndarray) -> np.ndarray:
+    """`net_benefit` under each row of weights `w` (replicates, images): an array (replicates, thresholds)."""
+    p, t = np.asarray(p, dtype=np.float64), np.asarray(thresholds, dtype=np.float64)
     if len(y) == 0 or not ((t > 0) & (t < 1)).all():
         raise SkinCancerError("net benefit needs images, and thresholds strictly between 0 and 1")
-    said = p[None, :] >= t[:, None]
-    tp, fp = (said & y).sum(axis=1) / len(y), (said & ~y).sum(axis=1) / len(y)
-    return tp - fp * t / (1 - t)
+    said = p[None, :] >= t[:, None]  # (thresholds, images)
+    tp, fp = w @ (said & y).T, w @ (said & ~y).T  # weighted counts, (replicates, thresholds)
+    return (tp - fp * t / (1 - t)) / w.sum(axis=1, keepdims=True)
 
 
-def plot_decision_curve(is_malignant, p_malignant, threshold: float | None = None, ax=None):
-    """Net benefit against the threshold probability, beside biopsying all lesions and none (a decision curve)."""
+def paired_net_benefit(is_malignant, p_a, p_b, thresholds, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                       groups=None) -> list[dict]:
+    """Model B against model A in net benefit at each threshold probability: both, B - A, and its paired interval.
+
+    At one threshold probability t both models are judged by the same exchange (one malignancy found is worth
+    1/t - 1 benign biopsies), so the one with the larger net benefit is the better to act on there, whatever their
+    AUROCs. The replicates resample lesions where `groups` are given, the same draws for both models.
+    """
+    y = np.asarray(is_malignant, dtype=bool)
+    p_a, p_b = np.asarray(p_a, dtype=np.float64), np.asarray(p_b, dtype=np.float64)
+    if not len(y) == len(p_a) == len(p_b):
+        raise SkinCancerError(f"{len(y)} labels, {len(p_a)} and {len(p_b)} probabilities: a paired comparison needs "
+                              "both models' predictions of the same images")
+    t = np.atleast_1d(np.asarray(thresholds, dtype=np.float64))
+    ones = np.ones((1, len(y)))
+    a, b = (_net_benefits(y, p, t, ones)[0] for p in (p_a, p_b))
+    reps = [_net_benefits(y, p_b, t, w) - _net_benefits(y, p_a, t, w)
+            for w in bootstrap_weights(len(y), max(n_boot, 0), seed, groups)]
+    d = np.concatenate(reps) if reps else np.empty((0, len(t)))
+    rows = []
+    for i, threshold in enumerate(t):
+        far = min((d[:, i] <= 0).sum(), (d[:, i] >= 0).sum())
+        rows.append({"threshold": float(threshold), "benign_per_malignancy": float(1 / threshold - 1),
+                     "a": float(a[i]), "b": float(b[i]), "difference": float(b[i] - a[i]),
+                     "ci": list(_percentiles(d[:, i], level)) if len(d) else None,
+                     "p_value": float(min(1.0, 2 * (far + 1) / (len(d) + 1))) if len(d) else None})
+    return rows
+
+
+def plot_decision_curve(is_malignant, p_malignant, threshold: float | None = None, ax=None, name: str | None = None):
+    """Net benefit against the threshold probability, beside biopsying all lesions and none (a decision curve).
+
+    Drawn on an `ax` that holds one already, a second model's curve (`name`) joins it.
+    """
     plt = pyplot()
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(6, 4))
     y = np.asarray(is_malignant, dtype=bool)
     ts = np.linspace(0.01, 0.6, 119)
     prevalence = y.mean()
     model = net_benefit(y, p_malignant, ts)
-    ax.plot(ts, model, label="biopsy where the model's probability reaches the threshold")
-    ax.plot(ts, net_benefit(y, np.ones(len(y)), ts), color="grey", label="biopsy all")
-    ax.axhline(0, color="black", lw=1, label="biopsy none")
+    first = not any(line.get_label() == "biopsy all" for line in ax.get_lines())
+    line, = ax.plot(ts, model, label=name or "biopsy where the model's probability reaches the threshold")
+    if first:
+        ax.plot(ts, net_benefit(y, np.ones(len(y)), ts), color="grey", label="biopsy all")
+        ax.axhline(0, color="black", lw=1, label="biopsy none")
     if threshold is not None and 0 < threshold < 1:
-        ax.axvline(threshold, color="crimson", ls="--", lw=1,
-                   label=f"operating threshold {threshold:.3f} (1 malignancy = {1 / threshold - 1:.1f} benign)")
+        ax.axvline(threshold, color="crimson" if name is None else line.get_color(), ls="--", lw=1,
+                   label=f"{'operating' if name is None else 'its'} threshold {threshold:.3f} "
+                         f"(1 malignancy = {1 / threshold - 1:.1f} benign)")
     ax.set(xlabel="threshold probability (the risk at which a biopsy is worth it)",
            ylabel="net benefit (malignancies found per person)", ylim=(-0.05, max(prevalence, 0.01) * 1.15),
            title=f"Decision curve (at this set's prevalence, {prevalence:.1%})")
@@ -1085,15 +1125,20 @@ def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = Fal
         result["by_lesion"] = {"n_lesions": len(y_lesion), "n_malignant": int(y_lesion.sum()),
                                "difference": paired_bootstrap(y_lesion, pa_lesion, pb_lesion, t_a, t_b, n_boot)}
         result["by_lesion"]["difference"]["resampled"] = "lesions"
+    exchanges = sorted({t for t in (t_a, t_b) if 0 < t < 1})  # the exchange each model's threshold implies
+    if exchanges and truth.any():
+        result["net_benefit"] = paired_net_benefit(truth, p_a, p_b, exchanges, n_boot=n_boot, groups=groups)
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw=dict(width_ratios=[1, 1.3]))
+    fig, axes = plt.subplots(1, 3, figsize=(19, 5), gridspec_kw=dict(width_ratios=[1, 1.2, 1.3]))
     if m_a["auroc"] is not None:
         for name, p, t in ((names[0], p_a, t_a), (names[1], p_b, t_b)):
             plot_roc(truth, p, t, ax=axes[0], name=name)
+            plot_decision_curve(truth, p, t, ax=axes[1], name=name)
     else:
-        axes[0].set_axis_off()
-        axes[0].set_title("no ROC: the images hold one class only")
-    plot_paired_differences(paired, names, ax=axes[1])
+        for ax in axes[:2]:
+            ax.set_axis_off()
+            ax.set_title("no curves: the images hold one class only")
+    plot_paired_differences(paired, names, ax=axes[2])
     fig.tight_layout()
     figures = {"comparison.png": fig}
     subgroups = paired_subgroup_metrics(df, truth, p_a, p_b, t_a, t_b, n_boot=n_boot, groups=groups)
@@ -1131,6 +1176,11 @@ def comparison_table(result: dict) -> str:
     rows = paired_table(result["difference"], names)
     rows.append(f"  (sensitivity and specificity at each model's own threshold: {result['a']['threshold']:.4f} "
                 f"and {result['b']['threshold']:.4f}; n {result['n']}, {result['n_malignant']} malignant)")
+    for row in result.get("net_benefit", []):
+        ci = f" ({row['ci'][0]:+.4f} to {row['ci'][1]:+.4f}), p {row['p_value']:.3f}" if row["ci"] else ""
+        rows.append(f"  net benefit at threshold probability {row['threshold']:.4f} (1 malignancy = "
+                    f"{row['benign_per_malignancy']:.1f} benign biopsies): {row['a']:.4f} and {row['b']:.4f}, "
+                    f"B - A {row['difference']:+.4f}{ci}")
     if result.get("by_lesion"):
         lesions = result["by_lesion"]
         rows.append(f"  lesion by lesion (each called on the mean probability of its photos; {lesions['n_lesions']} "

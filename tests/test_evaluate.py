@@ -18,10 +18,10 @@ from skincancer.data import DX_CLASSES
 from skincancer.evaluate import (MIN_CASES, at_prevalence, bootstrap_auroc, bootstrap_intervals,
                                  calibration_in_the_large, choose_threshold, classification_metrics, lesion_metrics,
                                  lesion_scores, lesion_table, malignant_scores, metrics_table, net_benefit,
-                                 paired_bootstrap, paired_subgroup_metrics, plot_decision_curve, plot_lesions,
-                                 plot_subgroups, predict_frame, predict_loaded, predicted_classes, prevalence_table,
-                                 read_labels, read_test_split, subgroup_labels, subgroup_metrics, subgroup_table,
-                                 weighted_aurocs)
+                                 paired_bootstrap, paired_net_benefit, paired_subgroup_metrics, plot_decision_curve,
+                                 plot_lesions, plot_subgroups, predict_frame, predict_loaded, predicted_classes,
+                                 prevalence_table, read_labels, read_test_split, subgroup_labels, subgroup_metrics,
+                                 subgroup_table, weighted_aurocs)
 from skincancer.gradcam import feature_grid, gradcam
 from skincancer.predict import load
 
@@ -392,6 +392,31 @@ def test_net_benefit_is_true_positives_less_weighted_false_positives_and_bounded
     assert "1 malignancy = 3.0 benign" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()][-1]
 
 
+def test_paired_net_benefit_judges_both_models_by_one_exchange_on_the_same_lesions():
+    rng = np.random.default_rng(2)
+    n = 600
+    lesions = np.array([f"L{i // 2}" for i in range(n)])
+    y = np.repeat(rng.random(n // 2) < 0.25, 2)
+    p_a = np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)
+    p_b = p_a.copy()
+    spared = np.flatnonzero(~y & (p_a >= 0.2))[:30]  # B clears 30 benign photos that A would biopsy at 0.2
+    p_b[spared] = 0.01
+    rows = paired_net_benefit(y, p_a, p_b, [0.2, 0.5], n_boot=300, groups=lesions)
+    assert [r["threshold"] for r in rows] == [0.2, 0.5]
+    for r in rows:
+        assert r["a"] == pytest.approx(net_benefit(y, p_a, [r["threshold"]])[0])
+        assert r["b"] == pytest.approx(net_benefit(y, p_b, [r["threshold"]])[0])
+    at_02 = rows[0]
+    assert at_02["difference"] == pytest.approx(30 / n * 0.2 / 0.8)  # 30 false positives less, at odds 1:4
+    assert at_02["ci"][0] > 0 and at_02["p_value"] < 0.05 and at_02["benign_per_malignancy"] == pytest.approx(4)
+    same = paired_net_benefit(y, p_a, p_a, [0.2], n_boot=100)[0]
+    assert same["difference"] == 0 and same["ci"] == [0, 0]
+    with pytest.raises(SkinCancerError, match="same images"):
+        paired_net_benefit(y, p_a, p_b[:-1], [0.2])
+    with pytest.raises(SkinCancerError, match="strictly between 0 and 1"):
+        paired_net_benefit(y, p_a, p_b, [0.0])
+
+
 def test_calibration_in_the_large_is_the_mean_gap_and_its_interval_resamples_lesions():
     rng = np.random.default_rng(1)
     y = rng.random(400) < 0.2
@@ -623,9 +648,13 @@ def test_compare_two_models_on_the_test_split_they_share(trained, ham_dir, tmp_p
     y_lesion, p_lesion, _ = lesion_scores(test["lesion_id"], y, p)
     assert lesions["difference"]["auroc"]["a"] == pytest.approx(roc_auc_score(y_lesion, p_lesion), abs=1e-6)
     assert lesions["difference"]["sensitivity"]["a"] == pytest.approx((p_lesion[y_lesion] >= clf.threshold).mean())
+    at = {r["threshold"]: r for r in result["net_benefit"]}  # at the exchange each model's threshold implies
+    assert sorted(at) == sorted({cards[0]["threshold"], cards[1]["threshold"]})
+    assert at[clf.threshold]["a"] == pytest.approx(net_benefit(y, p, [clf.threshold])[0], abs=1e-6)
     stdout = capsys.readouterr().out
     assert "B = dx.pkl against A = smoke.pkl" in stdout and "balanced_accuracy" in stdout
     assert "by subgroup (B - A" in stdout and "confirmed by: histo" in stdout and "lesion by lesion" in stdout
+    assert "net benefit at threshold probability" in stdout
     assert "not a medical device" in stdout
 
 
