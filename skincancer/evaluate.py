@@ -213,18 +213,22 @@ def _paired_differences(a: dict, b: dict, reps_a: dict, reps_b: dict, level: flo
     `a` and `b` hold each statistic's value as a 1-element array, `reps_a` and `reps_b` its value on the same
     bootstrap replicates.
     """
-    out = {}
-    for k in PAIRED:
-        d = reps_b[k] - reps_a[k]
-        d = d[np.isfinite(d)]  # replicates that drew a single class
-        point = float(b[k][0] - a[k][0])
-        ci = list(_percentiles(d, level)) if len(d) and math.isfinite(point) else None
-        far = min((d <= 0).sum(), (d >= 0).sum())
-        out[k] = {"a": _finite_or_none(float(a[k][0])), "b": _finite_or_none(float(b[k][0])),
-                  "difference": _finite_or_none(point), "ci": ci,
-                  "se": float(d.std(ddof=1)) if ci and len(d) > 1 else None,
-                  "p_value": float(min(1.0, 2 * (far + 1) / (len(d) + 1))) if ci else None}
-    return out
+    return {k: {"a": _finite_or_none(float(a[k][0])), "b": _finite_or_none(float(b[k][0])),
+                **_difference(float(b[k][0] - a[k][0]), reps_b[k] - reps_a[k], level)} for k in PAIRED}
+
+
+def _difference(point: float, d: np.ndarray, level: float) -> dict:
+    """B - A (`point`) with, from its bootstrap replicates `d`, a percentile interval, se and two-sided p-value.
+
+    The p-value is the share of replicates on the far side of 0 (those at 0 count on both sides), as
+    (k + 1) / (replicates + 1) so it is never 0. Replicates where B - A is undefined (a single class drawn) are
+    left out; None where no replicate or no point is defined.
+    """
+    d = d[np.isfinite(d)]
+    ci = list(_percentiles(d, level)) if len(d) and math.isfinite(point) else None
+    far = min((d <= 0).sum(), (d >= 0).sum())
+    return {"difference": _finite_or_none(point), "ci": ci, "se": float(d.std(ddof=1)) if ci and len(d) > 1 else None,
+            "p_value": float(min(1.0, 2 * (far + 1) / (len(d) + 1))) if ci else None}
 
 
 def lesion_scores(groups, is_malignant, p_malignant) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -831,14 +835,8 @@ def paired_net_benefit(is_malignant, p_a, p_b, thresholds, n_boot: int = 1000, s
     reps = [_net_benefits(y, p_b, t, w) - _net_benefits(y, p_a, t, w)
             for w in bootstrap_weights(len(y), max(n_boot, 0), seed, groups)]
     d = np.concatenate(reps) if reps else np.empty((0, len(t)))
-    rows = []
-    for i, threshold in enumerate(t):
-        far = min((d[:, i] <= 0).sum(), (d[:, i] >= 0).sum())
-        rows.append({"threshold": float(threshold), "benign_per_malignancy": float(1 / threshold - 1),
-                     "a": float(a[i]), "b": float(b[i]), "difference": float(b[i] - a[i]),
-                     "ci": list(_percentiles(d[:, i], level)) if len(d) else None,
-                     "p_value": float(min(1.0, 2 * (far + 1) / (len(d) + 1))) if len(d) else None})
-    return rows
+    return [{"threshold": float(threshold), "benign_per_malignancy": float(1 / threshold - 1), "a": float(a[i]),
+             "b": float(b[i]), **_difference(float(b[i] - a[i]), d[:, i], level)} for i, threshold in enumerate(t)]
 
 
 def plot_decision_curve(is_malignant, p_malignant, threshold: float | None = None, ax=None, name: str | None = None):
