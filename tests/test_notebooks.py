@@ -40,7 +40,8 @@ def test_notebooks_run_in_order_with_small_parameters(tmp_path, ham_dir, origina
                                num_workers=0, model_path=str(model)),
         "03_evaluate.ipynb": dict(data_dir=str(ham_dir), model_path=str(model), bootstrap=100,
                                   out_dir=str(figures / "evaluation")),
-        "04_predict.ipynb": dict(model_path=str(model), image_path=str(original_images[0])),
+        "04_predict.ipynb": dict(model_path=str(model), image_path=str(original_images[0]),
+                                 lesion_paths=[str(p) for p in original_images[:2]]),
     }
     for path in NOTEBOOKS:  # in order: 02 writes the model that 03 and 04 read
         out = tmp_path / path.name
@@ -61,4 +62,5 @@ def test_notebooks_run_in_order_with_small_parameters(tmp_path, ham_dir, origina
     cells = nbformat.read(tmp_path / "04_predict.ipynb", as_version=4).cells
     text = json.dumps([c.outputs for c in cells if c.cell_type == "code"])
     assert "malignant_probability" in text and "not a medical device" in text
+    assert "'lesion': [" in text  # several photos, one call
     assert not any(Path(path.parent).glob("*.png"))  # nothing written beside the notebooks themselves
