@@ -78,7 +78,8 @@ def epoch_timer():
 
 def scores(learn, df, tta: bool = False) -> tuple[dict, dict]:
     """AUROC and balanced accuracy (at 0.5) on valid and test, and each split's truth and malignant probabilities."""
-    from skincancer.evaluate import classification_metrics, malignant_scores, predict_frame
+    from skincancer.evaluate import predict_frame
+    from skincancer.metrics import classification_metrics, malignant_scores
 
     classes = [str(c) for c in learn.dls.vocab]
     out, preds = {}, {}
@@ -92,7 +93,7 @@ def scores(learn, df, tta: bool = False) -> tuple[dict, dict]:
 
 def paired(first: tuple, later: tuple, lesions) -> dict:
     """A later run's AUROC and balanced accuracy (at 0.5) against the first's on the same images, paired by lesion."""
-    from skincancer.evaluate import paired_bootstrap
+    from skincancer.metrics import paired_bootstrap
 
     result = paired_bootstrap(first[0], first[1], later[1], n_boot=1000, groups=lesions)
     return {k: {"difference": result[k]["difference"], "ci95": result[k]["ci"], "p_value": result[k]["p_value"]}
@@ -123,7 +124,7 @@ def compare_recipes(runs: dict[str, dict], preds: dict[str, dict], lesions: dict
     """
     from scipy import stats
 
-    from skincancer.evaluate import paired_bootstrap
+    from skincancer.metrics import paired_bootstrap
 
     recipes: dict[str, list[str]] = {}
     for name in runs:

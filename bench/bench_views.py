@@ -65,7 +65,8 @@ def measure(clf, items, sizes: list[int], bs: int, n_boot: int) -> list[dict]:
     from fastai.torch_core import set_seed
 
     from skincancer.data import is_malignant_class, malignant_probability
-    from skincancer.evaluate import lesion_groups, paired_bootstrap
+    from skincancer.evaluate import lesion_groups
+    from skincancer.metrics import paired_bootstrap
     from skincancer.predict import lent_model
 
     task, size, presize = clf.card["task"], int(clf.card["size"]), int(clf.card["presize"])

@@ -448,7 +448,8 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
     The card part holds the threshold, its rule and the calibration: the threshold is on the calibrated scale.
     """
     from .calibration import calibrate, fit_calibration
-    from .evaluate import choose_threshold, classification_metrics, lesion_groups, malignant_scores, predict_frame
+    from .evaluate import lesion_groups, predict_frame
+    from .metrics import choose_threshold, classification_metrics, malignant_scores
 
     classes = [str(c) for c in learn.dls.vocab]
     parts = {s: df[df["split"] == s] for s in ("valid", "test") if (df["split"] == s).any()}

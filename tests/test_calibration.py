@@ -10,7 +10,7 @@ from scipy.special import expit, logit
 
 from skincancer import SkinCancerError
 from skincancer.calibration import calibrate, check_calibration, fit_calibration
-from skincancer.evaluate import choose_threshold, classification_metrics
+from skincancer.metrics import choose_threshold, classification_metrics
 from skincancer.predict import load, read_card
 
 

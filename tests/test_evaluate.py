@@ -15,14 +15,14 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, 
 
 from skincancer import SkinCancerError, cli
 from skincancer.data import DX_CLASSES
-from skincancer.evaluate import (MIN_CASES, at_prevalence, bootstrap_auroc, bootstrap_intervals,
-                                 calibration_in_the_large, choose_threshold, classification_metrics, lesion_metrics,
-                                 lesion_scores, lesion_table, malignant_scores, metrics_table, net_benefit,
-                                 paired_bootstrap, paired_net_benefit, paired_subgroup_metrics, plot_decision_curve,
-                                 plot_lesions, plot_subgroups, predict_frame, predict_loaded, predicted_classes,
-                                 prevalence_table, read_labels, read_test_split, subgroup_labels, subgroup_metrics,
-                                 subgroup_table, weighted_aurocs)
+from skincancer.evaluate import (MIN_CASES, lesion_table, metrics_table, paired_subgroup_metrics, plot_decision_curve,
+                                 plot_lesions, plot_subgroups, predict_frame, predict_loaded, prevalence_table,
+                                 read_labels, read_test_split, subgroup_labels, subgroup_metrics, subgroup_table)
 from skincancer.gradcam import feature_grid, gradcam
+from skincancer.metrics import (at_prevalence, bootstrap_auroc, bootstrap_intervals, calibration_in_the_large,
+                                choose_threshold, classification_metrics, lesion_metrics, lesion_scores,
+                                malignant_scores, net_benefit, paired_bootstrap, paired_net_benefit,
+                                predicted_classes, weighted_aurocs)
 from skincancer.predict import load
 
 PLOTS = {"roc.png", "pr.png", "confusion.png", "reliability.png", "threshold.png", "decision_curve.png",
