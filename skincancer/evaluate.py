@@ -32,6 +32,7 @@ SUBGROUPS = {"sex": "sex", "age": "age", "localization": "site", "dx_type": "con
 AGE_BANDS = (0, 30, 45, 60, 75)  # HAM10000 records ages in steps of 5 years
 AGE_BAND_NAMES = [f"{lo}-{hi - 1}" for lo, hi in zip(AGE_BANDS, AGE_BANDS[1:])] + [f"{AGE_BANDS[-1]}+"]
 PHOTO_COUNTS = ["1", "2", "3+"]
+DERIVED_FROM = {"photos": "lesion_id"}  # subgroups not read from a column of their own name
 ORDERED = {"age": AGE_BAND_NAMES, "photos": PHOTO_COUNTS}  # subgroups listed in this order, not by size
 # Fewer cases than this make a rate or an AUROC, and a bootstrap interval of it, meaningless: 2 of 3 malignant
 # caught is not a sensitivity of 0.67, and resampling 3 cases gives degenerate intervals.
@@ -129,7 +130,7 @@ def _subgroups(df: pd.DataFrame, y: np.ndarray):
     `row` starts a result row (column, subgroup, n, n_malignant); `enough` says which of AUROC, sensitivity and
     specificity have MIN_CASES of the cases they count. Columns with fewer than two known subgroups are left out.
     """
-    for column in [c for c in SUBGROUPS if c in df.columns or (c == "photos" and "lesion_id" in df.columns)]:
+    for column in [c for c in SUBGROUPS if DERIVED_FROM.get(c, c) in df.columns]:
         labels = subgroup_labels(df, column).to_numpy(dtype=str)
         order = _subgroup_order(labels, column)
         if len([v for v in order if v != "unknown"]) < 2:
@@ -625,9 +626,10 @@ def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = Fal
               "tta": tta, "names": list(names)}
     if groups is not None:  # each lesion called once, on the mean probability of its photos, by each model
         (y_lesion, pa_lesion, _), (_, pb_lesion, _) = (lesion_scores(groups, truth, p) for p in (p_a, p_b))
+        lesions = np.unique(groups)  # one id a lesion, in lesion_scores' order: each lesion its own group
         result["by_lesion"] = {"n_lesions": len(y_lesion), "n_malignant": int(y_lesion.sum()),
-                               "difference": paired_bootstrap(y_lesion, pa_lesion, pb_lesion, t_a, t_b, n_boot)}
-        result["by_lesion"]["difference"]["resampled"] = "lesions"
+                               "difference": paired_bootstrap(y_lesion, pa_lesion, pb_lesion, t_a, t_b, n_boot,
+                                                              groups=lesions)}
     exchanges = sorted({t for t in (t_a, t_b) if 0 < t < 1})  # the exchange each model's threshold implies
     if exchanges and truth.any():
         result["net_benefit"] = paired_net_benefit(truth, p_a, p_b, exchanges, n_boot=n_boot, groups=groups)

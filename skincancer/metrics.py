@@ -78,7 +78,11 @@ def bootstrap_weights(n_images: int, n_boot: int, seed: int = 0, groups=None):
         yield counts[:, np.ravel(codes)]
 
 
-def _percentiles(scores: np.ndarray, level: float) -> tuple[float, float]:
+def _percentiles(scores: np.ndarray, level: float) -> tuple[float, float] | None:
+    """The percentile interval at `level` of the finite `scores` (replicates that left a statistic defined), or None."""
+    scores = scores[np.isfinite(scores)]
+    if not len(scores):
+        return None
     lo, hi = np.percentile(scores, [(1 - level) / 2 * 100, (1 + level) / 2 * 100])
     return float(lo), float(hi)
 
@@ -105,9 +109,15 @@ def _bootstrap_statistics(y: np.ndarray, runs: list[tuple[np.ndarray, float]], n
     Every run is scored on the same replicates, drawn once, so runs (models) are paired. NaN where a replicate
     leaves a statistic undefined.
     """
-    chunks = [[call_statistics(y, p, t, w) for p, t in runs] for w in bootstrap_weights(len(y), n_boot, seed, groups)]
+    return _replicates(lambda w: [call_statistics(y, p, t, w) for p, t in runs], len(runs),
+                       bootstrap_weights(len(y), n_boot, seed, groups))
+
+
+def _replicates(score, n_results: int, weights) -> list[dict[str, np.ndarray]]:
+    """`score` (weights -> n_results dicts of PAIRED's statistics) on every chunk of `weights`, concatenated."""
+    chunks = [score(w) for w in weights]
     return [{k: np.concatenate([c[i][k] for c in chunks]) if chunks else np.empty(0) for k in PAIRED}
-            for i in range(len(runs))]
+            for i in range(n_results)]
 
 
 def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
@@ -123,8 +133,7 @@ def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boo
         return dict.fromkeys(PAIRED)
     out = {}
     for k, scores in _bootstrap_statistics(y, [(p, threshold)], n_boot, seed, groups)[0].items():
-        scores = scores[np.isfinite(scores)]
-        out[k] = _percentiles(scores, level) if len(scores) else None
+        out[k] = _percentiles(scores, level)
     return out
 
 
@@ -268,18 +277,15 @@ def lesion_metrics(groups, is_malignant, p_malignant, threshold: float, n_boot: 
                 call_statistics(y_lesion, p_lesion, threshold, w))
 
     points = scored(np.ones((1, len(photos))))
-    chunks = [scored(w) for w in bootstrap_weights(len(photos), max(n_boot, 0), seed)]
-    reps = [{k: np.concatenate([c[i][k] for c in chunks]) if chunks else np.empty(0) for k in PAIRED}
-            for i in range(3)]
+    reps = _replicates(scored, 3, bootstrap_weights(len(photos), max(n_boot, 0), seed))
     difference = _paired_differences(points[1], points[2], reps[1], reps[2], level)
     difference.update(level=level, resampled="lesions", replicates=int(max(n_boot, 0)))
     sides = {}
     for name, point, rep in zip(("each_photo", "one_photo", "all_photos"), points, reps):
         side = {}
         for k in PAIRED:
-            finite = rep[k][np.isfinite(rep[k])]
-            side[k] = _finite_or_none(float(point[k][0]))
-            side[f"{k}_ci95"] = list(_percentiles(finite, level)) if len(finite) and side[k] is not None else None
+            side[k], ci = _finite_or_none(float(point[k][0])), _percentiles(rep[k], level)
+            side[f"{k}_ci95"] = list(ci) if ci and side[k] is not None else None
         sides[name] = side
     return {"n_lesions": len(photos), "n_malignant": int(y_lesion.sum()), "n_photos": len(y),
             "lesions_with_several_photos": int((photos > 1).sum()), "threshold": float(threshold), **sides,
@@ -320,8 +326,8 @@ def at_prevalence(is_malignant, p_malignant, threshold: float, prevalences, n_bo
         (ppv,), (npv,) = _predictive_values(point, prevalence)
         row = {"prevalence": prevalence, "ppv": _finite_or_none(ppv), "npv": _finite_or_none(npv)}
         for k, scores in zip(("ppv", "npv"), _predictive_values(reps, prevalence)):
-            scores = scores[np.isfinite(scores)]
-            row[f"{k}_ci95"] = list(_percentiles(scores, level)) if len(scores) and row[k] is not None else None
+            ci = _percentiles(scores, level)
+            row[f"{k}_ci95"] = list(ci) if ci and row[k] is not None else None
         sens, spec = float(point["sensitivity"][0]), float(point["specificity"][0])
         row["per_1000"] = {"malignant": 1000 * prevalence, "found": 1000 * prevalence * sens,
                            "missed": 1000 * prevalence * (1 - sens),

@@ -106,14 +106,17 @@ class Classifier:
     def _result(self, name: str, probs: np.ndarray) -> dict:
         classes = self.classes
         p_mal = float(calibrate(malignant_probability(probs, classes), self.calibration))
+        if task_of(classes) == "binary":  # both classes are the calibrated question; a dx model's keep the scores
+            probs = np.where(is_malignant_class(classes), p_mal, 1 - p_mal)
+        return {"image": name, **self._decision(p_mal, probs)}
+
+    def _decision(self, p_mal: float, probs) -> dict:
         # the call at the operating threshold, for every task: a dx model's most likely diagnosis can be benign
         # while its malignant diagnoses together pass the threshold chosen for the target sensitivity
+        classes = self.classes
         call = "malignant" if p_mal >= self.threshold else "benign"
-        binary = task_of(classes) == "binary"
-        label = call if binary else classes[int(np.argmax(probs))]
-        if binary:  # both classes are the calibrated question; a dx model's diagnoses keep the network's scores
-            probs = np.where(is_malignant_class(classes), p_mal, 1 - p_mal)
-        return {"image": name, "label": label, "call": call, "malignant_probability": p_mal,
+        label = call if task_of(classes) == "binary" else classes[int(np.argmax(probs))]
+        return {"label": label, "call": call, "malignant_probability": p_mal,
                 "probabilities": {c: float(p) for c, p in zip(classes, probs)}}
 
     @functools.cached_property
@@ -172,12 +175,8 @@ class Classifier:
         probs = self._probs(opened, bs)
         photos = [self._result(describe(image), p) for image, p in zip(images, probs)]
         p_mal = float(np.mean([r["malignant_probability"] for r in photos]))
-        classes = self.classes
-        scores = np.mean([[r["probabilities"][c] for c in classes] for r in photos], axis=0)
-        call = "malignant" if p_mal >= self.threshold else "benign"
-        label = call if task_of(classes) == "binary" else classes[int(np.argmax(scores))]
-        return {"lesion": [r["image"] for r in photos], "label": label, "call": call, "malignant_probability": p_mal,
-                "probabilities": {c: float(v) for c, v in zip(classes, scores)}, "photos": photos}
+        scores = np.mean([list(r["probabilities"].values()) for r in photos], axis=0)
+        return {"lesion": [r["image"] for r in photos], **self._decision(p_mal, scores), "photos": photos}
 
 
 CPU_BATCH_PIXELS = 8 * 224 * 224
