@@ -1,5 +1,8 @@
 """A local web app for an exported model (Gradio): upload or camera in, label, probabilities and Grad-CAM out.
 
+A third tab takes several photos of one lesion and calls it on the mean of their probabilities, as
+`Classifier.predict_lesion` and `evaluate`'s lesion-by-lesion figures do.
+
 `python -m skincancer app --model models/skincancer.pkl` serves it on http://127.0.0.1:7860. The model is fixed
 when the app starts; the page only sends images. Uploads are decoded by `predict.open_image`, so a corrupt or
 non-image file, or one too large, gets a message on the page and the app goes on serving.
@@ -17,14 +20,16 @@ from .plotting import class_chart_title
 from .predict import DISCLAIMER, Classifier, open_image
 
 MAX_UPLOAD_MB = 10.0  # a dermoscopy JPEG is a few MB; the limit is enforced by Gradio before a file is stored
+MAX_LESION_PHOTOS = 8  # HAM10000 has at most 6 photos of a lesion; each costs a Grad-CAM pass on the CPU
 
 INTRO = f"""# skincancer: a dermoscopy classifier
 
 > **{DISCLAIMER}** It was trained on HAM10000 dermoscopy photos from a few centres and skin types and can fail
 > silently on other cameras, skin tones and populations. See a dermatologist about any lesion that worries you.
 
-Upload a dermoscopy photo of one lesion, or take one with the camera. Images are processed on this computer only;
-Gradio keeps uploads in its temporary folder for at most an hour.
+Upload a dermoscopy photo of one lesion, or take one with the camera; several photos of the same lesion are called
+together in the third tab. Images are processed on this computer only; Gradio keeps uploads in its temporary folder
+for at most an hour.
 """
 
 
@@ -37,8 +42,12 @@ def _gradio():
     return gradio
 
 
-def verdict(clf: Classifier, result: dict) -> str:
-    """Markdown: the call at the operating threshold, the probability of malignancy, a dx model's top diagnosis."""
+def verdict(clf: Classifier, result: dict, photos: list[str] | None = None) -> str:
+    """Markdown: the call at the operating threshold, the probability of malignancy, a dx model's top diagnosis.
+
+    With `photos` (the file names of a lesion's photos, in `result["photos"]`'s order), the probability is the mean
+    of theirs and a table gives each photo's own.
+    """
     rule = clf.card.get("threshold_rule", {})
     chosen = (f", chosen for {rule['target_sensitivity']:.0%} sensitivity on the validation split"
               if isinstance(rule, dict) and "target_sensitivity" in rule else "")
@@ -46,7 +55,8 @@ def verdict(clf: Classifier, result: dict) -> str:
             else "Benign by this model's threshold")
     seven = task_of(clf.classes) == "dx"
     summed = " (mel + bcc + akiec" + (", calibrated)" if clf.calibration else ")") if seven else ""
-    text = (f"### {head}\n\nProbability of malignancy{summed} **{result['malignant_probability']:.2f}** "
+    mean = f", mean of the {len(photos)} photos of this lesion" if photos and len(photos) > 1 else ""
+    text = (f"### {head}\n\nProbability of malignancy{summed}{mean} **{result['malignant_probability']:.2f}** "
             f"(operating threshold {clf.threshold:.2f}{chosen}).")
     cal = clf.calibration
     if cal and cal.get("n") and cal.get("n_malignant") is not None:
@@ -58,6 +68,11 @@ def verdict(clf: Classifier, result: dict) -> str:
         text += (f"\n\nMost likely diagnosis: **{label}** ({DX_NAMES.get(label, label)}, "
                  f"{'network score' if clf.calibration else 'probability'} "
                  f"{result['probabilities'].get(label, float('nan')):.2f}).")
+    if photos:
+        rows = [f"| {i} | {name} | {r['malignant_probability']:.2f} | {r['call']} |"
+                for i, (name, r) in enumerate(zip(photos, result["photos"]), 1)]
+        text += ("\n\nEach photo on its own (Grad-CAM left to right):\n\n| | photo | probability of malignancy | call |"
+                 "\n|---|---|---|---|\n" + "\n".join(rows))
     return f"{text}\n\n*{DISCLAIMER}*"
 
 
@@ -67,29 +82,76 @@ def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_M
 
     if not path:
         return "Upload a photo of a lesion, or take one with the camera.", None, None
-    file = Path(path)
-    name, size = file.name, file.stat().st_size
-    if size > max_bytes:
-        return (f"**{name}** is {size / 1e6:.1f} MB, over this app's limit of {max_bytes / 1e6:.0f} MB. "
-                "Upload a smaller photo."), None, None
     try:
-        image = open_image(file)
+        image = _open_upload(path, max_bytes)
     except SkinCancerError as e:
-        reason = str(e).replace(str(file), name)  # the user knows the file by its name, not Gradio's temporary path
-        return f"Could not use this upload: {reason}. Upload a JPEG or PNG photo of one lesion.", None, None
+        return str(e), None, None
     result = clf.predict(image)
     _, overlay = gradcam(clf.learn, image)
     return verdict(clf, result), result["probabilities"], overlay
 
 
+def analyse_lesion(clf: Classifier, paths: list[str] | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6),
+                   max_photos: int = MAX_LESION_PHOTOS) -> tuple[str, Any, Any]:
+    """(Markdown verdict, mean class probabilities, Grad-CAMs side by side) for several photos of one lesion."""
+    from .gradcam import gradcam
+
+    paths = [p for p in paths or [] if p]
+    if not paths:
+        return "Upload two or more photos of the same lesion (select them together).", None, None
+    if len(paths) > max_photos:
+        return (f"{len(paths)} photos is over this app's limit of {max_photos} for one lesion. "
+                "Upload the photos of one lesion only."), None, None
+    try:
+        # every photo or none: a call on the readable ones would be about fewer photos than were given
+        images = [_open_upload(p, max_bytes) for p in paths]
+    except SkinCancerError as e:
+        return str(e), None, None
+    result = clf.predict_lesion(images)
+    overlays = [gradcam(clf.learn, image)[1] for image in images]
+    return verdict(clf, result, [Path(p).name for p in paths]), result["probabilities"], side_by_side(overlays)
+
+
+def _open_upload(path: str, max_bytes: int):
+    """The uploaded photo at `path`, or a SkinCancerError whose message, for the page, names it by its file name."""
+    file = Path(path)
+    name, size = file.name, file.stat().st_size
+    if size > max_bytes:
+        raise SkinCancerError(f"**{name}** is {size / 1e6:.1f} MB, over this app's limit of {max_bytes / 1e6:.0f} MB. "
+                              "Upload a smaller photo.")
+    try:
+        return open_image(file)
+    except SkinCancerError as e:
+        reason = str(e).replace(str(file), name)  # the user knows the file by its name, not Gradio's temporary path
+        raise SkinCancerError(f"Could not use this upload: {reason}. Upload a JPEG or PNG photo of one lesion.") \
+            from None
+
+
+def side_by_side(images: list, height: int = 300, gap: int = 8):
+    """One RGB image of `images` in a row, each scaled to `height` pixels high, on white."""
+    from PIL import Image
+
+    scaled = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height), Image.BICUBIC)
+              for im in images]
+    row = Image.new("RGB", (sum(im.width for im in scaled) + gap * (len(scaled) - 1), height), "white")
+    x = 0
+    for im in scaled:
+        row.paste(im, (x, 0))
+        x += im.width + gap
+    return row
+
+
 def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
-    """The Gradio Blocks page for `clf`: upload and camera tabs, verdict, class probabilities, Grad-CAM."""
+    """The Gradio Blocks page for `clf`: upload, camera and lesion tabs; verdict, class probabilities, Grad-CAM."""
     gr = _gradio()
 
     max_bytes = int(max_upload_mb * 1e6)
 
     def run(path):
         return analyse(clf, path, max_bytes)
+
+    def run_lesion(paths):
+        return analyse_lesion(clf, paths, max_bytes)
 
     with gr.Blocks(title="skincancer (research tool, not a diagnosis)", analytics_enabled=False,
                    delete_cache=(600, 3600)) as demo:
@@ -103,6 +165,10 @@ def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
                     # image_mode=None: the snapshot's path is passed on as it is, decoded only by open_image
                     camera = gr.Image(label="Camera", sources=["webcam"], type="filepath", image_mode=None,
                                       elem_id="camera")
+                with gr.Tab("Several photos of one lesion"):
+                    photos = gr.File(label=f"Photos of the same lesion (up to {MAX_LESION_PHOTOS}, each up to "
+                                           f"{max_upload_mb:g} MB)", file_count="multiple", file_types=["image"],
+                                     type="filepath", elem_id="lesion")
             with gr.Column():
                 result = gr.Markdown(elem_id="verdict")
                 # no heading: the Label's heading is the top class, which need not be the label at the threshold
@@ -115,7 +181,9 @@ def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
         one_at_a_time = dict(concurrency_limit=1, concurrency_id="model")
         upload.upload(run, upload, outputs, api_name="predict_upload", **one_at_a_time)
         camera.change(run, camera, outputs, api_name="predict_camera", **one_at_a_time)
+        photos.upload(run_lesion, photos, outputs, api_name="predict_lesion", **one_at_a_time)
         upload.clear(lambda: run(None), None, outputs, api_name=False)
+        photos.clear(lambda: run_lesion(None), None, outputs, api_name=False)
     return demo
 
 

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from skincancer.app import analyse
+from skincancer.app import analyse, analyse_lesion, side_by_side
 from skincancer.cli import build_parser
 from skincancer.predict import DISCLAIMER, load
 
@@ -91,6 +91,47 @@ def test_an_upload_gets_the_label_at_the_threshold_probabilities_and_gradcam(cli
         assert im.size == Image.open(image).size
 
 
+def test_several_photos_of_a_lesion_get_one_call_on_the_mean_and_each_photo_its_row(client, trained,
+                                                                                    original_images):
+    from gradio_client import handle_file
+
+    photos = original_images[4:7]
+    text, probs, overlay = client.predict([handle_file(str(p)) for p in photos], api_name="/predict_lesion")
+    expected = load(trained).predict_lesion(photos)
+    shown = {c["label"]: c["confidence"] for c in probs["confidences"]}
+    assert shown == pytest.approx(expected["probabilities"], abs=1e-4)
+    assert f"mean of the 3 photos of this lesion **{expected['malignant_probability']:.2f}**" in text
+    for i, (photo, own) in enumerate(zip(photos, expected["photos"]), 1):
+        assert f"| {i} | {photo.name} | {own['malignant_probability']:.2f} | {own['call']} |" in text
+    assert DISCLAIMER in text
+    with Image.open(overlay) as im:  # the three Grad-CAMs in a row, each 300 px high
+        sizes = [Image.open(p).size for p in photos]
+        assert im.size == (sum(round(w * 300 / h) for w, h in sizes) + 8 * 2, 300)
+
+
+def test_one_unusable_photo_of_a_lesion_stops_the_call_and_is_named(client, trained, tmp_path, original_images):
+    from gradio_client import handle_file
+
+    bad = tmp_path / "second.jpg"
+    bad.write_bytes(original_images[1].read_bytes()[:3000])
+    text, probs, overlay = client.predict([handle_file(str(original_images[0])), handle_file(str(bad))],
+                                          api_name="/predict_lesion")
+    assert text.startswith("Could not use this upload: second.jpg") and str(tmp_path) not in text, text
+    assert not probs and overlay is None
+    clf = load(trained)
+    assert "Upload two or more photos" in analyse_lesion(clf, [])[0]
+    text, probs, _ = analyse_lesion(clf, [str(original_images[0])] * 3, max_photos=2)
+    assert "3 photos is over this app's limit of 2" in text and probs is None
+
+
+def test_side_by_side_scales_every_image_to_one_height_in_order():
+    red, blue = Image.new("RGB", (40, 20), "red"), Image.new("RGB", (10, 10), "blue")
+    row = side_by_side([red, blue], height=30, gap=5)
+    assert row.size == (60 + 5 + 30, 30)
+    assert row.getpixel((0, 0)) == (255, 0, 0) and row.getpixel((62, 15)) == (255, 255, 255)
+    assert row.getpixel((65, 0)) == (0, 0, 255) and row.getpixel((94, 29)) == (0, 0, 255)
+
+
 def test_a_corrupt_or_non_image_upload_gets_a_message_and_the_app_keeps_serving(client, tmp_path, original_images):
     garbage = tmp_path / "notes.jpg"
     garbage.write_bytes(b"these are not the pixels you are looking for" * 20)
@@ -128,7 +169,7 @@ def test_a_port_in_use_is_one_clear_error(app_url, trained):
 
 def test_the_page_takes_images_only_never_a_path_on_the_server(client, app_url, original_images):
     api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert set(api) == {"/predict_upload", "/predict_camera"}
+    assert set(api) == {"/predict_upload", "/predict_camera", "/predict_lesion"}
     assert all(len(e["parameters"]) == 1 for e in api.values())
     # a request naming a file that exists on the server, instead of uploading it, is refused
     call = f"{app_url}gradio_api/call/predict_upload"
@@ -234,6 +275,17 @@ def test_a_corrupt_upload_in_chromium_shows_a_message(chromium, app_url, tmp_pat
     page = _page(chromium, app_url)
     page.locator("#upload input[type=file]").set_input_files(str(bad))
     expect(page.locator("#verdict")).to_contain_text("Could not use this upload: lesion.jpg", timeout=60_000)
+
+
+def test_several_photos_of_a_lesion_in_chromium_are_called_together(chromium, app_url, original_images):
+    from playwright.sync_api import expect
+
+    page = _page(chromium, app_url)
+    page.get_by_role("tab", name="Several photos of one lesion").click()
+    page.locator("#lesion input[type=file]").set_input_files([str(p) for p in original_images[7:9]])
+    _expect_result(page)
+    expect(page.locator("#verdict")).to_contain_text("mean of the 2 photos of this lesion")
+    expect(page.locator("#verdict table")).to_contain_text(original_images[8].name)
 
 
 def test_a_camera_snapshot_in_chromium_is_predicted(chromium, app_url):
