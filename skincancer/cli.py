@@ -198,7 +198,6 @@ def cmd_evaluate(args) -> int:
         print(f"net benefit at the threshold (finding a malignancy worth {nb['benign_per_malignancy']:.1f} benign "
               f"biopsies): {nb['model']:.4f} a person; biopsy all: {nb['biopsy_all']:.4f}; biopsy none: 0")
     if metrics.get("by_lesion"):
-        print("lesion by lesion (one photo of each, drawn at random, against the mean probability of all its photos):")
         print(lesion_table(metrics["by_lesion"]))
     if metrics.get("at_prevalence"):
         print("at other prevalences (the malignant call; Bayes' rule on sensitivity and specificity):")

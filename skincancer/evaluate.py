@@ -746,7 +746,8 @@ def comparison_table(result: dict) -> str:
 
 def lesion_table(by_lesion: dict) -> str:
     """A short text table of `lesion_metrics`: one photo of each lesion against all its photos averaged."""
-    rows = paired_table(by_lesion["difference"], LESION_SIDES)
+    rows = ["lesion by lesion (one photo of each, drawn at random, against the mean probability of all its photos):"]
+    rows += paired_table(by_lesion["difference"], LESION_SIDES)
     each, ci = by_lesion["each_photo"]["auroc"], by_lesion["all_photos"]["auroc_ci95"]
     rows.append(f"  ({by_lesion['n_photos']} photos of {by_lesion['n_lesions']} lesions, {by_lesion['n_malignant']} "
                 f"malignant, {by_lesion['lesions_with_several_photos']} with several photos; the call at the "

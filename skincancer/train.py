@@ -23,7 +23,7 @@ from .data import (SPLITS, check_augment, class_weights, classes_for, check_no_l
 from .distributed import (alone, distributed_fit, from_main_process, is_main_process, local_main_process_first,
                           process_state, quiet_unless_main, world_size)
 from .errors import SkinCancerError
-from .evaluate import metrics_table
+from .evaluate import lesion_table, metrics_table
 from .files import atomic_path, model_files, sha256_file, write_json_atomic
 from .predict import DISCLAIMER
 
@@ -445,11 +445,12 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
 def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict]:
     """Calibrate and choose the operating threshold on valid, then metrics of valid and test; return (metrics, card).
 
-    The card part holds the threshold, its rule and the calibration: the threshold is on the calibrated scale.
+    The card part holds the threshold, its rule and the calibration: the threshold is on the calibrated scale. Each
+    split's metrics hold `by_lesion` too (`lesion_metrics`), as `evaluate`'s do.
     """
     from .calibration import calibrate, fit_calibration
     from .evaluate import lesion_groups, predict_frame
-    from .metrics import choose_threshold, classification_metrics, malignant_scores
+    from .metrics import choose_threshold, classification_metrics, lesion_metrics, malignant_scores
 
     classes = [str(c) for c in learn.dls.vocab]
     parts = {s: df[df["split"] == s] for s in ("valid", "test") if (df["split"] == s).any()}
@@ -458,9 +459,14 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
     truth, scores = malignant_scores(probs, targets, classes)
     calibration = fit_calibration(scores, truth)
     threshold = choose_threshold(calibrate(scores, calibration), truth, target_sensitivity)
-    metrics = {s: classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=1000, seed=0,
-                                         groups=lesion_groups(parts[s]), calibration=calibration)
-               for s, (p, t) in preds.items()}
+    metrics = {}
+    for s, (p, t) in preds.items():
+        groups = lesion_groups(parts[s])
+        metrics[s] = classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=1000,
+                                            seed=0, groups=groups, calibration=calibration)
+        if groups is not None:
+            y, score = malignant_scores(p, t, classes)
+            metrics[s]["by_lesion"] = lesion_metrics(groups, y, calibrate(score, calibration), threshold, 1000)
     rule = {"target_sensitivity": target_sensitivity, "chosen_on": "valid",
             "how": "the highest threshold whose validation sensitivity for malignant reaches the target",
             "valid_sensitivity": metrics["valid"]["sensitivity"], "valid_specificity": metrics["valid"]["specificity"]}
@@ -585,6 +591,8 @@ def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None 
           f"{config.target_sensitivity:.2f}")
     for split, m in metrics.items():
         print(f"{split}:\n{metrics_table(m)}")
+        if m.get("by_lesion"):
+            print(lesion_table(m["by_lesion"]))
     card = model_card(config, df, metrics, best_epoch, decision, processes)
     files = export(learn, config.out, card, df)
     print(f"exported {files['model']} (card {files['card'].name}, split {files['split'].name})")

@@ -273,6 +273,11 @@ def test_evaluate_the_recorded_test_split(trained, ham_dir, tmp_path, capsys):
     lesions = m["by_lesion"]
     assert lesions["n_photos"] == m["n"] and lesions["each_photo"]["auroc"] == pytest.approx(m["auroc"])
     assert lesions["n_lesions"] == card["split_lesions"]["test"]
+    at_training = card["metrics"]["test"]["by_lesion"]  # the card counts lesion by lesion too, the same way
+    for side in ("one_photo", "all_photos"):
+        for k in ("auroc", "sensitivity", "specificity", "balanced_accuracy"):
+            assert lesions[side][k] == pytest.approx(at_training[side][k], abs=1e-6), (side, k)
+    assert card["metrics"]["valid"]["by_lesion"]["n_lesions"] == card["split_lesions"]["valid"]
     for name in m["plots"]:
         with Image.open(out / name) as img:
             assert img.format == "PNG" and min(img.size) > 100
