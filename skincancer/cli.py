@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from pathlib import Path
 
 from .errors import SkinCancerError
 
+PREDICT_CHUNK = 128  # images decoded and predicted before their JSON lines are written (a few seconds on a CPU)
 BS_HELP = "batch size (default: on a CPU by the model's input size, 8 images at 224 px and 64 at 64 px; 64 on a GPU)"
 
 
@@ -258,10 +260,24 @@ def cmd_predict(args) -> int:
     if args.lesion:
         print(json.dumps(clf.predict_lesion(expand_folders(args.images), bs=args.bs)), flush=True)
         return 0
-    results = clf.predict_batch(expand_folders(args.images), bs=args.bs)
-    for res in results:
-        print(json.dumps(res), flush=True)
-    return 1 if any("error" in r for r in results) else 0
+    images = expand_folders(args.images)
+    # results are written as each chunk is predicted, so a long run shows them (and keeps them if interrupted);
+    # progress goes to a terminal's stderr only, never into the JSON lines or a log
+    progress = sys.stderr.isatty() and len(images) > PREDICT_CHUNK
+    failed, done, start = False, 0, time.monotonic()
+    for results in clf.predict_chunks(images, bs=args.bs, chunk=PREDICT_CHUNK):
+        for res in results:
+            print(json.dumps(res))
+            failed |= "error" in res
+        sys.stdout.flush()
+        done += len(results)
+        if progress:
+            rate = done / max(time.monotonic() - start, 1e-9)
+            print(f"\rpredicted {done:,} of {len(images):,} images ({rate:.0f} a second)", end="", file=sys.stderr,
+                  flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_app(args) -> int:

@@ -10,7 +10,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Iterator, Union
 
 import numpy as np
 import pandas as pd
@@ -146,20 +146,29 @@ class Classifier:
 
     def predict_batch(self, images: Iterable[ImageInput], bs: int | None = None, chunk: int = 512) -> list[dict]:
         """Predict many images in batches (`batch_size` by default); an unreadable one yields {'image', 'error'}."""
+        return [r for results in self.predict_chunks(images, bs, chunk) for r in results]
+
+    def predict_chunks(self, images: Iterable[ImageInput], bs: int | None = None,
+                       chunk: int = 512) -> Iterator[list[dict]]:
+        """`predict_batch`'s results, `chunk` images at a time in order, each list as soon as it is ready.
+
+        Only one chunk of decoded images is held at a time; a caller can write results out and show progress.
+        """
         images = list(images)
-        results: list[dict | None] = [None] * len(images)
         for start in range(0, len(images), chunk):
+            part = images[start:start + chunk]
+            results: list[dict | None] = [None] * len(part)
             good, where = [], []
-            for i in range(start, min(start + chunk, len(images))):
+            for i, image in enumerate(part):
                 try:
-                    good.append(open_image(images[i]))
+                    good.append(open_image(image))
                     where.append(i)
                 except SkinCancerError as e:
-                    results[i] = {"image": describe(images[i]), "error": str(e)}
+                    results[i] = {"image": describe(image), "error": str(e)}
             if good:
                 for i, p in zip(where, self._probs(good, bs)):
-                    results[i] = self._result(describe(images[i]), p)
-        return results  # type: ignore[return-value]
+                    results[i] = self._result(describe(part[i]), p)
+            yield results  # type: ignore[misc]
 
     def predict_lesion(self, images: Iterable[ImageInput], bs: int | None = None) -> dict:
         """One call for several photos of one lesion, on the mean of their probabilities; each photo's result too.

@@ -63,6 +63,20 @@ def test_batch_matches_single_predictions_and_isolates_bad_files(clf, original_i
                                        list(single["probabilities"].values()), atol=1e-5)
 
 
+def test_chunks_come_in_order_and_make_up_the_batch(clf, original_images, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("hello")
+    inputs = [original_images[0], bad, *original_images[1:4]]
+    chunks = list(clf.predict_chunks(inputs, bs=2, chunk=2))
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    flat = [r for c in chunks for r in c]
+    assert [r["image"] for r in flat] == [str(p) for p in inputs] and "error" in flat[1]
+    for got, expected in zip(flat, clf.predict_batch(inputs, bs=3)):
+        assert got.keys() == expected.keys()
+        if "error" not in got:
+            assert got["malignant_probability"] == pytest.approx(expected["malignant_probability"], abs=1e-5)
+
+
 def test_a_lesion_is_called_on_the_mean_probability_of_its_photos(clf, original_images, tmp_path):
     photos = original_images[:3]
     lesion = clf.predict_lesion(photos, bs=2)
@@ -147,6 +161,34 @@ def test_cli_predict_prints_json_lines_and_fails_on_a_bad_image(trained, origina
     assert cli.main(["predict", "--model", str(trained), str(bad), str(original_images[0])]) == 1
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert set(lines[0]) == {"image", "error"} and "label" in lines[1]
+
+
+def test_cli_predict_writes_each_chunk_as_it_comes_and_progress_only_to_a_terminal(trained, original_images,
+                                                                                   monkeypatch, capsys):
+    import sys
+
+    from skincancer.predict import Classifier
+
+    written, real = [], Classifier.predict_chunks
+
+    def chunks(self, *args, **kwargs):
+        for results in real(self, *args, **kwargs):
+            written.append(capsys.readouterr())  # what was written before this chunk was handed on
+            yield results
+
+    monkeypatch.setattr(Classifier, "predict_chunks", chunks)
+    monkeypatch.setattr(cli, "PREDICT_CHUNK", 2)
+    images = [str(p) for p in original_images[:5]]
+    assert cli.main(["predict", "--model", str(trained), *images]) == 0
+    written.append(capsys.readouterr())
+    # each chunk's two lines were written before the next chunk was ready; nothing on stderr, not a terminal
+    assert [len(w.out.splitlines()) for w in written[1:]] == [2, 2, 1] and not any(w.err for w in written)
+    assert [json.loads(x)["image"] for w in written for x in w.out.splitlines()] == images
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    written.clear()
+    assert cli.main(["predict", "--model", str(trained), *images]) == 0
+    err = "".join(w.err for w in written) + capsys.readouterr().err
+    assert "predicted 2 of 5 images" in err and "predicted 5 of 5 images" in err
 
 
 def test_cli_predict_reads_the_images_under_a_folder(trained, original_images, tmp_path, capsys):
