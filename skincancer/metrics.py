@@ -41,7 +41,12 @@ def malignant_scores(probs, targets, classes, calibration: dict | None = None) -
 
 
 def choose_threshold(p_malignant, is_malignant, target_sensitivity: float = TARGET_SENSITIVITY) -> float:
-    """The highest threshold whose sensitivity on these (validation) images reaches `target_sensitivity`."""
+    """A threshold of the highest calls on these (validation) images whose sensitivity reaches `target_sensitivity`.
+
+    It lies halfway between the last malignant image it must catch and the next score below, not on that image's
+    score: the calls on these images are the same, and predicting them again, through the inference copy or on
+    another machine (scores that differ in the sixth decimal), does not drop that image below the threshold.
+    """
     p, y = np.asarray(p_malignant, dtype=np.float64), np.asarray(is_malignant, dtype=bool)
     if not 0 < target_sensitivity <= 1:
         raise SkinCancerError(f"target_sensitivity: {target_sensitivity} must be in (0, 1]")
@@ -49,7 +54,11 @@ def choose_threshold(p_malignant, is_malignant, target_sensitivity: float = TARG
         raise SkinCancerError("cannot choose an operating threshold: the validation images hold no malignant case")
     positives = np.sort(p[y])[::-1]
     k = math.ceil(target_sensitivity * len(positives) - 1e-9)  # the k most confident positives must be caught
-    return float(positives[max(k, 1) - 1])
+    last = positives[max(k, 1) - 1]
+    below = p[p < last]
+    lower = below.max() if len(below) else min(last, 0.0)
+    halfway = (last + lower) / 2
+    return float(halfway if lower < halfway else last)  # scores one float apart have no number between them
 
 
 def weighted_aurocs(is_malignant, p_malignant, weights) -> np.ndarray:

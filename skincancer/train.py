@@ -468,7 +468,8 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
             y, score = malignant_scores(p, t, classes)
             metrics[s]["by_lesion"] = lesion_metrics(groups, y, calibrate(score, calibration), threshold, 1000)
     rule = {"target_sensitivity": target_sensitivity, "chosen_on": "valid",
-            "how": "the highest threshold whose validation sensitivity for malignant reaches the target",
+            "how": "the highest calls whose validation sensitivity for malignant reaches the target; the threshold "
+                   "halfway between the last malignant photo caught and the next score below",
             "valid_sensitivity": metrics["valid"]["sensitivity"], "valid_specificity": metrics["valid"]["specificity"]}
     return metrics, {"threshold": threshold, "threshold_rule": rule, "calibration": calibration}
 

@@ -19,7 +19,7 @@ from skincancer.metrics import (bootstrap_auroc, calibration_in_the_large, choos
 @settings(max_examples=80, deadline=None)
 @given(p=st.lists(st.floats(0, 1), min_size=2, max_size=60), y=st.lists(st.booleans(), min_size=2, max_size=60),
        target=st.floats(0.05, 1.0))
-def test_threshold_is_the_highest_that_reaches_the_target_sensitivity(p, y, target):
+def test_threshold_makes_the_fewest_calls_that_reach_the_target_and_sits_between_scores(p, y, target):
     n = min(len(p), len(y))
     p, y = np.array(p[:n]), np.array(y[:n])
     if not y.any():
@@ -28,9 +28,14 @@ def test_threshold_is_the_highest_that_reaches_the_target_sensitivity(p, y, targ
         return
     t = choose_threshold(p, y, target)
     assert (p[y] >= t).mean() >= target - 1e-9
-    higher = p[y][p[y] > t]
+    last = p[y][p[y] >= t].min()  # the last malignant image caught
+    higher = p[y][p[y] > last]
     if len(higher):
         assert (p[y] >= higher.min()).mean() < target  # any stricter threshold misses the target
+    assert ((p >= t) == (p >= last)).all()  # the calls of a threshold on its score
+    below = p[p < last]
+    if len(below) and below.max() < (last + below.max()) / 2:  # halfway to the next score: a nudge changes no call
+        assert t == (last + below.max()) / 2
 
 
 def _binary_case():
