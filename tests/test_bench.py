@@ -153,3 +153,26 @@ def test_views_benchmark_smoke_pairs_every_choice_with_the_models_own_evaluation
         for choice in ("24 px ", "32 px, flips and quarter turns", "32 px, fastai's tta", "40 px "):
             assert re.search(re.escape(choice) + r".* [01]\.\d{4} +[+-]\d\.\d{4} \(", block), choice
     assert not list(tmp_path.rglob("*.pkl"))  # the throwaway model went with its temporary folder
+
+
+def test_ensemble_benchmark_smoke_reproduces_each_card_and_pairs_the_average(ham_dir, tmp_path):
+    import json
+
+    out = tmp_path / "ensemble.json"
+    stdout = smoke("bench_ensemble.py", "--out", str(out), tmpdir=tmp_path)
+    result = json.loads(out.read_text())
+    assert "average of 2" in stdout and "- models' mean" in stdout
+    for split in ("valid", "test"):
+        r = result["splits"][split]
+        models, average = r["rows"][:2], r["rows"][2]
+        for card, row in zip(result["cards"], models):  # the bench predicts as training scored each model
+            for k in ("auroc", "sensitivity", "specificity"):
+                assert row[k] == pytest.approx(card["metrics"][split][k], abs=1e-4), (split, k)
+        mean = r["paired"]["models' mean"]
+        for k in ("auroc", "balanced_accuracy"):
+            assert mean[k]["difference"] == pytest.approx(average[k] - (models[0][k] + models[1][k]) / 2, abs=1e-9)
+        for card, row in zip(result["cards"], models):
+            name = card["config"]["out"].rsplit("/", 1)[1]
+            assert r["paired"][name]["auroc"]["difference"] == pytest.approx(average["auroc"] - row["auroc"], abs=1e-9)
+    assert result["splits"]["valid"]["rows"][2]["sensitivity"] >= 0.9  # its threshold was chosen on valid for 90%
+    assert not list(tmp_path.rglob("*.pkl"))  # the throwaway models went with their temporary folder
