@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +16,13 @@ from conftest import ROOT
 
 def smoke(script: str, *args: str, tmpdir=None) -> str:
     """Run a benchmark script's --smoke mode; return its stdout after checking that it exited 0."""
-    env = None if tmpdir is None else {**os.environ, "TMPDIR": str(tmpdir)}
+    env = None
+    if tmpdir is not None:
+        # torch keeps its compile cache under the temporary folder unless told where; tell it this process's place,
+        # as torch itself does once imported here, so that `tmpdir` holds only what the script made, in any order
+        inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(
+            Path(tempfile.gettempdir()) / f"torchinductor_{getpass.getuser()}")
+        env = {**os.environ, "TMPDIR": str(tmpdir), "TORCHINDUCTOR_CACHE_DIR": inductor}
     run = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-2000:]
