@@ -27,7 +27,8 @@ noise between two trainings; choose on valid, confirm on test). Every run trains
 seed (42 unless given), so a run's own seed changes only its training: `--runs ours,ours+seed=1,ours+seed=2` shows
 the noise between trainings of one recipe. Where a recipe is trained more than once, it ends with each recipe (the
 mean of its trainings) against ours: the difference, its interval over the images, and a wider one that adds the
-noise between trainings, pooled over the recipes trained twice or more (with --out, a last line named "recipes").
+noise between trainings, pooled over the recipes trained twice or more (with --out, a last line named "recipes"),
+and each such recipe's trainings averaged (an ensemble of their probabilities) against their mean.
 With --out each ours line also holds its predictions, so runs spread over several processes (a GPU session's calls)
 are compared afterwards, anywhere the data is: `--recipes a.jsonl b.jsonl` trains nothing. It asserts nothing about
 speed: compare figures measured in one run.
@@ -130,9 +131,20 @@ def compare_recipes(runs: dict[str, dict], preds: dict[str, dict], lesions: dict
     for name in runs:
         recipes.setdefault(recipe_of(name), []).append(name)
     first, *others = recipes
-    out = {"trainings": {r: len(names) for r, names in recipes.items()}, "first": first, "noise": {}, "vs_first": {}}
+    out = {"trainings": {r: len(names) for r, names in recipes.items()}, "first": first, "noise": {}, "vs_first": {},
+           "averaged": {}}
     for split in ("valid", "test"):
         truth = next(iter(preds.values()))[split][0]
+        for recipe, names in recipes.items():
+            if len(names) < 2:
+                continue
+            # an ensemble of the recipe's trainings (their probabilities averaged) against those trainings (mean)
+            runs_p = np.stack([preds[n][split][1] for n in names])
+            res = paired_bootstrap(truth, runs_p, runs_p.mean(axis=0), n_boot=1000, level=level,
+                                   groups=lesions[split])
+            for key in ("auroc", "balanced_accuracy"):
+                out["averaged"].setdefault(recipe, {})[f"{split}_{key}"] = {
+                    "difference": res[key]["difference"], "ci_images": res[key]["ci"], "average": res[key]["b"]}
         for key, column in (("auroc", "auroc"), ("balanced_accuracy", "bal_acc")):
             sd, df = training_noise({r: [runs[n][f"{split}_{column}"] for n in names] for r, names in recipes.items()})
             out["noise"][f"{split}_{key}"] = {"sd": sd, "df": df}
@@ -155,7 +167,7 @@ def compare_recipes(runs: dict[str, dict], preds: dict[str, dict], lesions: dict
 
 
 def print_recipes(summary: dict) -> None:
-    """compare_recipes' summary as lines: trainings, the noise between them, each recipe's differences."""
+    """compare_recipes' summary as lines: trainings, the noise between them, each recipe's differences, averages."""
     print("\nrecipes, each the mean of its trainings (choose on valid, confirm on test): "
           + ", ".join(f"{r} x{k}" for r, k in summary["trainings"].items()))
     noise = {k: v for k, v in summary["noise"].items() if v["sd"] is not None}
@@ -175,6 +187,13 @@ def print_recipes(summary: dict) -> None:
                 wide = e.get("ci_with_training_noise")
                 line += f"; with training noise: {wide[0]:+.3f} to {wide[1]:+.3f})" if wide else ")"
             print(line)
+    for recipe, stats in summary.get("averaged", {}).items():
+        for key, e in stats.items():
+            if e["difference"] is None:
+                continue
+            ci = f" (images: {e['ci_images'][0]:+.3f} to {e['ci_images'][1]:+.3f})" if e["ci_images"] else ""
+            print(f"  {key.replace('_', ' ')} {recipe}, its {summary['trainings'][recipe]} trainings' probabilities "
+                  f"averaged: {e['average']:.3f}, {e['difference']:+.3f} on their mean{ci}")
 
 
 def report_recipes(runs: dict[str, dict], preds: dict[str, dict], lesions: dict) -> dict:

@@ -74,6 +74,11 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     assert "vs_first_ours" not in rows[1]
 
     # each recipe as the mean of its two trainings, judged against the noise between trainings of one recipe
+    from sklearn.metrics import roc_auc_score
+
+    from skincancer.data import prepare
+
+    df = prepare(ham_dir, "binary", seed=rows[1]["split"]["seed"], limit=rows[1]["split"]["limit"])
     assert recipes["trainings"] == {"ours": 2, variant: 2} and recipes["first"] == "ours"
     ours, other = [rows[1], rows[3]], [rows[2], rows[4]]
     for split in ("valid", "test"):
@@ -86,6 +91,14 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
         assert noise["df"] == 2 and noise["sd"] == pytest.approx(np.sqrt(np.mean(np.square(diffs)) / 2), abs=1e-9)
         lo, hi = auroc["ci_with_training_noise"]
         assert lo <= auroc["ci_images"][0] and auroc["ci_images"][1] <= hi  # the noise only widens it
+        # each recipe's two trainings averaged (an ensemble), against their mean, computed here again
+        part = df[df["split"] == split]
+        for recipe, runs, mean in (("ours", ours, means[1]), (variant, other, means[0])):
+            averaged = recipes["averaged"][recipe][f"{split}_auroc"]
+            average = np.mean([r["predictions"][split] for r in runs], axis=0)
+            assert averaged["average"] == pytest.approx(roc_auc_score(part["label"] == "malignant", average), abs=1e-6)
+            assert averaged["difference"] == pytest.approx(averaged["average"] - mean, abs=1e-9)
+    assert f"auroc {variant}, its 2 trainings' probabilities averaged: " in stdout
     assert f"valid auroc {variant} - ours:" in stdout.split("recipes, each the mean")[1]
 
     # the same comparison from the runs' lines, as when they were trained in several processes: ours in one file,
