@@ -86,16 +86,16 @@ def report(clfs: list, result: dict) -> None:
     for split, r in result.items():
         print(f"\n{split} ({r['n']} images, {r['n_malignant']} malignant); the average's threshold "
               f"{r['threshold']:.4f}, chosen on valid")
-        print(f"  {'':<{width}}" + "".join(f"{k:>24}" for k in STATISTICS))
+        print(f"  {'':<{width}}" + "".join(f"{k:>27}" for k in STATISTICS))
         for name, row in zip(names, r["rows"]):
-            print(f"  {name:<{width}}" + "".join(f"{row[k]:>24.4f}" for k in STATISTICS))
+            print(f"  {name:<{width}}" + "".join(f"{row[k]:>27.4f}" for k in STATISTICS))
         for against, paired in r["paired"].items():
             cells = []
             for k in STATISTICS:
                 d = paired[k]
                 ci = "" if d["ci"] is None else f" ({d['ci'][0]:+.3f} to {d['ci'][1]:+.3f})"
                 cells.append("n/a" if d["difference"] is None else f"{d['difference']:+.3f}{ci}")
-            print(f"  {'- ' + against:<{width}}" + "".join(f"{c:>24}" for c in cells))
+            print(f"  {'- ' + against:<{width}}" + "".join(f"{c:>27}" for c in cells))
 
 
 def throwaway_pair(folder: Path, size: int) -> list[Path]:
