@@ -11,6 +11,7 @@ non-image file, or one too large, gets a message on the page and the app goes on
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,11 +70,16 @@ def verdict(clf: Classifier, result: dict, photos: list[str] | None = None) -> s
                  f"{'network score' if clf.calibration else 'probability'} "
                  f"{result['probabilities'].get(label, float('nan')):.2f}).")
     if photos:
-        rows = [f"| {i} | {name} | {r['malignant_probability']:.2f} | {r['call']} |"
+        rows = [f"| {i} | {markdown_text(name)} | {r['malignant_probability']:.2f} | {r['call']} |"
                 for i, (name, r) in enumerate(zip(photos, result["photos"]), 1)]
         text += ("\n\nEach photo on its own (Grad-CAM left to right):\n\n| | photo | probability of malignancy | call |"
                  "\n|---|---|---|---|\n" + "\n".join(rows))
     return f"{text}\n\n*{DISCLAIMER}*"
+
+
+def markdown_text(text: str) -> str:
+    """`text` (an uploaded file's name) shown as it is in Markdown: its punctuation escaped, so `|` keeps a table."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
 
 
 def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6)) -> tuple[str, Any, Any]:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from skincancer.app import analyse, analyse_lesion, side_by_side
+from skincancer.app import analyse, analyse_lesion, markdown_text, side_by_side
 from skincancer.cli import build_parser
 from skincancer.predict import DISCLAIMER, load
 
@@ -102,7 +102,7 @@ def test_several_photos_of_a_lesion_get_one_call_on_the_mean_and_each_photo_its_
     assert shown == pytest.approx(expected["probabilities"], abs=1e-4)
     assert f"mean of the 3 photos of this lesion **{expected['malignant_probability']:.2f}**" in text
     for i, (photo, own) in enumerate(zip(photos, expected["photos"]), 1):
-        assert f"| {i} | {photo.name} | {own['malignant_probability']:.2f} | {own['call']} |" in text
+        assert f"| {i} | {markdown_text(photo.name)} | {own['malignant_probability']:.2f} | {own['call']} |" in text
     assert DISCLAIMER in text
     with Image.open(overlay) as im:  # the three Grad-CAMs in a row, each 300 px high
         sizes = [Image.open(p).size for p in photos]
@@ -122,6 +122,21 @@ def test_one_unusable_photo_of_a_lesion_stops_the_call_and_is_named(client, trai
     assert "Upload two or more photos" in analyse_lesion(clf, [])[0]
     text, probs, _ = analyse_lesion(clf, [str(original_images[0])] * 3, max_photos=2)
     assert "3 photos is over this app's limit of 2" in text and probs is None
+
+
+def test_a_file_name_is_shown_as_it_is_and_cannot_break_the_table():
+    from types import SimpleNamespace
+
+    from skincancer.app import verdict
+
+    clf = SimpleNamespace(classes=["benign", "malignant"], card={}, threshold=0.3, calibration=None)
+    photos = [{"malignant_probability": 0.2, "call": "benign"}, {"malignant_probability": 0.6, "call": "malignant"}]
+    result = {"label": "malignant", "call": "malignant", "malignant_probability": 0.4, "photos": photos}
+    text = verdict(clf, result, ["left|right.jpg", "**<b>bold</b>**.png"])
+    rows = [line for line in text.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
+    assert rows == ["| 1 | left\\|right\\.jpg | 0.20 | benign |",
+                    "| 2 | \\*\\*\\<b\\>bold\\</b\\>\\*\\*\\.png | 0.60 | malignant |"]
+    assert "mean of the 2 photos of this lesion **0.40**" in text
 
 
 def test_side_by_side_scales_every_image_to_one_height_in_order():
