@@ -79,7 +79,7 @@ def verdict(clf: Classifier, result: dict, photos: list[str] | None = None) -> s
 
 def markdown_text(text: str) -> str:
     """`text` (an uploaded file's name) shown as it is in Markdown: its punctuation escaped, so `|` keeps a table."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
+    return re.sub(r"([\\`*_\[\]|<>~])", r"\\\1", text)
 
 
 def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6)) -> tuple[str, Any, Any]:
@@ -121,7 +121,7 @@ def analyse_lesion(clf: Classifier, paths: list[str] | None, max_bytes: int = in
 def _open_upload(path: str, max_bytes: int):
     """The uploaded photo at `path`, or a SkinCancerError whose message, for the page, names it by its file name."""
     file = Path(path)
-    name, size = file.name, file.stat().st_size
+    name, size = markdown_text(file.name), file.stat().st_size
     if size > max_bytes:
         raise SkinCancerError(f"**{name}** is {size / 1e6:.1f} MB, over this app's limit of {max_bytes / 1e6:.0f} MB. "
                               "Upload a smaller photo.")

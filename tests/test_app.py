@@ -134,8 +134,8 @@ def test_a_file_name_is_shown_as_it_is_and_cannot_break_the_table():
     result = {"label": "malignant", "call": "malignant", "malignant_probability": 0.4, "photos": photos}
     text = verdict(clf, result, ["left|right.jpg", "**<b>bold</b>**.png"])
     rows = [line for line in text.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")]
-    assert rows == ["| 1 | left\\|right\\.jpg | 0.20 | benign |",
-                    "| 2 | \\*\\*\\<b\\>bold\\</b\\>\\*\\*\\.png | 0.60 | malignant |"]
+    assert rows == ["| 1 | left\\|right.jpg | 0.20 | benign |",
+                    "| 2 | \\*\\*\\<b\\>bold\\</b\\>\\*\\*.png | 0.60 | malignant |"]
     assert "mean of the 2 photos of this lesion **0.40**" in text
 
 
@@ -233,6 +233,9 @@ def test_analyse_turns_bad_input_into_messages(trained, tmp_path):
     photo.write_bytes(b"x" * 2000)
     text, probs, overlay = analyse(clf, str(photo), max_bytes=1000)
     assert "photo.jpg" in text and "over this app's limit" in text and probs is None and overlay is None
+    odd = tmp_path / "my_lesion_<1>.jpg"  # named as it is on the page, not as Markdown would render it
+    odd.write_bytes(b"x" * 2000)
+    assert analyse(clf, str(odd))[0].startswith("Could not use this upload: my\\_lesion\\_\\<1\\>.jpg: ")
 
 
 @pytest.fixture(scope="module")
