@@ -191,6 +191,22 @@ def test_cli_predict_writes_each_chunk_as_it_comes_and_progress_only_to_a_termin
     assert "predicted 2 of 5 images" in err and "predicted 5 of 5 images" in err
 
 
+def test_cli_predict_into_a_closed_pipe_stops_quietly(trained, original_images):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-m", "skincancer", "predict", "--model", str(trained),
+                             str(original_images[0].parent)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc.stdout.close()  # as `| head -1` does once it has its line: every write after this fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipe" not in err, err[-2000:]
+
+
 def test_cli_predict_reads_the_images_under_a_folder(trained, original_images, tmp_path, capsys):
     import shutil
 
