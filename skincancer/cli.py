@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
     r.add_argument("--lesion", action="store_true",
                    help="the images are photos of one lesion: one call on the mean of their probabilities")
+    r.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
+                   help="jsonl (default): one JSON object per image; csv: a header, then one row per image, a column "
+                        "per class probability (with --lesion, one row for the lesion, its photos joined by ';')")
     r.add_argument("images", nargs="+", help="image files, or folders: every image under a folder, in sorted order")
 
     a = sub.add_parser("app", help="serve a local web page (Gradio) to predict uploaded or camera photos")
@@ -254,22 +257,43 @@ def expand_folders(paths: list[str]) -> list[str]:
     return out
 
 
+def result_writer(classes: list[str], fmt: str):
+    """A function that prints one `predict` result to stdout as a JSON line, or as a CSV row after a header."""
+    if fmt == "jsonl":
+        return lambda result: print(json.dumps(result))
+    import csv
+
+    columns = ["image", "call", "label", "malignant_probability", *(f"probability_{c}" for c in classes), "error"]
+    writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+
+    def write(result: dict) -> None:
+        image = result.get("image", ";".join(result.get("lesion", [])))
+        row = {k: result.get(k, "") for k in ("call", "label", "malignant_probability", "error")}
+        row.update({f"probability_{c}": p for c, p in result.get("probabilities", {}).items()})
+        writer.writerow({**row, "image": image})
+
+    return write
+
+
 def cmd_predict(args) -> int:
-    """Run `predict`: print one JSON line per image; non-zero exit when any image failed."""
+    """Run `predict`: print one JSON line (or CSV row) per image; non-zero exit when any image failed."""
     from .predict import load
 
     clf = load(args.model, trusted=args.trust_pickle)
+    write = result_writer(clf.classes, args.format)
     if args.lesion:
-        print(json.dumps(clf.predict_lesion(expand_folders(args.images), bs=args.bs)), flush=True)
+        write(clf.predict_lesion(expand_folders(args.images), bs=args.bs))
+        sys.stdout.flush()
         return 0
     images = expand_folders(args.images)
     # results are written as each chunk is predicted, so a long run shows them (and keeps them if interrupted);
-    # progress goes to a terminal's stderr only, never into the JSON lines or a log
+    # progress goes to a terminal's stderr only, never into the results or a log
     progress = sys.stderr.isatty() and len(images) > PREDICT_CHUNK
     failed, done, start = False, 0, time.monotonic()
     for results in clf.predict_chunks(images, bs=args.bs, chunk=PREDICT_CHUNK):
         for res in results:
-            print(json.dumps(res))
+            write(res)
             failed |= "error" in res
         sys.stdout.flush()
         done += len(results)

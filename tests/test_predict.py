@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -189,6 +190,34 @@ def test_cli_predict_writes_each_chunk_as_it_comes_and_progress_only_to_a_termin
     assert cli.main(["predict", "--model", str(trained), *images]) == 0
     err = "".join(w.err for w in written) + capsys.readouterr().err
     assert "predicted 2 of 5 images" in err and "predicted 5 of 5 images" in err
+
+
+def test_cli_predict_as_csv_has_the_json_lines_figures_a_column_per_class(trained, original_images, tmp_path,
+                                                                          capsys):
+    bad = tmp_path / "bad, name.jpg"  # a comma: the CSV quotes it
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    images = [str(original_images[0]), str(bad), str(original_images[1])]
+    assert cli.main(["predict", "--model", str(trained), *images]) == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert cli.main(["predict", "--model", str(trained), "--format", "csv", *images]) == 1
+    table = pd.read_csv(io.StringIO(capsys.readouterr().out), keep_default_na=False)
+    assert list(table.columns) == ["image", "call", "label", "malignant_probability", "probability_benign",
+                                   "probability_malignant", "error"]
+    assert list(table["image"]) == images
+    for (_, row), line in zip(table.iterrows(), lines):
+        if "error" in line:
+            assert row["error"] == line["error"] and row["call"] == "" and row["malignant_probability"] == ""
+            continue
+        assert row["call"] == line["call"] and row["error"] == ""
+        assert float(row["malignant_probability"]) == pytest.approx(line["malignant_probability"], abs=1e-12)
+        for c, p in line["probabilities"].items():
+            assert float(row[f"probability_{c}"]) == pytest.approx(p, abs=1e-12)
+    photos = [str(p) for p in original_images[:2]]
+    assert cli.main(["predict", "--model", str(trained), "--format", "csv", "--lesion", *photos]) == 0
+    lesion = pd.read_csv(io.StringIO(capsys.readouterr().out))
+    assert len(lesion) == 1 and lesion["image"][0] == ";".join(photos)
+    assert lesion["malignant_probability"][0] == pytest.approx(
+        np.mean([x["malignant_probability"] for x in lines if x["image"] in photos]), abs=1e-9)
 
 
 def test_cli_predict_into_a_closed_pipe_stops_quietly(trained, original_images):
