@@ -72,7 +72,7 @@ def verdict(clf: Classifier, result: dict, photos: list[str] | None = None) -> s
     if photos:
         rows = [f"| {i} | {markdown_text(name)} | {r['malignant_probability']:.2f} | {r['call']} |"
                 for i, (name, r) in enumerate(zip(photos, result["photos"]), 1)]
-        text += ("\n\nEach photo on its own (Grad-CAM left to right):\n\n| | photo | probability of malignancy | call |"
+        text += ("\n\nEach photo on its own (Grad-CAM left to right):\n\n| | photo | probability | call |"
                  "\n|---|---|---|---|\n" + "\n".join(rows))
     return f"{text}\n\n*{DISCLAIMER}*"
 
