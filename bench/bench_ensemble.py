@@ -44,13 +44,11 @@ def shared_split(models: list[Path], df):
 
 def probabilities(clf, items) -> tuple[np.ndarray, np.ndarray]:
     """(truth, calibrated probability of malignancy) of `items` by one loaded model, through its inference copy."""
-    from skincancer.calibration import calibrate
     from skincancer.evaluate import predict_loaded
     from skincancer.metrics import malignant_scores
 
     probs, targets = predict_loaded(clf, items)
-    truth, scores = malignant_scores(probs, targets, clf.classes)
-    return truth, calibrate(scores, clf.calibration)
+    return malignant_scores(probs, targets, clf.classes, clf.calibration)
 
 
 def measure(clfs: list, df, target_sensitivity: float, n_boot: int) -> dict[str, dict]:

@@ -465,8 +465,8 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
         metrics[s] = classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=1000,
                                             seed=0, groups=groups, calibration=calibration)
         if groups is not None:
-            y, score = malignant_scores(p, t, classes)
-            metrics[s]["by_lesion"] = lesion_metrics(groups, y, calibrate(score, calibration), threshold, 1000)
+            metrics[s]["by_lesion"] = lesion_metrics(groups, *malignant_scores(p, t, classes, calibration), threshold,
+                                                     1000)
     rule = {"target_sensitivity": target_sensitivity, "chosen_on": "valid",
             "how": "the highest calls whose validation sensitivity for malignant reaches the target; the threshold "
                    "halfway between the last malignant photo caught and the next score below",
