@@ -258,12 +258,12 @@ def inference_learner(card: dict, weights: str | Path, cpu: bool = True):
     import torch
     from fastai.torch_core import default_device
 
-    from fastai.losses import CrossEntropyLossFlat
     from fastai.vision.learner import vision_learner
     from PIL import Image
     from safetensors.torch import load_file
 
     from .data import make_datablock
+    from .losses import OperatingPointLoss
     from .train import resolve_arch
 
     missing = [k for k in ("task", "classes", "arch", "size", "presize") if k not in card]
@@ -282,7 +282,9 @@ def inference_learner(card: dict, weights: str | Path, cpu: bool = True):
         dls = dblock.dataloaders(rows, bs=64, num_workers=0, device=device).new_empty()
     if [str(c) for c in dls.vocab] != list(card["classes"]):
         raise SkinCancerError(f"{weights}: classes {card['classes']} do not match task {card['task']!r}")
-    loss_func = CrossEntropyLossFlat()
+    loss_func = OperatingPointLoss()
+    if "threshold" in card:  # the learner's own `predict` then calls as this package does
+        loss_func.set_operating_point(card["classes"], float(card["threshold"]), card.get("calibration"))
 
     def build():
         return vision_learner(dls, resolve_arch(card["arch"]), pretrained=False, n_out=len(card["classes"]),

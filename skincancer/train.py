@@ -145,7 +145,8 @@ def monitor_for(task: str) -> str:
 def make_loss(task: str, train_labels=None, imbalance: str = "loss", label_smoothing: float = 0.0):
     """Cross-entropy, class-weighted by inverse frequency of `train_labels` when `imbalance == 'loss'`."""
     import torch
-    from fastai.losses import CrossEntropyLossFlat
+
+    from .losses import OperatingPointLoss
 
     if imbalance not in IMBALANCE:
         raise SkinCancerError(f"imbalance: {imbalance!r} is not one of {', '.join(IMBALANCE)}")
@@ -154,7 +155,7 @@ def make_loss(task: str, train_labels=None, imbalance: str = "loss", label_smoot
         if train_labels is None:
             raise SkinCancerError("imbalance='loss' needs the training labels to weigh the classes")
         weight = torch.tensor(class_weights(train_labels, classes_for(task)), dtype=torch.float32)
-    return CrossEntropyLossFlat(weight=weight, label_smoothing=label_smoothing)
+    return OperatingPointLoss(weight=weight, label_smoothing=label_smoothing)
 
 
 def fused_adamw():
@@ -594,6 +595,8 @@ def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None 
         print(f"{split}:\n{metrics_table(m)}")
         if m.get("by_lesion"):
             print(lesion_table(m["by_lesion"]))
+    if hasattr(learn.loss_func, "set_operating_point"):  # fastai's learn.predict then calls as skincancer's does
+        learn.loss_func.set_operating_point(learn.dls.vocab, decision["threshold"], calibration)
     card = model_card(config, df, metrics, best_epoch, decision, processes)
     files = export(learn, config.out, card, df)
     print(f"exported {files['model']} (card {files['card'].name}, split {files['split'].name})")

@@ -121,6 +121,41 @@ def test_the_inference_copy_folds_batchnorm_and_predicts_as_fastai(clf, original
     assert not torch.allclose(probs[0], probs[1])  # different photos, different outputs: not a constant
 
 
+def test_the_loss_decodes_a_binary_model_at_its_operating_threshold():
+    import torch
+
+    from skincancer.calibration import calibrate
+    from skincancer.losses import OperatingPointLoss
+
+    scores = torch.linspace(0.01, 0.99, 99)
+    probs = torch.stack([1 - scores, scores], dim=1)
+    loss = OperatingPointLoss()
+    assert loss.decodes(probs).tolist() == probs.argmax(dim=1).tolist()  # no operating point yet: fastai's argmax
+    calibration = {"method": "platt", "slope": 1.2, "intercept": -1.5}
+    loss.set_operating_point(["benign", "malignant"], 0.2, calibration)
+    expected = (calibrate(scores.numpy(), calibration) >= 0.2).astype(int)
+    assert loss.decodes(probs).tolist() == expected.tolist()
+    assert 0 < expected.mean() and (expected != probs.argmax(dim=1).numpy()).any()  # a threshold that is not 0.5
+    dx = torch.softmax(torch.randn(20, 7, generator=torch.Generator().manual_seed(0)), dim=1)
+    loss.set_operating_point(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], 0.2, calibration)
+    assert loss.decodes(dx).tolist() == dx.argmax(dim=1).tolist()  # a diagnosis model's label: its likeliest class
+
+
+def test_fastai_learn_predict_gives_the_models_call(trained, clf, original_images):
+    from skincancer.predict import unpickle_learner
+
+    card = json.loads(trained.with_suffix(".json").read_text())
+    pickled = unpickle_learner(trained)  # fastai's load_learner, as a fastai user would load the export
+    for learn in (pickled, clf.learn):
+        assert (learn.loss_func.threshold, learn.loss_func.calibration) == (card["threshold"], card["calibration"])
+    for path in original_images[:6]:
+        call = clf.predict(path)["call"]
+        for learn in (pickled, clf.learn):
+            with learn.no_bar():
+                label, index, probs = learn.predict(path)
+            assert (str(label), int(index)) == (call, clf.classes.index(call))
+
+
 def test_the_default_batch_size_follows_the_input_size_on_a_cpu(clf):
     from dataclasses import replace
 
