@@ -6,7 +6,7 @@ DATA   ?= ../shared/data/ham10000_200x150
 ARGS   ?=
 MODEL  ?= models/skincancer.pkl
 
-.PHONY: test train app clean-venv
+.PHONY: test lint train app clean-venv
 
 # pip -qq prints errors only: some machines' pip settings warn once per package about a missing local index
 # folder, over 200 lines that buried CI's log
@@ -18,6 +18,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# ruff, as configured in pyproject.toml: the package, tests, benches and notebooks
+lint: $(VENV)/.installed
+	$(PY) -m ruff check skincancer tests bench notebooks
 
 train: $(VENV)/.installed
 	$(PY) -m skincancer train --data $(DATA) $(ARGS)
