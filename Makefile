@@ -19,9 +19,10 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
-# ruff, as configured in pyproject.toml: the package, tests, benches and notebooks
+# ruff over the package, tests, benches and notebooks; mypy over the package (both configured in pyproject.toml)
 lint: $(VENV)/.installed
 	$(PY) -m ruff check skincancer tests bench notebooks
+	$(PY) -m mypy
 
 train: $(VENV)/.installed
 	$(PY) -m skincancer train --data $(DATA) $(ARGS)

@@ -137,7 +137,7 @@ def side_by_side(images: list, height: int = 300, gap: int = 8):
     """One RGB image of `images` in a row, each scaled to `height` pixels high, on white."""
     from PIL import Image
 
-    scaled = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height), Image.BICUBIC)
+    scaled = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.BICUBIC)
               for im in images]
     row = Image.new("RGB", (sum(im.width for im in scaled) + gap * (len(scaled) - 1), height), "white")
     x = 0

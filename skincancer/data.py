@@ -477,12 +477,13 @@ def presized_loader(dl, images: np.ndarray, targets: np.ndarray):
 
     device = dl.device if dl.device is not None else torch.device("cpu")
     extra = {"wgts": dl.wgts} if hasattr(dl, "wgts") else {}  # fastai's WeightedDL (--imbalance sampler)
-    return dl.new(cls=presized_dl_class(type(dl)), images=torch.from_numpy(np.ascontiguousarray(images)).to(device),
+    cls = presized_dl_class(type(dl))  # type: ignore[arg-type]  # a class is hashable; mypy says type[Any] is not
+    return dl.new(cls=cls, images=torch.from_numpy(np.ascontiguousarray(images)).to(device),
                   targets=torch.as_tensor(targets, device=device), **extra)
 
 
 @functools.cache
-def presized_dl_class(base):
+def presized_dl_class(base: type) -> type:
     """PresizedDL over a fastai loader class (TfmdDL, or WeightedDL for sampling); fastai is imported on first use."""
     import torch
     from fastai.torch_core import TensorCategory, TensorImage

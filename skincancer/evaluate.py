@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -83,7 +84,8 @@ def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: flo
         yk, pk = y[inside], p[inside]
         stat = call_statistics(yk, pk, threshold, np.ones((1, len(yk))))
         within = None if groups is None else groups[inside]
-        ci = bootstrap_intervals(yk, pk, threshold, n_boot, seed, groups=within) if any(enough.values()) else {}
+        ci: dict[str, Any] = (bootstrap_intervals(yk, pk, threshold, n_boot, seed, groups=within)
+                              if any(enough.values()) else {})
         calibration = dict.fromkeys(CALIBRATION_KEYS)
         if row["n"] >= MIN_CASES:
             calibration = calibration_in_the_large(yk, pk, n_boot, seed, groups=within)
@@ -433,7 +435,10 @@ def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[s
     gap = names is None and any("calibration_gap" in row for row in rows)
     if gap:
         stats["calibration_gap"] = "mean probability - share malignant"
-    labels, where, headers = [], [], []  # a header line for each column, then a line for each of its subgroups
+    # a header line for each column, then a line for each of its subgroups
+    labels: list[str] = []
+    where: list[int] = []
+    headers: list[int] = []
     for i, row in enumerate(rows):
         if i == 0 or row["column"] != rows[i - 1]["column"]:
             headers.append(len(labels))

@@ -32,7 +32,8 @@ def _through(module, grid: Grid) -> Grid | None:
         return None
     k, s = _pair(module.kernel_size), _pair(module.stride or module.kernel_size)
     p, d = _pair(module.padding), _pair(getattr(module, "dilation", 1))
-    return tuple((a * s_, b + a * ((k_ - 1) / 2 * d_ - p_)) for (a, b), k_, s_, p_, d_ in zip(grid, k, s, p, d))
+    y, x = ((a * s_, b + a * ((k_ - 1) / 2 * d_ - p_)) for (a, b), k_, s_, p_, d_ in zip(grid, k, s, p, d))
+    return y, x
 
 
 def feature_grid(body) -> Grid | None:
@@ -64,14 +65,16 @@ def _trace_grid(body) -> Grid | None:
             out = grids.get(node.args[0])
             return out if isinstance(out, tuple) else None
         inputs = [grids[n] for n in node.all_input_nodes if n in grids]
-        placed = {g for g in inputs if isinstance(g, tuple)}  # grids are sums of halves: exact, so a set compares them
+        # grids are sums of halves: exact, so a set compares them
+        placed: set[Grid] = {g for g in inputs if isinstance(g, tuple)}
         if len(placed) > 1:
             return None  # branches that disagree: no single grid
         if not placed:  # parameters, constants, shapes, or what only pooled tensors feed
             if _GLOBAL in inputs:
                 grids[node] = _GLOBAL
             continue
-        grid = next(iter(placed))
+        grid: Grid | str | None
+        (grid,) = placed  # the one grid the inputs share
         if node.op == "call_module":
             module = modules[node.target]
             kind = type(module).__name__
@@ -104,7 +107,8 @@ def upsample_map(cam, grid: Grid | None, input_hw: tuple[int, int], out_hw: tupl
     if grid is not None and any(abs(step * n - size) > step for (step, _), n, size in zip(grid, n_hw, input_hw)):
         grid = None  # the traced grid does not span the input: it was not this map's
     if grid is None:
-        grid = tuple((s / n, (s / n - 1) / 2) for s, n in zip(input_hw, n_hw))
+        grid = ((input_hw[0] / n_hw[0], (input_hw[0] / n_hw[0] - 1) / 2),
+                (input_hw[1] / n_hw[1], (input_hw[1] / n_hw[1] - 1) / 2))
     axes = []
     for (step, first), size, n, out in zip(grid, input_hw, n_hw, out_hw):
         pixel = (torch.arange(out, dtype=torch.float64) + 0.5) * size / out - 0.5  # in the model's input

@@ -4,6 +4,7 @@ differences between models, lesion by lesion, other prevalences and net benefit.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -167,11 +168,12 @@ def calibration_in_the_large(is_malignant, p_malignant, n_boot: int = 1000, seed
     y, p = np.asarray(is_malignant, dtype=np.float64), np.asarray(p_malignant, dtype=np.float64)
     if len(y) == 0 or len(p) != len(y):
         raise SkinCancerError(f"{len(y)} truths and {len(p)} probabilities: calibration needs both, alike")
-    out = {"mean_probability": float(p.mean()), "share_malignant": float(y.mean()),
+    out: dict[str, Any] = {"mean_probability": float(p.mean()), "share_malignant": float(y.mean()),
            "calibration_gap": float(p.mean() - y.mean()), "calibration_gap_ci95": None}
     if n_boot > 0:
         gaps = np.concatenate([w @ (p - y) / w.sum(axis=1) for w in bootstrap_weights(len(y), n_boot, seed, groups)])
-        out["calibration_gap_ci95"] = list(_percentiles(gaps, level))
+        interval = _percentiles(gaps, level)  # None where every replicate is undefined (a NaN probability)
+        out["calibration_gap_ci95"] = list(interval) if interval else None
     return out
 
 
@@ -214,7 +216,7 @@ def paired_bootstrap(is_malignant, p_a, p_b, threshold_a=0.5, threshold_b=0.5, n
     points = [call_statistics(y, p, t, ones) for p, t in runs]
     reps = _bootstrap_statistics(y, runs, max(n_boot, 0), seed, groups)  # one set of replicates for every run
     n_a = len(p_a)
-    out = _paired_differences(_mean_over_runs(points[:n_a]), _mean_over_runs(points[n_a:]),
+    out: dict[str, Any] = _paired_differences(_mean_over_runs(points[:n_a]), _mean_over_runs(points[n_a:]),
                               _mean_over_runs(reps[:n_a]), _mean_over_runs(reps[n_a:]), level)
     out.update(level=level, resampled="lesions" if groups is not None else "images", replicates=int(n_boot),
                runs={"a": len(p_a), "b": len(p_b)})
@@ -239,7 +241,8 @@ def _difference(point: float, d: np.ndarray, level: float) -> dict:
     left out; None where no replicate or no point is defined.
     """
     d = d[np.isfinite(d)]
-    ci = list(_percentiles(d, level)) if len(d) and math.isfinite(point) else None
+    interval = _percentiles(d, level) if math.isfinite(point) else None
+    ci = list(interval) if interval else None
     far = min((d <= 0).sum(), (d >= 0).sum())
     return {"difference": _finite_or_none(point), "ci": ci, "se": float(d.std(ddof=1)) if ci and len(d) > 1 else None,
             "p_value": float(min(1.0, 2 * (far + 1) / (len(d) + 1))) if ci else None}
@@ -287,7 +290,7 @@ def lesion_metrics(groups, is_malignant, p_malignant, threshold: float, n_boot: 
 
     points = scored(np.ones((1, len(photos))))
     reps = _replicates(scored, 3, bootstrap_weights(len(photos), max(n_boot, 0), seed))
-    difference = _paired_differences(points[1], points[2], reps[1], reps[2], level)
+    difference: dict[str, Any] = _paired_differences(points[1], points[2], reps[1], reps[2], level)
     difference.update(level=level, resampled="lesions", replicates=int(max(n_boot, 0)))
     sides = {}
     for name, point, rep in zip(("each_photo", "one_photo", "all_photos"), points, reps):
@@ -399,7 +402,7 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     ci = bootstrap_intervals(truth, p_mal, threshold, n_boot, seed, groups=groups)
     if len(classes) > 2:  # balanced accuracy is 7-class there, not the mean of sensitivity and specificity
         ci["balanced_accuracy"] = None
-    out = {
+    out: dict[str, Any] = {
         "n": int(len(targets)),
         "n_malignant": n_pos,
         "accuracy": float((pred == targets).mean()),

@@ -10,7 +10,7 @@ import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Union
 
 import numpy as np
 import pandas as pd
@@ -20,7 +20,10 @@ from .data import is_malignant_class, malignant_probability, task_of
 from .files import model_files, sha256_file
 from .errors import SkinCancerError
 
-ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]  # noqa: F821
+if TYPE_CHECKING:  # PIL is imported where images are opened, not by `import skincancer`
+    import PIL.Image
+
+ImageInput = Union[str, Path, bytes, "PIL.Image.Image"]
 DISCLAIMER = "Research tool, not a medical device: never use it to diagnose or to decide on treatment."
 
 
@@ -224,7 +227,8 @@ def batch_preds(learn, dl, model, show_progress: bool = False) -> tuple:
     from fastprogress.fastprogress import progress_bar
 
     activation = getattr(learn.loss_func, "activation", lambda x: x)
-    probs, targets = [], []
+    probs: list = []
+    targets: list = []
     with torch.inference_mode():
         for batch in progress_bar(dl, leave=False) if show_progress and len(dl) > 1 else dl:
             x = batch[0].contiguous(memory_format=torch.channels_last)

@@ -75,19 +75,19 @@ def presized_images(paths: Sequence[str | Path], size: int, folder: str | Path |
 
     if size <= 0:
         raise SkinCancerError(f"presize: {size} must be positive")
-    paths = [str(p) for p in paths]
+    names = [str(p) for p in paths]
     folder = Path(folder) if folder is not None else default_cache_dir()
-    dest = folder / f"presized-{size}-{len(paths)}-{cache_key(paths, size)}.npy"
+    dest = folder / f"presized-{size}-{len(names)}-{cache_key(names, size)}.npy"
     if dest.is_file():
         try:
             arr = np.load(dest, mmap_mode="r")
-            if arr.shape == (len(paths), size, size, 3) and arr.dtype == np.uint8:
+            if arr.shape == (len(names), size, size, 3) and arr.dtype == np.uint8:
                 return arr
         except (OSError, ValueError):
             pass  # unreadable or truncated by hand: build it again
     with atomic_path(dest) as tmp:
-        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), size, size, 3)).flush()
-        chunks = [(str(tmp), start, paths[start:start + 64], size) for start in range(0, len(paths), 64)]
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(names), size, size, 3)).flush()
+        chunks = [(str(tmp), start, names[start:start + 64], size) for start in range(0, len(names), 64)]
         workers = num_workers or min(16, os.cpu_count() or 1)
         if workers <= 1:
             for chunk in chunks:
@@ -97,7 +97,7 @@ def presized_images(paths: Sequence[str | Path], size: int, folder: str | Path |
                 jobs = as_completed([pool.submit(_fill, *chunk) for chunk in chunks])
                 if show_progress:
                     jobs = progress_bar(jobs, total=len(chunks), leave=False)
-                    jobs.comment = f"presizing {len(paths)} images to {size}px"
+                    jobs.comment = f"presizing {len(names)} images to {size}px"
                 for job in jobs:
                     job.result()
     return np.load(dest, mmap_mode="r")

@@ -84,8 +84,8 @@ def ensure_pretrained_weights(arch: str | Callable) -> None:
     A cached file is not read here (the learner reads it, and reports a corrupt one). Names torchvision does not
     know (timm) are checked when the learner is built.
     """
-    weights = imagenet_weights(arch)
-    if weights is None or pretrained_weights_file(arch).exists():
+    weights, file = imagenet_weights(arch), pretrained_weights_file(arch)
+    if weights is None or file is None or file.exists():
         return
     try:
         weights.get_state_dict(progress=True)
@@ -285,6 +285,7 @@ def checkpoint_dir(out: str | Path) -> Path:
 
 def phases(config: TrainConfig) -> list[dict]:
     """The one-cycle fits of a run: fastai's fine_tune schedule (frozen, then unfrozen) or one fit from scratch."""
+    assert config.lr is not None, "phases: the config must be resolved (TrainConfig.resolved)"
     if not config.pretrained:
         return [dict(epochs=config.epochs, lr=config.lr, frozen=False, kwargs={})]
     base = config.lr / 2  # as Learner.fine_tune: halve the rate after the frozen epochs, discriminative rates after
@@ -402,19 +403,20 @@ def fit(learn, config: TrainConfig, monitor: str, resume: bool = False) -> int |
             for i, phase in enumerate(phases(config)):
                 if phase["epochs"] == 0 or (state and i < state["phase"]):
                     continue
-                start = state["epoch"] + 1 if state and i == state["phase"] else 0
+                resumed = state if state and i == state["phase"] else None  # the phase the run stopped in
+                start = resumed["epoch"] + 1 if resumed else 0
                 average = None
                 if config.ema:
-                    average = weight_average(config.ema, read_average(folder, state) if start else None)
+                    average = weight_average(config.ema, read_average(folder, resumed) if resumed else None)
                 tracker = best_epoch_tracker(monitor, skip_to=start,
                                              state=None if average is None else average.averaged_state)
                 checkpoint = checkpoint_callback(folder, i, config, tracker, skip_to=start, average=average)
-                if start:
+                if resumed:
                     learn.freeze() if phase["frozen"] else learn.unfreeze()
-                    files = state["files"]
+                    files = resumed["files"]
                     learn.load(folder / Path(files["last"]).stem, with_opt=True)
-                    tracker.best, tracker.reset_on_fit = state["best"], False
-                    checkpoint.best_epoch, checkpoint.best_file = state.get("best_epoch"), files.get("best")
+                    tracker.best, tracker.reset_on_fit = resumed["best"], False
+                    checkpoint.best_epoch, checkpoint.best_file = resumed.get("best_epoch"), files.get("best")
                     if checkpoint.best_file:  # what the tracker restores if the resumed fit finds nothing better
                         tracker.fname = Path(checkpoint.best_file).stem
                     print(f"resuming from {folder}: phase {i + 1}, epoch {start + 1} of {phase['epochs']}")
@@ -553,9 +555,10 @@ def seed_everything(seed: int, reproducible: bool = True) -> None:
     torch.backends.cudnn.benchmark = not reproducible
 
 
-def setup(config: TrainConfig):
+def setup(config: TrainConfig) -> tuple[TrainConfig, pd.DataFrame, Any]:
     """Resolve the config, seed, read and split the data, build DataLoaders and the learner: (config, df, learn)."""
     config = config.resolved()
+    assert config.bs and config.size and config.presize and config.label_smoothing is not None  # resolved() set them
     seed_everything(config.seed, config.reproducible)
     df = prepare(config.data, config.task, config.valid_pct, config.test_pct, config.seed, config.limit,
                  config.drop_missing, config.class_map, config.split_from)
@@ -618,6 +621,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         print(f"{len(df)} images of {df['lesion_id'].nunique()} lesions; {how}:")
         print(split_table(df).to_string())
         if world_size() > 1:
+            assert config.bs  # setup resolved it
             print(f"data-parallel on {world_size()} processes: {config.bs} images per process, "
                   f"{config.bs * world_size()} per step, lr {config.lr:g} (README: more than one GPU)")
         if config.ema:
