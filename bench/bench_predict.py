@@ -7,9 +7,9 @@
 Prints model load times, single-image latency, and images/s of a per-image `learn.predict` loop, of fastai's
 batched `learn.get_preds` at bs 64, and of `predict_batch`, with the ratios; then fastai's test-time augmentation
 (`learn.tta`: five passes) through the learner's own network and through the inference copy, as `evaluate --tta` runs
-it, on the first `--tta-n` images. Timings depend on the input size and
-the machine, not on how well the weights were trained. It asserts nothing about speed: compare ratios measured in
-the same run.
+it, on the first `--tta-n` images; and the latency of a Grad-CAM map (the app's second pass on each photo) against
+the textbook way, a backward pass through the whole network. Timings depend on the input size and the machine, not
+on how well the weights were trained. It asserts nothing about speed: compare ratios measured in the same run.
 """
 
 from __future__ import annotations
@@ -51,6 +51,49 @@ def tta_seconds(clf, images: list[Path], bs: int, model=None) -> float:
     return timed(predict_frame, clf.learn, df, tta=True, bs=bs, model=model)[1]
 
 
+def full_backward_gradcam(learn, image, target: int):
+    """The textbook Grad-CAM heat map (the body's output hooked, the whole network differentiated): the baseline."""
+    import torch
+
+    from skincancer.gradcam import feature_grid, upsample_map
+
+    x = learn.dls.test_dl([image], num_workers=0).one_batch()[0].requires_grad_(True)
+    model, store = learn.model.eval(), {}
+
+    def keep(module, inputs, output):
+        output.retain_grad()
+        store["acts"] = output
+
+    handle = model[0].register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            model.zero_grad()
+            model(x)[0, target].backward()
+    finally:
+        handle.remove()
+    acts, grads = store["acts"].detach(), store["acts"].grad
+    cam = torch.relu((grads.mean(dim=(2, 3), keepdim=True) * acts).sum(dim=1))[0]
+    cam = cam / cam.max() if cam.max() > 0 else cam
+    return upsample_map(cam, feature_grid(model[0]), tuple(x.shape[-2:]), (image.height, image.width)).clamp(0, 1)
+
+
+def gradcam_latencies(learn, images: list) -> dict:
+    """Median ms of skincancer's Grad-CAM and of the full-backward baseline on `images`, and their maps' largest gap."""
+    from skincancer.gradcam import gradcam
+
+    target = len(learn.dls.vocab) - 1  # one class for both: a binary model's malignant
+    ours, base, gap = [], [], 0.0
+    gradcam(learn, images[0], target=target), full_backward_gradcam(learn, images[0], target)  # warm-up
+    for image in images:
+        (heat, _), seconds = timed(gradcam, learn, image, target=target)
+        ours.append(seconds)
+        baseline, seconds = timed(full_backward_gradcam, learn, image, target)
+        base.append(seconds)
+        gap = max(gap, float(abs(heat - baseline.numpy()).max()))
+    return {"gradcam_ms": 1000 * statistics.median(ours), "gradcam_full_ms": 1000 * statistics.median(base),
+            "gradcam_gap": gap}
+
+
 def run(model: Path, images: list[Path], bs: int | None, tta_n: int) -> dict:
     """Measure load, latency and throughput; return the figures."""
     import fastai.vision.all  # noqa: F401  (imports are not load time)
@@ -79,7 +122,8 @@ def run(model: Path, images: list[Path], bs: int | None, tta_n: int) -> dict:
         tta_fastai_s = tta_seconds(clf, images[:tta_n], bs)
         tta_copy_s = tta_seconds(clf, images[:tta_n], bs, model=clf.model)
     n_tta = len(images[:tta_n])
-    return {"tta_images": n_tta, "tta_fastai_images_per_s": n_tta / tta_fastai_s,
+    cams = gradcam_latencies(clf.learn, decoded[: min(20, len(decoded))])
+    return {**cams, "tta_images": n_tta, "tta_fastai_images_per_s": n_tta / tta_fastai_s,
             "tta_copy_images_per_s": n_tta / tta_copy_s, "tta_ratio": tta_fastai_s / tta_copy_s,
             "images": len(images), "size": clf.card.get("size"), "bs": bs, "threads": torch.get_num_threads(),
             "load_safetensors_s": load_safe, "load_pickle_s": load_pickle, "prepare_s": prepare_s,
@@ -118,6 +162,9 @@ def main(argv=None) -> int:
     print(f"  TTA (learn.tta), {r['tta_images']} images, bs {r['bs']}: five passes each")
     print(f"    through the learner's network {r['tta_fastai_images_per_s']:6.1f} images/s")
     print(f"    through the inference copy    {r['tta_copy_images_per_s']:6.1f} images/s ({r['tta_ratio']:.2f}x)")
+    print(f"  Grad-CAM map, one photo      {r['gradcam_ms']:8.1f} ms (median; the app's second pass)")
+    print(f"    textbook: backward through the whole network {r['gradcam_full_ms']:.1f} ms, "
+          f"{r['gradcam_full_ms'] / r['gradcam_ms']:.2f}x ours; the maps differ by at most {r['gradcam_gap']:.1e}")
     return 0
 
 

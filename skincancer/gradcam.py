@@ -149,27 +149,23 @@ def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45):
     img = open_image(image)
     x = learn.dls.test_dl([img], num_workers=0).one_batch()[0]
     model = learn.model.eval()
-    body = model[0]
-    store: dict = {}
-
-    def keep(module, inputs, output):
-        output.retain_grad()
-        store["acts"] = output
-
-    handle = body.register_forward_hook(keep)
-    try:
-        with torch.enable_grad():
-            x = x.detach().clone().requires_grad_(True)  # gradients flow even through a frozen body
-            logits = model(x)
-            probs = torch.softmax(logits.float(), dim=1)[0].detach().cpu().numpy()
-            idx = _target_indices([str(c) for c in learn.dls.vocab], target, probs)
-            model.zero_grad()
-            # one class: its logit; a group (a dx model's mel, bcc, akiec): the log-sum-exp of theirs, the score
-            # whose softmax share is the group's probability, so the map is of the probability of malignancy
-            torch.logsumexp(logits[0, idx].float(), dim=0).backward()
-    finally:
-        handle.remove()
-    acts, grads = store["acts"].detach(), store["acts"].grad.detach()
+    if not isinstance(model, torch.nn.Sequential) or len(model) < 2:
+        raise SkinCancerError(f"Grad-CAM needs a (body, head) network as fastai's vision_learner builds, "
+                              f"not a {type(model).__name__}")
+    body, head = model[0], model[1:]
+    # the map needs the score's gradient at the body's output only, which the head alone decides: the body runs
+    # without a graph, and the backward pass stops where it starts (a full one also differentiates every weight)
+    with torch.no_grad():
+        acts = body(x)
+    acts = acts.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = head(acts)
+        probs = torch.softmax(logits.float(), dim=1)[0].detach().cpu().numpy()
+        idx = _target_indices([str(c) for c in learn.dls.vocab], target, probs)
+        # one class: its logit; a group (a dx model's mel, bcc, akiec): the log-sum-exp of theirs, the score
+        # whose softmax share is the group's probability, so the map is of the probability of malignancy
+        (grads,) = torch.autograd.grad(torch.logsumexp(logits[0, idx].float(), dim=0), acts)
+    acts = acts.detach()
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * acts).sum(dim=1))[0].float().cpu().numpy()
     if cam.max() > 0:

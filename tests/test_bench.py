@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,9 +34,12 @@ def test_predict_benchmark_smoke_prints_its_figures(ham_dir, tmp_path):
     stdout = smoke("bench_predict.py", tmpdir=tmp_path)
     for figure in ("load (safetensors, default)", "inference copy", "single-image latency", "learn.get_preds, bs 64",
                    "predict_batch, bs 64", "ratio batch / loop", "TTA (learn.tta), 8 images",
-                   "through the inference copy"):
+                   "through the inference copy", "Grad-CAM map, one photo"):
         assert figure in stdout
     assert "at 32 px" in stdout
+    # Grad-CAM's backward pass through the head alone must give the textbook map, a backward through everything
+    gap = re.search(r"the maps differ by at most (\S+)", stdout)
+    assert gap and float(gap.group(1)) < 1e-5, stdout
     assert not list(tmp_path.rglob("*.pkl"))  # the throwaway model went with its temporary folder
 
 

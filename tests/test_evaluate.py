@@ -547,6 +547,27 @@ def test_gradcam_map_and_overlay_on_a_real_lesion(trained, original_images):
     assert change[hot].mean() > change[cold].mean()  # colour goes where the heat is
 
 
+
+def test_gradcam_is_the_textbook_map_without_the_full_backward_pass(trained, original_images, monkeypatch):
+    """Differentiating the head alone gives the map that hooking the body and differentiating everything gives."""
+    from conftest import ROOT
+    from torch import nn
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    from bench_predict import full_backward_gradcam
+
+    learn = load(trained).learn
+    learn.model.zero_grad(set_to_none=True)
+    cases = [(Image.open(path), target) for path in original_images[:3] for target in (0, 1)]
+    heats = [gradcam(learn, image, target=target)[0] for image, target in cases]
+    assert all(p.grad is None for p in learn.model.parameters())  # no weight was differentiated
+    textbooks = [full_backward_gradcam(learn, image, target).numpy() for image, target in cases]
+    assert sum(t.std() > 0.01 for t in textbooks) >= len(cases) / 2  # 2x2 maps with a shape to get wrong
+    for heat, textbook in zip(heats, textbooks):
+        np.testing.assert_allclose(heat, textbook, atol=1e-5)
+    with pytest.raises(SkinCancerError, match=r"Grad-CAM needs a \(body, head\) network .* not a Conv2d"):
+        _gradcam_with(learn, nn.Conv2d(3, 2, 1), np.zeros((150, 200, 3), np.uint8))
+
 def test_metrics_table_tells_class_recall_from_the_benign_malignant_call():
     targets = np.array([0, 4, 4, 5, 5, 5])  # akiec, mel, mel, nv, nv, nv
     probs = np.full((6, 7), 0.01)
