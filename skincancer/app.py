@@ -84,16 +84,13 @@ def markdown_text(text: str) -> str:
 
 def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6)) -> tuple[str, Any, Any]:
     """(Markdown verdict, class probabilities, Grad-CAM overlay) for an uploaded file; a message when it is unusable."""
-    from .gradcam import gradcam
-
     if not path:
         return "Upload a photo of a lesion, or take one with the camera.", None, None
     try:
         image = _open_upload(path, max_bytes)
     except SkinCancerError as e:
         return str(e), None, None
-    result = clf.predict(image)
-    _, overlay = gradcam(clf.learn, image)
+    result, _, overlay = clf.explain(image)
     return verdict(clf, result), result["probabilities"], overlay
 
 
@@ -114,7 +111,7 @@ def analyse_lesion(clf: Classifier, paths: list[str] | None, max_bytes: int = in
     except SkinCancerError as e:
         return str(e), None, None
     result = clf.predict_lesion(images)
-    overlays = [gradcam(clf.learn, image)[1] for image in images]
+    overlays = [gradcam(clf.learn, image, model=clf.model)[1] for image in images]
     return verdict(clf, result, [Path(p).name for p in paths]), result["probabilities"], side_by_side(overlays)
 
 

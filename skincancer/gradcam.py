@@ -132,46 +132,42 @@ def _target_indices(classes: list[str], target: str | int | None, probs) -> list
     return [classes.index(target)]
 
 
-def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45):
-    """Heat map (H, W) in [0, 1] at the image's size and an RGB overlay, for `target` (default: malignant).
+def class_activation(model, x, classes: list[str], target: str | int | None = None):
+    """(Grad-CAM map at the body's feature size, scaled to [0, 1]; class probabilities) of a one-image batch `x`.
 
-    The map comes from the gradients of the class score with respect to the last convolutional block (the body),
-    and is laid on the image where the body's cells sit (`feature_grid`). `target` is a class name or index;
-    'malignant' (the default) is a 7-diagnosis model's mel, bcc and akiec together; a model with no malignant
-    class gets its most likely class.
+    `model` is a (body, head) network as fastai's vision_learner builds it. The map needs the score's gradient at the
+    body's output only, which the head alone decides: the body runs without a graph and only the head is
+    differentiated (a backward pass through the whole network, the textbook way, would also differentiate every
+    weight, for the same map at three times the cost on a CPU).
     """
     import torch
-    from matplotlib import colormaps
-    from PIL import Image
 
-    from .predict import open_image
-
-    img = open_image(image)
-    x = learn.dls.test_dl([img], num_workers=0).one_batch()[0]
-    model = learn.model.eval()
     if not isinstance(model, torch.nn.Sequential) or len(model) < 2:
         raise SkinCancerError(f"Grad-CAM needs a (body, head) network as fastai's vision_learner builds, "
                               f"not a {type(model).__name__}")
     body, head = model[0], model[1:]
-    # the map needs the score's gradient at the body's output only, which the head alone decides: the body runs
-    # without a graph, and the backward pass stops where it starts (a full one also differentiates every weight)
     with torch.no_grad():
         acts = body(x)
     acts = acts.detach().requires_grad_(True)
     with torch.enable_grad():
         logits = head(acts)
         probs = torch.softmax(logits.float(), dim=1)[0].detach().cpu().numpy()
-        idx = _target_indices([str(c) for c in learn.dls.vocab], target, probs)
+        idx = _target_indices(classes, target, probs)
         # one class: its logit; a group (a dx model's mel, bcc, akiec): the log-sum-exp of theirs, the score
         # whose softmax share is the group's probability, so the map is of the probability of malignancy
         (grads,) = torch.autograd.grad(torch.logsumexp(logits[0, idx].float(), dim=0), acts)
-    acts = acts.detach()
     weights = grads.mean(dim=(2, 3), keepdim=True)
-    cam = torch.relu((weights * acts).sum(dim=1))[0].float().cpu().numpy()
-    if cam.max() > 0:
-        cam = cam / cam.max()
+    cam = torch.relu((weights * acts.detach()).sum(dim=1))[0].float().cpu().numpy()
+    return (cam / cam.max() if cam.max() > 0 else cam), probs
+
+
+def heat_overlay(img, cam, body, input_hw: tuple[int, int], alpha: float = 0.45):
+    """(heat map at the photo's size in [0, 1], RGB overlay) of a feature-size `cam` of `img` seen at `input_hw`."""
+    from matplotlib import colormaps
+    from PIL import Image
+
     # the model saw the photo squished to a square, so stretching the map back to the photo's shape is exact
-    heat = upsample_map(cam, feature_grid(body), tuple(x.shape[-2:]), (img.height, img.width)).numpy()
+    heat = upsample_map(cam, feature_grid(body), input_hw, (img.height, img.width)).numpy()
     heat = np.clip(heat, 0.0, 1.0)
     colour = colormaps["jet"](heat)[..., :3] * 255
     # colour in proportion to the heat: where nothing raised the score the photo shows through unchanged
@@ -179,6 +175,23 @@ def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45):
     overlay = Image.fromarray((np.asarray(img.convert("RGB"), dtype=np.float32) * (1 - a) + colour * a)
                               .round().astype(np.uint8))
     return heat, overlay
+
+
+def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45, model=None):
+    """Heat map (H, W) in [0, 1] at the image's size and an RGB overlay, for `target` (default: malignant).
+
+    The map comes from the gradients of the class score with respect to the last convolutional block (the body),
+    and is laid on the image where the body's cells sit (`feature_grid`). `target` is a class name or index;
+    'malignant' (the default) is a 7-diagnosis model's mel, bcc and akiec together; a model with no malignant
+    class gets its most likely class. `model` runs in place of the learner's network (`Classifier.model`, say).
+    """
+    from .predict import open_image
+
+    img = open_image(image)
+    x = learn.dls.test_dl([img], num_workers=0).one_batch()[0]
+    model = (learn.model if model is None else model).eval()
+    cam, _ = class_activation(model, x, [str(c) for c in learn.dls.vocab], target)
+    return heat_overlay(img, cam, model[0], tuple(x.shape[-2:]), alpha)
 
 
 def plot_gradcam_grid(learn, images, titles=None, cols: int = 4, target: str | int | None = None):

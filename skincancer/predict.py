@@ -147,6 +147,23 @@ class Classifier:
         """Label, probability of malignancy and every class probability for one image."""
         return self._result(describe(image), self._probs([open_image(image)], bs=1)[0])
 
+    def explain(self, image: ImageInput, target: str | int | None = None) -> tuple[dict, np.ndarray, Any]:
+        """`predict`'s result for one image, with its Grad-CAM heat map and overlay (`gradcam`), from one pass.
+
+        The probabilities are `predict`'s (the same network, input and activation); the map is of `target`
+        (default: malignant).
+        """
+        import torch
+
+        from .gradcam import class_activation, heat_overlay
+
+        img = open_image(image)
+        x = self.learn.dls.test_dl([img], bs=1, num_workers=0).one_batch()[0]
+        x = x.contiguous(memory_format=torch.channels_last)  # as batch_preds feeds the network
+        cam, probs = class_activation(self.model, x, self.classes, target)
+        heat, overlay = heat_overlay(img, cam, self.model[0], tuple(x.shape[-2:]))
+        return self._result(describe(image), probs), heat, overlay
+
     def predict_batch(self, images: Iterable[ImageInput], bs: int | None = None, chunk: int = 512) -> list[dict]:
         """Predict many images in batches (`batch_size` by default); an unreadable one yields {'image', 'error'}."""
         return [r for results in self.predict_chunks(images, bs, chunk) for r in results]
@@ -198,17 +215,26 @@ def inference_model(model):
     """A copy of `model` for prediction only: in eval mode, each BatchNorm folded into its convolution, channels_last.
 
     Folding removes a pass over every activation and channels_last is oneDNN's preferred layout on a CPU; the copy
-    computes the same function (to float rounding), so the learner's own model stays as trained, for Grad-CAM.
+    computes the same function (to float rounding), and the learner's own model stays as trained. A (body, head)
+    network is folded part by part, so the copy keeps the two parts Grad-CAM needs (`Classifier.explain`).
     """
     import torch
-    from torch.fx.experimental.optimization import fuse
 
     model = copy.deepcopy(model).eval()
-    try:
-        model = fuse(model)
-    except Exception:  # an architecture torch.fx cannot trace keeps its BatchNorms: slower, the same predictions
-        pass
+    if isinstance(model, torch.nn.Sequential):
+        model = torch.nn.Sequential(*(_folded(part) for part in model))
+    else:
+        model = _folded(model)
     return model.to(memory_format=torch.channels_last)
+
+
+def _folded(module):
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(module)
+    except Exception:  # an architecture torch.fx cannot trace keeps its BatchNorms: slower, the same predictions
+        return module
 
 
 @contextlib.contextmanager

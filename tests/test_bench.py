@@ -34,7 +34,7 @@ def test_predict_benchmark_smoke_prints_its_figures(ham_dir, tmp_path):
     stdout = smoke("bench_predict.py", tmpdir=tmp_path)
     for figure in ("load (safetensors, default)", "inference copy", "single-image latency", "learn.get_preds, bs 64",
                    "predict_batch, bs 64", "ratio batch / loop", "TTA (learn.tta), 8 images",
-                   "through the inference copy", "Grad-CAM map, one photo"):
+                   "through the inference copy", "Grad-CAM map, one photo", "explain: predict + Grad-CAM"):
         assert figure in stdout
     assert "at 32 px" in stdout
     # Grad-CAM's backward pass through the head alone must give the textbook map, a backward through everything

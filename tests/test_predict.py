@@ -121,6 +121,28 @@ def test_the_inference_copy_folds_batchnorm_and_predicts_as_fastai(clf, original
     assert not torch.allclose(probs[0], probs[1])  # different photos, different outputs: not a constant
 
 
+
+def test_explain_is_predict_and_gradcam_in_one_pass(clf, original_images):
+    """The app's call: predict's result and the learner's own Grad-CAM map, through one pass of the inference copy."""
+    from skincancer.gradcam import gradcam
+
+    calls = []
+    hook = clf.model[0].register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        for path in original_images[:3]:
+            result, heat, overlay = clf.explain(path)
+            assert len(calls) == 1  # the body ran once, for both
+            calls.clear()
+            plain = clf.predict(path)
+            assert result["call"] == plain["call"] and result["image"] == plain["image"] == str(path)
+            assert result["malignant_probability"] == pytest.approx(plain["malignant_probability"], abs=1e-6)
+            own_heat, _ = gradcam(clf.learn, path)  # through the learner's network, BatchNorms unfolded
+            np.testing.assert_allclose(heat, own_heat, atol=1e-4)
+            assert heat.shape == (overlay.height, overlay.width)
+            calls.clear()
+    finally:
+        hook.remove()
+
 def test_the_loss_decodes_a_binary_model_at_its_operating_threshold():
     import torch
 
