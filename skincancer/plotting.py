@@ -130,8 +130,10 @@ def plot_prediction(clf, image, result: dict | None = None):
     from .predict import DISCLAIMER, open_image
 
     plt = pyplot()
-    result = result or clf.predict(image)
-    _, overlay = gradcam(clf.learn, image)
+    if result is None:
+        result, _, overlay = clf.explain(image)  # one pass for both
+    else:
+        _, overlay = gradcam(clf.learn, image, model=clf.model)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), gridspec_kw={"width_ratios": [4, 4, 3]})
     axes[0].imshow(open_image(image))
     axes[1].imshow(overlay)

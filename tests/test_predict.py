@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from skincancer import SkinCancerError, cli
-from skincancer.predict import load, open_image
+from skincancer.predict import DISCLAIMER, load, open_image
 
 
 @pytest.fixture(scope="session")
@@ -142,6 +142,20 @@ def test_explain_is_predict_and_gradcam_in_one_pass(clf, original_images):
             calls.clear()
     finally:
         hook.remove()
+
+
+def test_plot_prediction_titles_the_call_with_or_without_a_result(clf, original_images):
+    import matplotlib.pyplot as plt
+
+    from skincancer.plotting import plot_prediction
+
+    plain = clf.predict(original_images[0])
+    for given in (None, plain):
+        fig = plot_prediction(clf, original_images[0], given)
+        title = fig._suptitle.get_text()
+        assert title.startswith(f"{plain['call']}: probability of malignancy {plain['malignant_probability']:.2f}")
+        assert DISCLAIMER in title and len(fig.axes) == 3
+        plt.close(fig)
 
 def test_the_loss_decodes_a_binary_model_at_its_operating_threshold():
     import torch
