@@ -97,8 +97,6 @@ def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_M
 def analyse_lesion(clf: Classifier, paths: list[str] | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6),
                    max_photos: int = MAX_LESION_PHOTOS) -> tuple[str, Any, Any]:
     """(Markdown verdict, mean class probabilities, Grad-CAMs side by side) for several photos of one lesion."""
-    from .gradcam import gradcam
-
     paths = [p for p in paths or [] if p]
     if not paths:
         return "Upload two or more photos of the same lesion (select them together).", None, None
@@ -110,8 +108,7 @@ def analyse_lesion(clf: Classifier, paths: list[str] | None, max_bytes: int = in
         images = [_open_upload(p, max_bytes) for p in paths]
     except SkinCancerError as e:
         return str(e), None, None
-    result = clf.predict_lesion(images)
-    overlays = [gradcam(clf.learn, image, model=clf.model)[1] for image in images]
+    result, overlays = clf.explain_lesion(images)
     return verdict(clf, result, [Path(p).name for p in paths]), result["probabilities"], side_by_side(overlays)
 
 

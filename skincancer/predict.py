@@ -197,12 +197,25 @@ class Classifier:
         score), as `evaluate` counts lesion by lesion. An unreadable photo is an error naming it: a call on the
         others would silently be about fewer photos than asked.
         """
+        images, opened = self._open_lesion(images, "predict_lesion")
+        probs = self._probs(opened, bs)
+        return self._lesion([self._result(describe(image), p) for image, p in zip(images, probs)])
+
+    def explain_lesion(self, images: Iterable[ImageInput], target: str | int | None = None) -> tuple[dict, list]:
+        """`predict_lesion`'s result and each photo's Grad-CAM overlay, one pass a photo (`explain`)."""
+        images, opened = self._open_lesion(images, "explain_lesion")
+        explained = [self.explain(image, target) for image in opened]
+        photos = [{**result, "image": describe(image)} for (result, _, _), image in zip(explained, images)]
+        return self._lesion(photos), [overlay for _, _, overlay in explained]
+
+    @staticmethod
+    def _open_lesion(images: Iterable[ImageInput], caller: str) -> tuple[list, list]:
         images = list(images)
         if not images:
-            raise SkinCancerError("predict_lesion: no photos given")
-        opened = [open_image(image) for image in images]  # raises on the first unreadable one, naming it
-        probs = self._probs(opened, bs)
-        photos = [self._result(describe(image), p) for image, p in zip(images, probs)]
+            raise SkinCancerError(f"{caller}: no photos given")
+        return images, [open_image(image) for image in images]  # raises on the first unreadable one, naming it
+
+    def _lesion(self, photos: list[dict]) -> dict:
         p_mal = float(np.mean([r["malignant_probability"] for r in photos]))
         scores = np.mean([list(r["probabilities"].values()) for r in photos], axis=0)
         return {"lesion": [r["image"] for r in photos], **self._decision(p_mal, scores), "photos": photos}

@@ -144,6 +144,29 @@ def test_explain_is_predict_and_gradcam_in_one_pass(clf, original_images):
         hook.remove()
 
 
+
+def test_explain_lesion_is_predict_lesion_with_each_photos_map(clf, original_images, tmp_path):
+    paths = original_images[:3]
+    calls = []
+    hook = clf.model[0].register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    try:
+        result, overlays = clf.explain_lesion(paths)
+    finally:
+        hook.remove()
+    assert calls == [1, 1, 1]  # one pass a photo, for its probabilities and its map
+    plain = clf.predict_lesion(paths)
+    assert result["lesion"] == plain["lesion"] == [str(p) for p in paths] and result["call"] == plain["call"]
+    assert result["malignant_probability"] == pytest.approx(plain["malignant_probability"], abs=1e-5)
+    for mine, theirs, overlay, path in zip(result["photos"], plain["photos"], overlays, paths):
+        assert mine["malignant_probability"] == pytest.approx(theirs["malignant_probability"], abs=1e-5)
+        assert overlay.size == open_image(path).size
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(SkinCancerError, match="bad.jpg"):
+        clf.explain_lesion([paths[0], bad])
+    with pytest.raises(SkinCancerError, match="explain_lesion: no photos given"):
+        clf.explain_lesion([])
+
 def test_plot_prediction_titles_the_call_with_or_without_a_result(clf, original_images):
     import matplotlib.pyplot as plt
 
