@@ -1,13 +1,11 @@
-"""Input-pipeline benchmark: training batches from the presized cache, two-pass against one-pass augmentation,
-each with fastai's transforms and with skincancer.augment's (the same images, no host synchronisations).
+"""Input-pipeline benchmark: training batches from the presized cache, with fastai's batch transforms and with
+skincancer.augment's (the same images, without reading values back from the GPU).
 
     python bench/bench_augment.py --data DIR [--size 224] [--bs 256] [--batches 50]
     python bench/bench_augment.py --smoke      # seconds on a CPU; CI runs it to keep it working
 
 Times what a training epoch spends before the model sees a batch: gathering it from the presized cache (on the GPU
-when there is one) and fastai's batch transforms, for `--augment two-pass` (fastai's `aug_transforms` with
-`min_scale`: an affine resample at the presize, then a random crop resampled to the size) and `one-pass` (the crop
-folded into the zoom: one resample at the size). On CUDA it also counts the host synchronisations per batch, which
+when there is one) and the batch augmentation. On CUDA it also counts the host synchronisations per batch, which
 stop the CPU from queueing the next kernels while the GPU works. It asserts nothing about speed: compare the ratio
 measured in one run.
 """
@@ -21,13 +19,15 @@ import time
 import warnings
 from unittest import mock
 
+import torch
 from common import SHARED, sync
+
+from skincancer.data import prepare
+from skincancer.datablock import make_dataloaders
 
 
 def time_loader(dl, batches: int) -> tuple[float, float | None]:
     """(seconds per batch, host syncs per batch or None off CUDA) over `batches` batches after one warm-up batch."""
-    import torch
-
     cuda = torch.cuda.is_available()
     it = iter(dl)
     next(it)
@@ -68,39 +68,27 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.limit, args.size, args.bs, args.batches = 200, 32, 16, 4
-
-    from skincancer.data import prepare
-
     df = prepare(args.data, "binary", limit=args.limit)
     with tempfile.TemporaryDirectory(prefix="skincancer-cache-") as tmp:  # removed at the end unless --cache-dir
         return time_all(args, df, args.cache_dir or tmp)
 
 
 def time_all(args, df, cache_dir: str) -> int:
-    """Time every augment pipeline with fastai's transforms and ours; print ms/batch, images/s and the ratios."""
-    import torch
-
-    import skincancer.augment
-    from skincancer.data import AUGMENTS, make_dataloaders
-
+    """Time the training loader with fastai's transforms and ours; print ms/batch, images/s and the ratio."""
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device}; {int((df['split'] == 'train').sum())} training images, {args.size} px, bs {args.bs}, "
           f"torch {torch.__version__}")
     rows = {}
-    for augment in AUGMENTS:
-        for transforms in ("fastai", "ours"):
-            # fastai's: the transforms as `aug_transforms` returns them; ours: skincancer.augment's sync-free ones
-            fastais = mock.patch.object(skincancer.augment, "without_host_syncs", list)
-            with fastais if transforms == "fastai" else contextlib.nullcontext():
-                dls = make_dataloaders(df, "binary", args.size, args.bs, cache=cache_dir, augment=augment)
-            per_batch, syncs = time_loader(dls.train, args.batches)
-            rows[augment, transforms] = per_batch
-            print(f"{augment:<9} {transforms:<7} {per_batch * 1000:8.1f} ms/batch {args.bs / per_batch:9.0f} images/s"
-                  + ("" if syncs is None else f"   {syncs:.1f} host syncs/batch"), flush=True)
-    for augment in AUGMENTS:
-        print(f"ratio ours / fastai's transforms, {augment}, images/s: "
-              f"{rows[augment, 'fastai'] / rows[augment, 'ours']:.2f}x")
-    print(f"ratio one-pass / two-pass, images/s: {rows['two-pass', 'ours'] / rows['one-pass', 'ours']:.2f}x")
+    for transforms in ("fastai", "ours"):
+        # fastai's: the transforms as `aug_transforms` returns them; ours: skincancer.augment's sync-free ones
+        fastais = mock.patch("skincancer.datablock.without_host_syncs", list)
+        with fastais if transforms == "fastai" else contextlib.nullcontext():
+            dls = make_dataloaders(df, "binary", args.size, args.bs, cache=cache_dir)
+        per_batch, syncs = time_loader(dls.train, args.batches)
+        rows[transforms] = per_batch
+        print(f"{transforms:<7} {per_batch * 1000:8.1f} ms/batch {args.bs / per_batch:9.0f} images/s"
+              + ("" if syncs is None else f"   {syncs:.1f} host syncs/batch"), flush=True)
+    print(f"ratio ours / fastai's transforms, images/s: {rows['fastai'] / rows['ours']:.2f}x")
     return 0
 
 

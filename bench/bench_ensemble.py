@@ -25,14 +25,17 @@ import numpy as np
 
 from common import SHARED
 
+from skincancer.data import lesion_groups, read_metadata, read_split
+from skincancer.files import model_files, write_json_atomic
+from skincancer.metrics import call_statistics, choose_threshold, malignant_scores, paired_bootstrap
+from skincancer.predict import load
+from skincancer.train import TrainConfig, train
+
 STATISTICS = ("auroc", "sensitivity", "specificity", "balanced_accuracy")
 
 
 def shared_split(models: list[Path], df):
     """The split every model recorded beside it (NAME.split.csv), or SystemExit naming the first that differs."""
-    from skincancer.data import read_split
-    from skincancer.files import model_files
-
     splits = [read_split(model_files(m)["split"], df) for m in models]
     for model, split in zip(models[1:], splits[1:]):
         for part in ("valid", "test"):
@@ -44,18 +47,12 @@ def shared_split(models: list[Path], df):
 
 def probabilities(clf, items) -> tuple[np.ndarray, np.ndarray]:
     """(truth, calibrated probability of malignancy) of `items` by one loaded model, through its inference copy."""
-    from skincancer.evaluate import predict_loaded
-    from skincancer.metrics import malignant_scores
-
-    probs, targets = predict_loaded(clf, items)
+    probs, targets = clf.predict_frame(items)
     return malignant_scores(probs, targets, clf.classes, clf.calibration)
 
 
 def measure(clfs: list, df, target_sensitivity: float, n_boot: int) -> dict[str, dict]:
     """For valid and test: each model's and the average's statistics, and the average's paired differences."""
-    from skincancer.evaluate import lesion_groups
-    from skincancer.metrics import call_statistics, choose_threshold, paired_bootstrap
-
     out, threshold = {}, None
     for split in ("valid", "test"):
         items = df[df["split"] == split].reset_index(drop=True)
@@ -100,9 +97,6 @@ def throwaway_pair(folder: Path, size: int) -> list[Path]:
     """Two real models at `size` on ~120 images for one epoch, on one split, trained with different seeds."""
     from bench_predict import throwaway_model
 
-    from skincancer.files import model_files
-    from skincancer.train import TrainConfig, train
-
     first = throwaway_model(folder, size)
     second = folder / "second.pkl"
     train(TrainConfig(data=str(SHARED / "ham10000_200x150"), pretrained=False, epochs=1, size=size, bs=32,
@@ -122,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and len(args.models or []) < 2:
         p.error("--models needs two or more exported models (or --smoke)")
 
-    from skincancer.data import read_metadata
-    from skincancer.predict import load
-
     with tempfile.TemporaryDirectory() as tmp:
         models = throwaway_pair(Path(tmp), 32) if args.smoke else args.models
         clfs = [load(m) for m in models]
@@ -137,8 +128,6 @@ def main(argv: list[str] | None = None) -> int:
           "minus each other row, B - A (95% interval, lesions resampled); calls at each one's threshold")
     report(clfs, result)
     if args.out:
-        from skincancer.files import write_json_atomic
-
         write_json_atomic(args.out, {"models": [str(m) for m in models], "cards": [clf.card for clf in clfs],
                                      "splits": result})
     return 0

@@ -2,11 +2,9 @@
 
     python bench/bench_train.py --data DIR                      # seed and ours, binary, 224 px, from scratch
     python bench/bench_train.py --data DIR --runs ours --size 128 --epochs 60   # ours at the from-scratch default
-    python bench/bench_train.py --data DIR --runs ours --epochs 40 --set mixup=0.4 --set size=160
-    python bench/bench_train.py --data DIR --runs ours --set augment=one-pass --set compile=true
-    python bench/bench_train.py --data DIR --runs ours,ours+loss_on_device=true --epochs 12   # a change, one run
-    python bench/bench_train.py --data DIR --runs ours,ours+reproducible=false --epochs 12 --synthetic
-    python bench/bench_train.py --data DIR --size 128 --runs ours,ours+seed=1,ours+mixup=0.2,ours+mixup=0.2+seed=1
+    python bench/bench_train.py --data DIR --runs ours --set compile=true --epochs 40
+    python bench/bench_train.py --data DIR --size 128 --runs ours,ours+seed=1,ours+wd=0.1,ours+wd=0.1+seed=1
+    python bench/bench_train.py --data DIR --runs ours+recipe=cpu+weights=FILE,ours+size=64+epochs=12 --set bs=64
     python bench/bench_train.py --data DIR --recipes runs1.jsonl runs2.jsonl   # compare what those runs wrote
     python bench/bench_train.py --smoke                         # seconds on a CPU; CI runs it to keep it working
 
@@ -14,7 +12,7 @@ The seed recipe is fastai's defaults as the seed projects wrote them: DataBlock 
 (scaled with --size), `aug_transforms(size)`, bs 64, fp16 (on a GPU), `fit_one_cycle` at fastai's default rate.
 Ours is `skincancer.train` with its defaults (presized cache on the GPU, bf16, channels_last, the from-scratch
 recipe), overridden by --set. Both train from random weights at --size (224 unless given; the from-scratch default
-is 128) on the package's lesion-grouped split.
+is 128) on the package's lesion-grouped split, unless a run names a recipe (`ours+recipe=cpu`), which then decides.
 
 A run named `ours+key=value+...` is ours with those TrainConfig overrides on top of --set's: several in one
 `--runs` measure a change against ours in one process (repeat them in the other order too: a process's later
@@ -45,13 +43,25 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+import torchvision
 from common import SHARED, sync
+from fastai.callback.core import Callback
+from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Resize, aug_transforms,
+                               resnet50, vision_learner)
+from scipy.stats import t as student_t
+
+from skincancer.classifier import predict_frame
+from skincancer.config import TrainConfig
+from skincancer.data import prepare
+from skincancer.labels import classes_for
+from skincancer.metrics import classification_metrics, malignant_scores, paired_bootstrap
+from skincancer.model import metrics_for
+from skincancer.train import fit, seed_everything, setup
 
 
 def epoch_timer():
     """A fastai callback recording each epoch's wall time, and the part of it spent validating."""
-    from fastai.callback.core import Callback
-
     class EpochTimer(Callback):
         order = 100
 
@@ -79,9 +89,6 @@ def epoch_timer():
 
 def scores(learn, df, tta: bool = False) -> tuple[dict, dict]:
     """AUROC and balanced accuracy (at 0.5) on valid and test, and each split's truth and malignant probabilities."""
-    from skincancer.evaluate import predict_frame
-    from skincancer.metrics import classification_metrics, malignant_scores
-
     classes = [str(c) for c in learn.dls.vocab]
     out, preds = {}, {}
     for split in ("valid", "test"):
@@ -94,8 +101,6 @@ def scores(learn, df, tta: bool = False) -> tuple[dict, dict]:
 
 def paired(first: tuple, later: tuple, lesions) -> dict:
     """A later run's AUROC and balanced accuracy (at 0.5) against the first's on the same images, paired by lesion."""
-    from skincancer.metrics import paired_bootstrap
-
     result = paired_bootstrap(first[0], first[1], later[1], n_boot=1000, groups=lesions)
     return {k: {"difference": result[k]["difference"], "ci95": result[k]["ci"], "p_value": result[k]["p_value"]}
             for k in ("auroc", "balanced_accuracy")}
@@ -123,9 +128,7 @@ def compare_recipes(runs: dict[str, dict], preds: dict[str, dict], lesions: dict
     trainings of one recipe, so recipes need two trainings or more (`+seed=N`) for the wider interval. It assumes the
     two sources add: var = se(images)^2 + sd^2 (1/k_a + 1/k_b), with Student's t on the pooled degrees of freedom.
     """
-    from scipy import stats
 
-    from skincancer.metrics import paired_bootstrap
 
     recipes: dict[str, list[str]] = {}
     for name in runs:
@@ -158,7 +161,7 @@ def compare_recipes(runs: dict[str, dict], preds: dict[str, dict], lesions: dict
                 entry = {"difference": d["difference"], "ci_images": d["ci"], "p_value_images": d["p_value"]}
                 if d["se"] is not None and noise["sd"] is not None:
                     se = float(np.hypot(d["se"], noise["sd"] * np.sqrt(1 / ka + 1 / kb)))
-                    half = float(stats.t.ppf((1 + level) / 2, noise["df"])) * se
+                    half = float(student_t.ppf((1 + level) / 2, noise["df"])) * se
                     # a difference of two proportions stays within [-1, 1], whatever the normal approximation says
                     lo, hi = d["difference"] - half, d["difference"] + half
                     entry["ci_with_training_noise"] = [max(-1.0, lo), min(1.0, hi)]
@@ -212,13 +215,6 @@ def append_line(path: str, record: dict) -> None:
 
 def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
     """The seed recipe: files decoded every epoch, Resize(460), aug_transforms, fp16, fit_one_cycle."""
-    import torch
-    from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Resize,
-                                   aug_transforms, resnet50, vision_learner)
-
-    from skincancer.data import classes_for
-    from skincancer.train import metrics_for
-
     # PyTorch's cuDNN defaults, as a script that never calls set_seed runs, whatever an earlier run here chose
     torch.backends.cudnn.deterministic = torch.backends.cudnn.benchmark = False
     start = time.perf_counter()
@@ -244,13 +240,15 @@ def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
 
 
 def our_run(df, data: str, overrides: dict, cache_dir: str, workdir: Path) -> dict:
-    """skincancer.train's setup and fit with its defaults and `overrides`, on the split in `df`, under `workdir`."""
-    from skincancer import train as T
+    """skincancer.train's setup and fit with its defaults and `overrides`, on the split in `df`, under `workdir`.
 
-    config = T.TrainConfig(data=data, pretrained=False, out=str(Path(tempfile.mkdtemp(dir=workdir)) / "bench.pkl"),
-                           cache_dir=cache_dir, **overrides)
+    From random weights unless the overrides name a recipe, whose own choice stands.
+    """
+    start_from = {} if "recipe" in overrides else {"pretrained": False}
+    config = TrainConfig(data=data, out=str(Path(tempfile.mkdtemp(dir=workdir)) / "bench.pkl"),
+                         cache_dir=cache_dir, **{**start_from, **overrides})
     start = time.perf_counter()
-    config, split_df, learn = T.setup(config)
+    config, split_df, learn = setup(config)
     by_image = split_df.set_index("image_id")["split"].sort_index()
     assert by_image.equals(df.set_index("image_id")["split"].sort_index()), "every run must see one split"
     prep = time.perf_counter() - start
@@ -259,25 +257,18 @@ def our_run(df, data: str, overrides: dict, cache_dir: str, workdir: Path) -> di
     with learn.no_bar():
         sync()
         start = time.perf_counter()
-        best = T.fit(learn, config, T.monitor_for(config.task))
+        best = fit(learn, config)
         sync()
         wall = time.perf_counter() - start
     learn.remove_cb(timer)
-    keys = ("seed", "epochs", "size", "bs", "lr", "wd", "label_smoothing", "mixup", "ema", "augment", "imbalance",
-            "compile", "loss_on_device", "reproducible", "cache")
+    settings = {**config.identity(), "compile": config.compile, "cache": config.cache}
     return dict(learn=learn, prep_s=prep, fit_s=wall, epoch_s=timer.times, valid_s=timer.valid_times, best_epoch=best,
-                settings={k: getattr(config, k) for k in keys})
+                settings=settings)
 
 
-def synthetic_ceiling(size: int, bs: int = 256, steps: int = 30, compile: bool = False,
-                      reproducible: bool = True) -> float:
+def synthetic_ceiling(size: int, bs: int = 256, steps: int = 30, compile: bool = False) -> float:
     """Images/s of bare ResNet50 training steps on random GPU tensors (bf16 autocast, channels_last)."""
-    import torch
-    import torchvision
-
-    from skincancer.train import seed_everything
-
-    seed_everything(0, reproducible)  # cuDNN's algorithms as a training run with the same setting picks them
+    seed_everything(0)  # cuDNN's algorithms as a training run picks them
     model = torchvision.models.resnet50(num_classes=2).cuda().to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     step_model = torch.compile(model) if compile else model
@@ -303,8 +294,6 @@ def synthetic_ceiling(size: int, bs: int = 256, steps: int = 30, compile: bool =
 
 def parse_sets(pairs: list[str]) -> dict:
     """key=value pairs (--set, or a run's +key=value) as TrainConfig overrides, values parsed as JSON if they can be."""
-    from skincancer.train import TrainConfig
-
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
     for pair in pairs:
@@ -362,10 +351,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_all(args, overrides: dict, workdir: Path, cache_dir: str) -> int:
     """Train every run of --runs on one split written in `workdir`; print and --out each, then the comparisons."""
-    import torch
-
-    from skincancer.data import prepare
-
     df = prepare(args.data, "binary", seed=overrides.get("seed", 42), limit=args.limit)
     # every run trains on this one split: a run's own seed (ours+seed=N) changes only its training
     split_csv = workdir / "bench.split.csv"
@@ -416,10 +401,9 @@ def run_all(args, overrides: dict, workdir: Path, cache_dir: str) -> int:
 
     if args.synthetic and torch.cuda.is_available():
         for compiled in (False, True):
-            for reproducible in (True, False):
-                rate = synthetic_ceiling(args.size, compile=compiled, reproducible=reproducible)
-                print(f"synthetic ResNet50 step at {args.size}px, bs 256, bf16, channels_last, compile={compiled}, "
-                      f"reproducible={reproducible}: {rate:.0f} images/s", flush=True)
+            rate = synthetic_ceiling(args.size, compile=compiled)
+            print(f"synthetic ResNet50 step at {args.size}px, bs 256, bf16, channels_last, compile={compiled}: "
+                  f"{rate:.0f} images/s", flush=True)
 
     width = max(len(r["name"]) for r in rows) if rows else 3
     print(f"\n{'run':<{width}} {'size':>4} {'epochs':>6} {'images/s':>9} {'steady/s':>9} {'fit s':>7} {'valid %':>7} "
@@ -458,8 +442,6 @@ def run_all(args, overrides: dict, workdir: Path, cache_dir: str) -> int:
 
 def recipes_from_files(files: list[str], data: str) -> int:
     """--recipes: compare_recipes over the `ours` runs that earlier benchmark runs wrote with --out, on one split."""
-    from skincancer.data import prepare
-
     runs: dict[str, dict] = {}
     for file in files:
         for line in Path(file).read_text(encoding="utf-8").splitlines():

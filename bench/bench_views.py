@@ -20,24 +20,32 @@ import sys
 import tempfile
 from pathlib import Path
 
+from itertools import islice
+
+import pandas as pd
+import torch
 from common import SHARED
+from fastai.torch_core import set_seed
+
+from skincancer.classifier import lent_model
+from skincancer.data import add_labels, lesion_groups, read_metadata, read_split
+from skincancer.datablock import make_datablock
+from skincancer.files import model_files
+from skincancer.labels import is_malignant_class, malignant_probability
+from skincancer.metrics import paired_bootstrap
+from skincancer.model import card_stats
+from skincancer.predict import load
 
 
-def loader(task: str, size: int, presize: int, items, bs: int):
+def loader(card: dict, size: int, presize: int, items, bs: int):
     """A DataLoader of `items` through the validation pipeline at `size` (the `predict` pipeline at that size)."""
-    import pandas as pd
-
-    from skincancer.data import make_datablock
-
     # fastai sets transforms up on a training set; one image stands in for it and is never predicted
     frame = pd.concat([items.iloc[:1].assign(is_valid=False), items.assign(is_valid=True)], ignore_index=True)
-    return make_datablock(task, size, presize).dataloaders(frame, bs=bs, num_workers=0).valid
+    return make_datablock(card["task"], size, presize, card_stats(card)).dataloaders(frame, bs=bs, num_workers=0).valid
 
 
 def views(x):
     """The eight flips and quarter turns of a batch of square images."""
-    import torch
-
     for k in range(4):
         turned = torch.rot90(x, k, (2, 3))
         yield turned
@@ -46,10 +54,6 @@ def views(x):
 
 def view_probs(learn, model, dl, n_views: int = 8) -> tuple:
     """(probabilities of the first `n_views` views, shape (n_views, n, classes); targets) of every batch of `dl`."""
-    from itertools import islice
-
-    import torch
-
     activation = getattr(learn.loss_func, "activation", lambda x: x)
     probs, targets = [], []
     with torch.inference_mode():
@@ -62,24 +66,17 @@ def view_probs(learn, model, dl, n_views: int = 8) -> tuple:
 
 def measure(clf, items, sizes: list[int], bs: int, n_boot: int) -> list[dict]:
     """Malignant AUROC of every test-time choice on `items`, each paired against the plain training-size one."""
-    from fastai.torch_core import set_seed
-
-    from skincancer.data import is_malignant_class, malignant_probability
-    from skincancer.evaluate import lesion_groups
-    from skincancer.metrics import paired_bootstrap
-    from skincancer.predict import lent_model
-
-    task, size, presize = clf.card["task"], int(clf.card["size"]), int(clf.card["presize"])
+    size, presize = int(clf.card["size"]), int(clf.card["presize"])
     scores, is_malignant = {}, None
     for s in sizes:
-        dl = loader(task, s, round(s * presize / size), items, bs)
+        dl = loader(clf.card, s, round(s * presize / size), items, bs)
         probs, targets = view_probs(clf.learn, clf.model, dl, n_views=8 if s == size else 1)
         scores[f"{s} px"] = malignant_probability(probs[0], clf.classes)
         if s == size:
             is_malignant = is_malignant_class(clf.classes)[targets]
             scores[f"{s} px, flips and quarter turns (8 views)"] = malignant_probability(probs.mean(0), clf.classes)
             set_seed(0)  # fastai's augmentation draws from Python's, NumPy's and torch's generators
-            dl = loader(task, s, presize, items, bs)
+            dl = loader(clf.card, s, presize, items, bs)
             with lent_model(clf.learn, clf.model), clf.learn.no_bar():
                 tta, _ = clf.learn.tta(dl=dl)
             scores[f"{s} px, fastai's tta (4 augmented + plain)"] = malignant_probability(tta.numpy(), clf.classes)
@@ -107,9 +104,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_predict import throwaway_model
 
-    from skincancer.data import add_labels, read_metadata, read_split
-    from skincancer.files import model_files
-    from skincancer.predict import load
 
     with tempfile.TemporaryDirectory() as tmp:
         model = throwaway_model(Path(tmp), 32) if args.smoke else args.model

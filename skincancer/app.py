@@ -1,7 +1,7 @@
 """A local web app for an exported model (Gradio): upload or camera in, label, probabilities and Grad-CAM out.
 
 A third tab takes several photos of one lesion and calls it on the mean of their probabilities, as
-`Classifier.predict_lesion` and `evaluate`'s lesion-by-lesion figures do.
+`Predictor.predict_lesion` and `evaluate`'s lesion-by-lesion figures do.
 
 `python -m skincancer app --model models/skincancer.pkl` serves it on http://127.0.0.1:7860. The model is fixed
 when the app starts; the page only sends images. Uploads are decoded by `predict.open_image`, so a corrupt or
@@ -15,10 +15,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .data import DX_NAMES, task_of
+from PIL import Image
+
+from . import DISCLAIMER
 from .errors import SkinCancerError
-from .plotting import class_chart_title
-from .predict import DISCLAIMER, Classifier, open_image
+from .images import open_image
+from .labels import DX_NAMES, task_of
+from .predict import load
+from .predictor import Predictor
 
 MAX_UPLOAD_MB = 10.0  # a dermoscopy JPEG is a few MB; the limit is enforced by Gradio before a file is stored
 MAX_LESION_PHOTOS = 8  # HAM10000 has at most 6 photos of a lesion; each costs a Grad-CAM pass on the CPU
@@ -37,13 +41,18 @@ for at most an hour.
 def _gradio():
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no telemetry from a tool that sees patient photos
     try:
-        import gradio
+        import gradio  # imported when the app starts: every other command runs without it
     except ImportError:
         raise SkinCancerError("the app needs Gradio: pip install 'gradio>=6,<7' (it is in requirements.txt)") from None
     return gradio
 
 
-def verdict(clf: Classifier, result: dict, photos: list[str] | None = None) -> str:
+EMPTY_MAP = "Grad-CAM: nothing in this photo raised the malignant score, so its map is empty."
+NO_MAP = ("Grad-CAM needs the network's gradients, which this model file does not carry: serve the fastai model "
+          "(NAME.pkl) to see where the network looked.")
+
+
+def verdict(clf: Predictor, result: dict, photos: list[str] | None = None, note: str = "") -> str:
     """Markdown: the call at the operating threshold, the probability of malignancy, a dx model's top diagnosis.
 
     With `photos` (the file names of a lesion's photos, in `result["photos"]`'s order), the probability is the mean
@@ -74,6 +83,8 @@ def verdict(clf: Classifier, result: dict, photos: list[str] | None = None) -> s
                 for i, (name, r) in enumerate(zip(photos, result["photos"]), 1)]
         text += ("\n\nEach photo on its own (Grad-CAM left to right):\n\n| | photo | probability | call |"
                  "\n|---|---|---|---|\n" + "\n".join(rows))
+    if note:
+        text += f"\n\n{note}"
     return f"{text}\n\n*{DISCLAIMER}*"
 
 
@@ -82,7 +93,7 @@ def markdown_text(text: str) -> str:
     return re.sub(r"([\\`*_\[\]|<>~])", r"\\\1", text)
 
 
-def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6)) -> tuple[str, Any, Any]:
+def analyse(clf: Predictor, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6)) -> tuple[str, Any, Any]:
     """(Markdown verdict, class probabilities, Grad-CAM overlay) for an uploaded file; a message when it is unusable."""
     if not path:
         return "Upload a photo of a lesion, or take one with the camera.", None, None
@@ -90,11 +101,14 @@ def analyse(clf: Classifier, path: str | None, max_bytes: int = int(MAX_UPLOAD_M
         image = _open_upload(path, max_bytes)
     except SkinCancerError as e:
         return str(e), None, None
-    result, _, overlay = clf.explain(image)
-    return verdict(clf, result), result["probabilities"], overlay
+    if not clf.can_explain:
+        result = clf.predict(image)
+        return verdict(clf, result, note=NO_MAP), result["probabilities"], None
+    result, heat, overlay = clf.explain(image)
+    return verdict(clf, result, note="" if heat.max() > 0 else EMPTY_MAP), result["probabilities"], overlay
 
 
-def analyse_lesion(clf: Classifier, paths: list[str] | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6),
+def analyse_lesion(clf: Predictor, paths: list[str] | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6),
                    max_photos: int = MAX_LESION_PHOTOS) -> tuple[str, Any, Any]:
     """(Markdown verdict, mean class probabilities, Grad-CAMs side by side) for several photos of one lesion."""
     paths = [p for p in paths or [] if p]
@@ -108,8 +122,12 @@ def analyse_lesion(clf: Classifier, paths: list[str] | None, max_bytes: int = in
         images = [_open_upload(p, max_bytes) for p in paths]
     except SkinCancerError as e:
         return str(e), None, None
+    names = [Path(p).name for p in paths]
+    if not clf.can_explain:
+        result = clf.predict_lesion(images)
+        return verdict(clf, result, names, note=NO_MAP), result["probabilities"], None
     result, overlays = clf.explain_lesion(images)
-    return verdict(clf, result, [Path(p).name for p in paths]), result["probabilities"], side_by_side(overlays)
+    return verdict(clf, result, names), result["probabilities"], side_by_side(overlays)
 
 
 def _open_upload(path: str, max_bytes: int):
@@ -129,8 +147,6 @@ def _open_upload(path: str, max_bytes: int):
 
 def side_by_side(images: list, height: int = 300, gap: int = 8):
     """One RGB image of `images` in a row, each scaled to `height` pixels high, on white."""
-    from PIL import Image
-
     scaled = [im.convert("RGB").resize((max(1, round(im.width * height / im.height)), height), Image.Resampling.BICUBIC)
               for im in images]
     row = Image.new("RGB", (sum(im.width for im in scaled) + gap * (len(scaled) - 1), height), "white")
@@ -141,7 +157,7 @@ def side_by_side(images: list, height: int = 300, gap: int = 8):
     return row
 
 
-def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
+def build_app(clf: Predictor, max_upload_mb: float = MAX_UPLOAD_MB):
     """The Gradio Blocks page for `clf`: upload, camera and lesion tabs; verdict, class probabilities, Grad-CAM."""
     gr = _gradio()
 
@@ -172,7 +188,7 @@ def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
             with gr.Column():
                 result = gr.Markdown(elem_id="verdict")
                 # no heading: the Label's heading is the top class, which need not be the label at the threshold
-                probs = gr.Label(label=class_chart_title(clf).capitalize(), num_top_classes=len(clf.classes),
+                probs = gr.Label(label=clf.scores_title.capitalize(), num_top_classes=len(clf.classes),
                                  show_heading=False, elem_id="probs")
                 overlay = gr.Image(label="Grad-CAM: where the network looked for malignancy", type="pil",
                                    interactive=False, elem_id="gradcam")
@@ -190,8 +206,6 @@ def build_app(clf: Classifier, max_upload_mb: float = MAX_UPLOAD_MB):
 def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = MAX_UPLOAD_MB,
           trusted: bool = False) -> None:
     """Load the model and serve the app until interrupted; binds to 127.0.0.1 unless told otherwise."""
-    from .predict import load
-
     gr = _gradio()
     if max_upload_mb <= 0:
         raise SkinCancerError(f"max_upload_mb: {max_upload_mb} must be positive")

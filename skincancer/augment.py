@@ -1,12 +1,9 @@
-"""fastai's GPU batch augmentation without reading values back from the GPU.
+"""fastai's batch augmentation, computing the same images without reading values back from the GPU.
 
-On one H100, `torch.cuda.set_sync_debug_mode` counted 8 host synchronisations per batch in fastai's `aug_transforms`
-pipeline as this project configures it (one-pass, 224 px): four constant tables that `dihedral_mat` copies to the GPU
-from Python lists, the warp's corner points copied the same way, a checked `torch.linalg.solve` and an `.any()` in the
-warp, and an `.item()` in `_grid_sample` whose value only matters when the source image is over twice the output size
-(never with presizing). Each one stops the CPU from queuing work while the GPU computes. The versions here compute the
-same images (tests compare them with fastai's under one seed) with none of those reads; two-pass keeps one, in fastai's
-`RandomResizedCropGPU`. `without_host_syncs` swaps them into the transforms that `aug_transforms` returns.
+fastai's affine pipeline copies constant tables from Python lists, solves its warp with error checks, and asks the GPU
+whether to shrink a source: each of these stalls the CPU until the GPU catches up. The versions here compute the same
+images (tests compare them with fastai's under one seed) without those reads; `without_host_syncs` swaps them into
+the transforms that `aug_transforms` returns. docs/speed.md has the counts and timings.
 """
 
 from __future__ import annotations

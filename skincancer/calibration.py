@@ -1,10 +1,9 @@
 """The probability of malignancy, calibrated: a logistic map of the model's score fitted on the validation split.
 
 A class-weighted loss (the default) trains the network as if benign and malignant were equally common, so its
-scores run high: in the README's CPU example, 14% of the test photos scored about 0.5 were malignant. Platt
-scaling, sigmoid(slope * logit(score) + intercept), fitted on the validation images maps scores back to the
-frequencies observed there. It is increasing, so AUROC and every call at the threshold (chosen on the calibrated
-scale) stay as they were.
+scores run high. Platt scaling, sigmoid(slope * logit(score) + intercept), fitted on the validation images maps
+scores back to the frequencies observed there. It is increasing, so AUROC and every call at the threshold (chosen
+on the calibrated scale) stay as they were.
 """
 
 from __future__ import annotations
@@ -12,12 +11,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import expit as _sigmoid  # exact in both tails, no overflow warnings
 
 from .errors import SkinCancerError
 
 
 FIT_BOUND = 17.0  # |logit| beyond which a float32 probability is 0 or 1
+
+
+def _sigmoid(z) -> np.ndarray:
+    # exp(-log(1 + exp(-z))): exact in both tails, with no overflow
+    return np.exp(-np.logaddexp(0.0, -np.asarray(z, dtype=np.float64)))
 
 
 def _logit(p) -> np.ndarray:
@@ -38,7 +41,7 @@ def fit_calibration(p_malignant, is_malignant) -> dict | None:
     The targets are Platt's (1999) smoothed ones, (n+ + 1)/(n+ + 2) and 1/(n- + 2), so that perfectly separated
     scores still give a finite fit. The log loss is convex in (slope, intercept); L-BFGS starts from the identity.
     """
-    from scipy.optimize import minimize
+    from scipy.optimize import minimize  # training only: serving an .onnx model runs without scipy
 
     # a float32 score saturates near logit +-16.6: a score of exactly 0 or 1 says "beyond that", not "at +-690",
     # and must not lever the fit (calibrate still maps each score on its own, so the order is kept)

@@ -1,20 +1,26 @@
-"""Command line: `python -m skincancer download|train|evaluate|compare|predict|app ...`."""
+"""Command line: `python -m skincancer download|train|evaluate|compare|predict|export|app ...`.
+
+Each command imports what it needs when it runs (start-up time): `predict` on an .onnx model needs no torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import os
 import sys
 import time
-import warnings
-from pathlib import Path
 
+from . import DISCLAIMER
+from .config import add_config_arguments, config_from_arguments
 from .errors import SkinCancerError
+from .images import image_files
 
-PREDICT_CHUNK = 128  # images decoded and predicted before their JSON lines are written (a few seconds on a CPU)
+PREDICT_CHUNK = 128  # images decoded and predicted before their results are written (a few seconds on a CPU)
 BS_HELP = "batch size (default: on a CPU by the model's input size, 8 images at 224 px and 64 at 64 px; 64 on a GPU)"
+TRUST_HELP = "unpickle the .pkl (runs code in it) instead of loading the safetensors weights"
 
 
 def _positive_int(text: str) -> int:
@@ -25,64 +31,15 @@ def _positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every subcommand."""
-    from .data import AUGMENTS, TASKS
-    from .train import IMBALANCE
-
+    """The argument parser for every subcommand; `train`'s flags come from TrainConfig's fields."""
     p = argparse.ArgumentParser(prog="python -m skincancer",
                                 description="HAM10000 dermoscopy classifier (research tool, not a diagnosis).")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train on a HAM10000 folder and export a learner")
-    t.add_argument("--data", required=True, help="HAM10000 folder (metadata CSV and images anywhere below it)")
-    t.add_argument("--task", choices=TASKS, default="binary", help="benign/malignant or the 7 diagnoses")
-    t.add_argument("--arch", default="resnet50", help="torchvision or timm architecture name")
-    t.add_argument("--epochs", type=_positive_int, help="default: the recipe's (fine-tuning or from scratch)")
-    t.add_argument("--size", type=_positive_int, help="final image size in pixels (default: the recipe's)")
-    t.add_argument("--presize", type=_positive_int, help="item resize before GPU augmentation (default 1.5x size)")
-    t.add_argument("--bs", type=_positive_int, help="batch size (default: the recipe's)")
-    t.add_argument("--lr", type=float, help="peak one-cycle learning rate (default: the recipe's)")
-    t.add_argument("--wd", type=float, help="AdamW weight decay (default: fastai's, 0.01)")
-    t.add_argument("--seed", type=int, default=42, help="seed for the split, sampling and training")
-    t.add_argument("--limit", type=_positive_int, help="train on a label-stratified sample of about N images")
-    t.add_argument("--imbalance", choices=IMBALANCE, default="loss",
-                   help="class-weighted loss (default), balanced sampling, or none")
-    t.add_argument("--label-smoothing", type=float, help="default: the recipe's")
-    t.add_argument("--mixup", type=float, help="MixUp Beta alpha, 0 for none (default: the recipe's)")
-    t.add_argument("--ema", type=float, help="validate and export an exponential moving average of the weights with "
-                                             "this decay per step, e.g. 0.99 (default: the recipe's, 0: none)")
-    t.add_argument("--augment", choices=AUGMENTS, default="two-pass",
-                   help="two-pass: fastai's aug_transforms with a random crop (default); one-pass: the crop folded "
-                        "into the zoom, one resample at the final size")
-    t.add_argument("--target-sensitivity", type=float, default=0.90,
-                   help="the operating threshold is chosen on the validation split to reach this sensitivity")
-    t.add_argument("--split-from", help="a model's NAME.split.csv: train, validate and test on the images and "
-                                        "split recorded there (to compare models on the same test images)")
-    t.add_argument("--valid-pct", type=float, default=0.15)
-    t.add_argument("--test-pct", type=float, default=0.15)
-    t.add_argument("--drop-missing", action="store_true", help="drop (with a warning) images missing on disk")
-    t.add_argument("--class-map", help="JSON file mapping class folder names to diagnoses (folder-per-class sets)")
-    t.add_argument("--workers", type=int, help="DataLoader worker processes with --no-cache (default: fastai's)")
-    t.add_argument("--no-cache", dest="cache", action="store_false",
-                   help="decode files every epoch instead of training from the presized image cache")
-    t.add_argument("--cache-dir", help="where presized caches live (default: $SKINCANCER_CACHE or "
-                                       "~/.cache/skincancer)")
-    t.add_argument("--compile", action="store_true",
-                   help="torch.compile the training step: ~30 s to compile; on one H100 it paid at 224 px (with "
-                        "--augment one-pass) after ~30 epochs and was slower at 128 px (README: Speed)")
-    t.add_argument("--loss-on-device", action="store_true",
-                   help="keep the smoothed training loss on the GPU and read it a batch late, so the CPU is not held "
-                        "at every batch (not yet measured on a GPU; README: Speed)")
-    t.add_argument("--no-reproducible", dest="reproducible", action="store_false",
-                   help="let cuDNN time its algorithms and use non-deterministic ones: perhaps faster on a GPU, but "
-                        "two runs with one seed can differ (not yet measured; README: Speed)")
-    t.add_argument("--checkpoint-every", type=float, default=60.0,
-                   help="seconds between resumable checkpoints (0: after every epoch)")
-    t.add_argument("--no-pretrained", dest="pretrained", action="store_false",
-                   help="start from random weights instead of ImageNet")
-    t.add_argument("--out", default="models/skincancer.pkl", help="where to export the learner (.pkl)")
+    add_config_arguments(t)
     t.add_argument("--resume", action="store_true",
-                   help="continue an interrupted run with the same settings from its last epoch checkpoint")
+                   help="continue an interrupted run with the same settings from its last checkpoint")
 
     e = sub.add_parser("evaluate", help="metrics and plots of a model on held-out labelled images")
     e.add_argument("--model", required=True, help="exported learner (.pkl)")
@@ -100,11 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mirror", help="base URL that replaces the ISIC bucket; the file names stay the same")
     d.add_argument("--with-test", action="store_true", help="also the official validation and test sets")
 
-    r = sub.add_parser("predict", help="predict images with an exported learner; one JSON object per line")
-    r.add_argument("--model", required=True, help="exported learner (.pkl)")
+    r = sub.add_parser("predict", help="predict images with an exported model; one JSON object per line")
+    r.add_argument("--model", required=True, help="exported model (.pkl)")
     r.add_argument("--bs", type=_positive_int, help=BS_HELP)
-    r.add_argument("--trust-pickle", action="store_true",
-                   help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
+    r.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     r.add_argument("--lesion", action="store_true",
                    help="the images are photos of one lesion: one call on the mean of their probabilities")
     r.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
@@ -112,14 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "per class probability (with --lesion, one row for the lesion, its photos joined by ';')")
     r.add_argument("images", nargs="+", help="image files, or folders: every image under a folder, in sorted order")
 
+    x = sub.add_parser("export", help="the model as ONNX beside it, to predict without torch (docs/serving.md)")
+    x.add_argument("--model", required=True, help="exported learner (.pkl)")
+    x.add_argument("--format", choices=("onnx",), default="onnx", help="onnx (default): NAME.onnx, fp32")
+    x.add_argument("--int8", action="store_true",
+                   help="also NAME.int8.onnx, quantized to 8 bits (needs --data): calibrated on training photos, "
+                        "checked against fp32 on the validation photos")
+    x.add_argument("--data", help="the HAM10000 folder the model was trained on (for --int8)")
+
     a = sub.add_parser("app", help="serve a local web page (Gradio) to predict uploaded or camera photos")
-    a.add_argument("--model", required=True, help="exported learner (.pkl)")
+    a.add_argument("--model", required=True, help="exported model (.pkl)")
     a.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to others)")
     a.add_argument("--port", type=_positive_int, default=7860)
     a.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted, in MB")
-    a.add_argument("--trust-pickle", action="store_true",
-                   help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
+    a.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     return p
 
 
@@ -130,29 +93,16 @@ def _labelled_images_args(parser: argparse.ArgumentParser, data_help: str, write
     source.add_argument("--images", help="folder of images labelled by --labels")
     parser.add_argument("--labels", help="ISIC one-hot CSV (image,MEL,NV,...) or image_id,dx CSV, with --images")
     parser.add_argument("--tta", action="store_true", help="fastai test-time augmentation")
-    parser.add_argument("--trust-pickle", action="store_true",
-                        help="unpickle the .pkl (runs code in it) instead of loading the safetensors weights")
+    parser.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     parser.add_argument("--bs", type=_positive_int, help=BS_HELP)
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples for the intervals (of lesions where lesion ids are known)")
     parser.add_argument("--out", required=True, help=f"folder for {writes}")
 
 
-def read_class_map(path: str | None) -> dict[str, str] | None:
-    """The --class-map JSON file as a dict, or None."""
-    if path is None:
-        return None
-    try:
-        mapping = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise SkinCancerError(f"{path}: not a readable JSON class map ({e})") from None
-    if not isinstance(mapping, dict) or not all(isinstance(v, str) for v in mapping.values()):
-        raise SkinCancerError(f"{path}: expected a JSON object of class folder name -> diagnosis")
-    return mapping
-
-
 def cmd_download(args) -> int:
     """Run `download`."""
+    # each command imports its modules when it runs: start-up time
     from .download import download
 
     download(args.dest, mirror=args.mirror, with_test=args.with_test)
@@ -162,44 +112,45 @@ def cmd_download(args) -> int:
 
 def cmd_train(args) -> int:
     """Run `train` from parsed arguments."""
-    from .train import TrainConfig, train
+    # start-up time
+    from .train import train
 
-    config = TrainConfig(data=args.data, task=args.task, arch=args.arch, pretrained=args.pretrained,
-                         epochs=args.epochs, size=args.size, presize=args.presize, bs=args.bs, lr=args.lr,
-                         wd=args.wd,
-                         imbalance=args.imbalance, label_smoothing=args.label_smoothing, mixup=args.mixup,
-                         ema=args.ema,
-                         augment=args.augment,
-                         seed=args.seed, cache=args.cache, cache_dir=args.cache_dir, compile=args.compile,
-                         loss_on_device=args.loss_on_device, reproducible=args.reproducible,
-                         checkpoint_every=args.checkpoint_every,
-                         target_sensitivity=args.target_sensitivity,
-                         valid_pct=args.valid_pct, test_pct=args.test_pct, limit=args.limit,
-                         split_from=args.split_from,
-                         drop_missing=args.drop_missing, class_map=read_class_map(args.class_map),
-                         num_workers=args.workers, out=args.out)
-    train(config, resume=args.resume)
+    train(config_from_arguments(args), resume=args.resume)
     return 0
 
 
+def _labelled(args, model_paths: list[str]):
+    """The labelled frame `evaluate` and `compare` score: the models' recorded test split, or --images/--labels."""
+    # start-up time
+    from .evaluate import read_labels, read_paired_test_split, read_test_split
+
+    if args.images and not args.labels:
+        raise SkinCancerError("--images needs --labels (the CSV that names each image's diagnosis)")
+    if not args.data:
+        return read_labels(args.labels, args.images), args.labels
+    df = read_test_split(model_paths[0], args.data) if len(model_paths) == 1 else \
+        read_paired_test_split(model_paths[0], model_paths[1], args.data)
+    return df, f"the test split of {args.data}"
+
+
 def cmd_evaluate(args) -> int:
-    """Run `evaluate`: write OUT/metrics.json and plots, print the headline table."""
+    """Run `evaluate`: write OUT/metrics.json and plots, print the headline tables."""
+    # start-up time
     import matplotlib
 
     matplotlib.use("Agg")  # the command writes PNG files and opens no window
-    from .evaluate import (evaluate, lesion_table, metrics_table, prevalence_table, read_labels, read_test_split,
-                           subgroup_table)
-    from .predict import DISCLAIMER, load
+    # start-up time
+    from .evaluate import evaluate
+    from .predict import load
+    from .tables import lesion_table, metrics_table, prevalence_table, subgroup_table, threshold_rule_line
 
-    _check_labels(args)
+    df, which = _labelled(args, [args.model])
     clf = load(args.model, trusted=args.trust_pickle)
-    df = read_test_split(args.model, args.data) if args.data else read_labels(args.labels, args.images)
     metrics = evaluate(clf, df, args.out, tta=args.tta, bs=args.bs, n_boot=args.bootstrap,
                        prevalences=args.prevalence or ())
-    which = "test split of " + args.data if args.data else args.labels
     print(f"{clf.path.name} on {which}{' with TTA' if args.tta else ''}:")
     print(metrics_table(metrics))
-    print(f"threshold rule: {metrics['threshold_rule']}")
+    print(threshold_rule_line(metrics["threshold_rule"], clf.threshold))
     if metrics.get("net_benefit"):
         nb = metrics["net_benefit"]
         print(f"net benefit at the threshold (finding a malignancy worth {nb['benign_per_malignancy']:.1f} benign "
@@ -217,59 +168,45 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _check_labels(args) -> None:
-    if args.images and not args.labels:
-        raise SkinCancerError("--images needs --labels (the CSV that names each image's diagnosis)")
-
-
 def cmd_compare(args) -> int:
     """Run `compare`: write OUT/comparison.json and its plots, print both models and B - A (by subgroup too)."""
+    # start-up time
     import matplotlib
 
-    matplotlib.use("Agg")
-    from .evaluate import compare, comparison_table, read_labels, read_paired_test_split, subgroup_table
-    from .predict import DISCLAIMER, load
+    matplotlib.use("Agg")  # the command writes PNG files and opens no window
+    # start-up time
+    from .evaluate import compare
+    from .predict import load
+    from .tables import comparison_table, subgroup_table
 
-    _check_labels(args)
-    model_a, model_b = args.models
-    df = read_paired_test_split(model_a, model_b, args.data) if args.data else read_labels(args.labels, args.images)
-    clf_a, clf_b = load(model_a, trusted=args.trust_pickle), load(model_b, trusted=args.trust_pickle)
+    df, which = _labelled(args, args.models)
+    clf_a, clf_b = (load(path, trusted=args.trust_pickle) for path in args.models)
     result = compare(clf_a, clf_b, df, args.out, tta=args.tta, bs=args.bs, n_boot=args.bootstrap)
-    which = "the test split of " + args.data if args.data else args.labels
-    print(f"B = {clf_b.path.name} against A = {clf_a.path.name} on {which}{' with TTA' if args.tta else ''}:")
+    name_a, name_b = result["names"]
+    print(f"B = {name_b} against A = {name_a} on {which}{' with TTA' if args.tta else ''}:")
     print(comparison_table(result))
     if result.get("subgroups"):
-        print("by subgroup (B - A, the malignant call; about twenty intervals, so one may exclude 0 by chance):")
-        print(subgroup_table(result["subgroups"], difference=True))
+        print(f"by subgroup ({name_b} - {name_a}, the malignant call; about twenty intervals, so one may exclude 0 by "
+              "chance):")
+        print(subgroup_table(result["subgroups"], names=(name_a, name_b)))
     print(f"wrote {args.out}/comparison.json and {', '.join(result['plots'])}")
     print(DISCLAIMER)
     return 0
-
-
-def expand_folders(paths: list[str]) -> list[str]:
-    """`paths` with each folder replaced by the image files under it (fastai's `get_image_files`), sorted."""
-    from fastai.data.transforms import get_image_files
-
-    out = []
-    for path in paths:
-        found = sorted(map(str, get_image_files(path))) if Path(path).is_dir() else []
-        out += found or [path]  # a folder without images stays, and its result says what it is
-    return out
 
 
 def result_writer(classes: list[str], fmt: str):
     """A function that prints one `predict` result to stdout as a JSON line, or as a CSV row after a header."""
     if fmt == "jsonl":
         return lambda result: print(json.dumps(result))
-    import csv
-
-    columns = ["image", "call", "label", "malignant_probability", *(f"probability_{c}" for c in classes), "error"]
+    columns = ["image", "call", "label", "malignant_probability", "threshold", "target_sensitivity",
+               *(f"probability_{c}" for c in classes), "error"]
     writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
 
     def write(result: dict) -> None:
         image = result.get("image", ";".join(result.get("lesion", [])))
-        row = {k: result.get(k, "") for k in ("call", "label", "malignant_probability", "error")}
+        row = {k: result.get(k, "") for k in ("call", "label", "malignant_probability", "threshold",
+                                              "target_sensitivity", "error")}
         row.update({f"probability_{c}": p for c, p in result.get("probabilities", {}).items()})
         writer.writerow({**row, "image": image})
 
@@ -278,15 +215,16 @@ def result_writer(classes: list[str], fmt: str):
 
 def cmd_predict(args) -> int:
     """Run `predict`: print one JSON line (or CSV row) per image; non-zero exit when any image failed."""
+    # start-up time: an .onnx model is served without torch
     from .predict import load
 
     clf = load(args.model, trusted=args.trust_pickle)
     write = result_writer(clf.classes, args.format)
+    images = image_files(args.images)
     if args.lesion:
-        write(clf.predict_lesion(expand_folders(args.images), bs=args.bs))
+        write(clf.predict_lesion(images, bs=args.bs))
         sys.stdout.flush()
         return 0
-    images = expand_folders(args.images)
     # results are written as each chunk is predicted, so a long run shows them (and keeps them if interrupted);
     # progress goes to a terminal's stderr only, never into the results or a log
     progress = sys.stderr.isatty() and len(images) > PREDICT_CHUNK
@@ -306,22 +244,51 @@ def cmd_predict(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_export(args) -> int:
+    """Run `export`: write NAME.onnx (and NAME.int8.onnx) beside the model and record them in its card."""
+    # start-up time
+    from .export import export_onnx
+    from .files import model_files
+    from .card import read_card
+
+    written = export_onnx(args.model, int8=args.int8, data=args.data)
+    onnx = read_card(args.model)["onnx"]
+    gap = onnx["onnx"]["largest_difference_from_fastai"]
+    print(f"wrote {written['onnx']} (fp32; its probabilities within {gap:.1e} of the fastai model's) and recorded it "
+          f"in {model_files(args.model)['card'].name}")
+    if "int8" in written:
+        q = onnx["int8"]
+        print(f"wrote {written['int8']} (int8), checked on {q['valid_images']:,} validation photos: AUROC "
+              f"{q['valid_auroc_fp32']:.4f} in fp32, {q['valid_auroc_int8']:.4f} in int8; the probability of "
+              f"malignancy moved by {q['mean_probability_change']:.4f} on average, "
+              f"{q['largest_probability_change']:.4f} at most")
+        if q["auroc_drop_over_0.005"]:
+            print(f"WARNING: int8 loses {q['valid_auroc_drop']:.4f} validation AUROC (more than 0.005): serve the fp32 "
+                  f"model, {written['onnx'].name}, instead", file=sys.stderr)
+    best = written["int8"] if "int8" in written and not onnx["int8"]["auroc_drop_over_0.005"] else written["onnx"]
+    print(f"next: python -m skincancer predict --model {best} PHOTO.jpg   (numpy, Pillow and onnxruntime suffice: "
+          "docs/serving.md)")
+    return 0
+
+
 def cmd_app(args) -> int:
     """Run `app`: serve the web page until interrupted."""
+    # start-up time
     from .app import serve
 
     serve(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb, trusted=args.trust_pickle)
     return 0
 
 
+COMMANDS = {"download": cmd_download, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
+            "predict": cmd_predict, "export": cmd_export, "app": cmd_app}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; bad input prints `error: ...` and returns 2 instead of a traceback."""
     args = build_parser().parse_args(argv)
-    # fastai's import-time use of torch.jit.script is not ours to fix and only confuses CLI users
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*is deprecated", category=FutureWarning)
     try:
-        return {"download": cmd_download, "train": cmd_train, "evaluate": cmd_evaluate,
-                "compare": cmd_compare, "predict": cmd_predict, "app": cmd_app}[args.command](args)
+        return COMMANDS[args.command](args)
     except SkinCancerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

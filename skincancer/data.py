@@ -1,35 +1,20 @@
-"""HAM10000 metadata, labels, lesion-grouped splits and the fastai DataBlock."""
+"""HAM10000 metadata read from any of its layouts, labelled, and split by lesion (pandas; no images decoded)."""
 
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import pandas as pd
 
+from .config import SEED, TEST_PCT, VALID_PCT
 from .errors import SkinCancerError, first_few
+from .images import IMAGE_SUFFIXES
+from .labels import DX_CLASSES, DX_NAMES, label_of
 
-Task = Literal["binary", "dx"]
-TASKS: tuple[str, ...] = ("binary", "dx")
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
-AUGMENTS: tuple[str, ...] = ("two-pass", "one-pass")  # see augmentations()
-
-DX_CLASSES: tuple[str, ...] = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
-MALIGNANT_DX: frozenset[str] = frozenset({"mel", "bcc", "akiec"})
-BINARY_CLASSES: tuple[str, ...] = ("benign", "malignant")
-DX_NAMES: dict[str, str] = {
-    "akiec": "actinic keratosis / intraepithelial carcinoma",
-    "bcc": "basal cell carcinoma",
-    "bkl": "benign keratosis-like lesion",
-    "df": "dermatofibroma",
-    "mel": "melanoma",
-    "nv": "melanocytic nevus",
-    "vasc": "vascular lesion",
-}
 
 METADATA_CSV = "HAM10000_metadata.csv"
 # the Harvard Dataverse serves the metadata as .tab
@@ -43,7 +28,6 @@ DEFAULT_CLASS_MAP: dict[str, str] = {
     "vascular lesion": "vasc", **{dx: dx for dx in DX_CLASSES}, **{name: dx for dx, name in DX_NAMES.items()}}
 ISIC_GROUND_TRUTH_CSV = "ISIC2018_Task3_Training_GroundTruth.csv"
 ISIC_GROUPINGS_CSV = "ISIC2018_Task3_Training_LesionGroupings.csv"
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 REQUIRED_COLUMNS = ("image_id", "lesion_id", "dx")
 
 
@@ -207,59 +191,13 @@ def read_metadata(root: str | Path, drop_missing: bool = False,
     return attach_paths(df, images, root, drop_missing=drop_missing)
 
 
-# --- labels ----------------------------------------------------------------------------------
-
-def check_task(task: str) -> str:
-    """Return `task` if it is a known task, else raise SkinCancerError."""
-    if task not in TASKS:
-        raise SkinCancerError(f"task: {task!r} is not one of {', '.join(TASKS)}")
-    return task
-
-
-def check_augment(augment: str) -> str:
-    """Return `augment` if it is a known augmentation (AUGMENTS), else raise SkinCancerError."""
-    if augment not in AUGMENTS:
-        raise SkinCancerError(f"augment: {augment!r} is not one of {', '.join(AUGMENTS)}")
-    return augment
-
-
-def classes_for(task: str) -> tuple[str, ...]:
-    """The fixed, ordered vocabulary of a task (malignant is last for `binary`)."""
-    return BINARY_CLASSES if check_task(task) == "binary" else DX_CLASSES
-
-
-def label_of(dx: str, task: str) -> str:
-    """The label of one diagnosis under `task`."""
-    if check_task(task) == "dx":
-        return dx
-    return "malignant" if dx in MALIGNANT_DX else "benign"
-
+# --- labels and splits -------------------------------------------------------------------
 
 def add_labels(df: pd.DataFrame, task: str) -> pd.DataFrame:
     """Return a copy of `df` with a `label` column for `task`."""
-    check_task(task)
     return df.assign(label=[label_of(dx, task) for dx in df["dx"]])
 
 
-def is_malignant_class(classes) -> np.ndarray:
-    """Boolean mask over `classes`: which ones count as malignant ('malignant', or mel, bcc, akiec)."""
-    return np.array([str(c) == "malignant" or str(c) in MALIGNANT_DX for c in classes], dtype=bool)
-
-
-def task_of(classes) -> str:
-    """The task a model's vocabulary belongs to."""
-    return "binary" if [str(c) for c in classes] == list(BINARY_CLASSES) else "dx"
-
-
-def malignant_probability(probs: np.ndarray, classes) -> np.ndarray:
-    """Probability of malignancy from class probabilities: the malignant class, or the sum of mel, bcc and akiec."""
-    mask = is_malignant_class(classes)
-    if not mask.any():
-        raise SkinCancerError(f"classes {list(classes)} name neither 'malignant' nor any of {sorted(MALIGNANT_DX)}")
-    return np.asarray(probs)[..., mask].sum(axis=-1)
-
-
-# --- splits ----------------------------------------------------------------------------------
 
 def lesion_labels(df: pd.DataFrame) -> pd.Series:
     """Each lesion's label: the most common label among its images (ties broken alphabetically)."""
@@ -268,8 +206,8 @@ def lesion_labels(df: pd.DataFrame) -> pd.Series:
     return counts.drop_duplicates("lesion_id").set_index("lesion_id")["label"]
 
 
-def split_by_lesion(df: pd.DataFrame, valid_pct: float = 0.15, test_pct: float = 0.15,
-                    seed: int = 42) -> pd.Series:
+def split_by_lesion(df: pd.DataFrame, valid_pct: float = VALID_PCT, test_pct: float = TEST_PCT,
+                    seed: int = SEED) -> pd.Series:
     """Assign each image to train/valid/test, grouped by lesion and stratified by lesion label; deterministic."""
     if not (0 < valid_pct < 1 and 0 <= test_pct < 1 and valid_pct + test_pct < 1):
         raise SkinCancerError(f"valid_pct={valid_pct}, test_pct={test_pct}: need 0 < valid, 0 <= test, sum < 1")
@@ -291,7 +229,7 @@ def split_by_lesion(df: pd.DataFrame, valid_pct: float = 0.15, test_pct: float =
     return df["lesion_id"].map(lesion_split).rename("split")
 
 
-def sample_by_label(df: pd.DataFrame, n: int, seed: int = 42, min_lesions: int = 3) -> pd.DataFrame:
+def sample_by_label(df: pd.DataFrame, n: int, seed: int = SEED, min_lesions: int = 3) -> pd.DataFrame:
     """About `n` images, in whole lesions, with each label in proportion and at least `min_lesions` lesions of it."""
     if n <= 0:
         raise SkinCancerError(f"limit: {n} must be a positive number of images")
@@ -343,8 +281,8 @@ def read_split(split_csv: str | Path, df: pd.DataFrame) -> pd.Series:
     return split
 
 
-def prepare(root: str | Path, task: str = "binary", valid_pct: float = 0.15, test_pct: float = 0.15,
-            seed: int = 42, limit: int | None = None, drop_missing: bool = False,
+def prepare(root: str | Path, task: str = "binary", valid_pct: float = VALID_PCT, test_pct: float = TEST_PCT,
+            seed: int = SEED, limit: int | None = None, drop_missing: bool = False,
             class_map: dict[str, str] | None = None, split_from: str | Path | None = None) -> pd.DataFrame:
     """Metadata with `label` and `split` columns: read, label, then sample and split by lesion, or reuse a split.
 
@@ -380,138 +318,16 @@ def check_no_lesion_leak(df: pd.DataFrame, source: str | Path | None = None) -> 
         raise SkinCancerError(f"{where}{len(leaked)} lesion(s) appear in more than one split: {first_few(leaked)}")
 
 
-# --- fastai ----------------------------------------------------------------------------------
 
-def default_presize(size: int) -> int:
-    """Item-transform size for presizing: room for rotation and zoom before the final GPU crop."""
-    return int(round(size * 1.5))
-
-
-def augmentations(size: int, augment: str = "two-pass", min_scale: float = 0.75, max_zoom: float = 1.1):
-    """Batch (GPU) transforms for dermoscopy: any rotation, both flips, zoom, lighting, ImageNet normalisation.
-
-    `two-pass` is fastai's `aug_transforms(size, min_scale=...)`: flip, rotation, zoom and warp resample the presized
-    image at its own size, then a random square crop of at least `min_scale` of its area is resampled to `size`.
-    `one-pass` folds that crop into the zoom (up to max_zoom / sqrt(min_scale)), so each image is resampled once,
-    at `size`: less work and less blur, the same kind of views. Validation images get the same resize either way.
-    The affine part computes fastai's images without reading values back from the GPU (skincancer.augment).
-    """
-    from fastai.vision.all import Normalize, aug_transforms, imagenet_stats
-
-    from .augment import without_host_syncs
-
-    if check_augment(augment) == "one-pass":
-        zoom = dict(min_zoom=1.0, max_zoom=max_zoom / min_scale ** 0.5)
-    else:
-        zoom = dict(min_scale=min_scale, max_zoom=max_zoom)
-    # A lesion has no up or down: flip both axes and rotate freely (reflection padding fills corners).
-    tfms = aug_transforms(size=size, flip_vert=True, max_rotate=180.0, max_lighting=0.2, max_warp=0.1,
-                          p_affine=0.9, **zoom)
-    return [*without_host_syncs(tfms), Normalize.from_stats(*imagenet_stats)]
-
-
-def make_datablock(task: str = "binary", size: int = 224, presize: int | None = None, augment: str = "two-pass"):
-    """DataBlock over a metadata frame with `path`, `label` and `is_valid` columns, using fastai presizing."""
-    from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Resize,
-                                   ResizeMethod)
-
-    # Squish, not crop: a square crop of a 4:3 photo can cut off the lesion border, which carries signal.
-    return DataBlock(blocks=(ImageBlock, CategoryBlock(vocab=list(classes_for(task)))),
-                     get_x=ColReader("path"), get_y=ColReader("label"), splitter=ColSplitter("is_valid"),
-                     item_tfms=Resize(presize or default_presize(size), method=ResizeMethod.Squish),
-                     batch_tfms=augmentations(size, augment))
-
-
-def class_weights(labels, classes) -> "np.ndarray":
+def class_weights(labels, classes) -> np.ndarray:
     """Inverse-frequency class weights normalised to mean 1 (classes absent from `labels` get weight 1)."""
     counts = pd.Series(list(labels)).value_counts().reindex(list(classes)).fillna(0).to_numpy(float)
     w = np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(classes), 1.0)
     return w / w.mean()
 
 
-def make_dataloaders(df: pd.DataFrame, task: str = "binary", size: int = 224, bs: int = 64,
-                     presize: int | None = None, sampler: bool = False, num_workers: int | None = None,
-                     path: str | Path = ".", device=None, cache: bool | str | Path = False,
-                     augment: str = "two-pass"):
-    """DataLoaders on the train and valid splits of `df`; with `sampler`, training batches are class-balanced.
-
-    With `cache` (True, or a folder), train and valid read a presized uint8 array (see skincancer.presize)
-    instead of decoding files, kept on the GPU when there is one; `test_dl` and exported learners read files.
-    """
-    missing = [c for c in ("path", "label", "split") if c not in df.columns]
-    if missing:
-        raise SkinCancerError(f"metadata frame: missing column(s) {missing}; build it with skincancer.data.prepare")
-    items = df[df["split"].isin(["train", "valid"])].reset_index(drop=True)
-    items = items.assign(is_valid=items["split"] == "valid")
-    presize = presize or default_presize(size)
-    dblock = make_datablock(task, size, presize, augment)
-    kwargs = dict(bs=bs, path=path, device=device)
-    if num_workers is not None or cache:
-        kwargs["num_workers"] = 0 if cache else num_workers
-    if sampler:
-        from fastai.callback.data import weighted_dataloaders  # noqa: F401  (patches DataBlock.weighted_dataloaders)
-
-        classes = classes_for(task)
-        w = class_weights(items.loc[~items["is_valid"], "label"], classes)
-        # one weight per item, valid included: fastai picks the training items' weights by the split indices
-        per_item = w[[classes.index(lbl) for lbl in items["label"]]]
-        dls = dblock.weighted_dataloaders(items, wgts=per_item, **kwargs)
-    else:
-        dls = dblock.dataloaders(items, **kwargs)
-    if cache:
-        from .presize import presized_images
-
-        # one cache for train and valid, in path order: another seed's split of the same images reuses it
-        paths = pd.Index(sorted(set(items["path"].astype(str))))
-        images = presized_images(paths, presize, None if cache is True else cache)
-        rows = paths.get_indexer(items["path"].astype(str))
-        targets = np.array([dls.vocab.o2i[lbl] for lbl in items["label"]])
-        dls.loaders = [presized_loader(dl, images[rows[idx]], targets[idx])
-                       for dl, idx in zip(dls.loaders, dblock.splitter(items))]
-    return dls
-
-
-def presized_loader(dl, images: np.ndarray, targets: np.ndarray):
-    """A PresizedDL in place of the fastai loader `dl`, reading `images` and `targets` (in `dl.dataset` order)."""
-    import torch
-
-    device = dl.device if dl.device is not None else torch.device("cpu")
-    extra = {"wgts": dl.wgts} if hasattr(dl, "wgts") else {}  # fastai's WeightedDL (--imbalance sampler)
-    cls = presized_dl_class(type(dl))  # type: ignore[arg-type]  # a class is hashable; mypy says type[Any] is not
-    return dl.new(cls=cls, images=torch.from_numpy(np.ascontiguousarray(images)).to(device),
-                  targets=torch.as_tensor(targets, device=device), **extra)
-
-
-@functools.cache
-def presized_dl_class(base: type) -> type:
-    """PresizedDL over a fastai loader class (TfmdDL, or WeightedDL for sampling); fastai is imported on first use."""
-    import torch
-    from fastai.torch_core import TensorCategory, TensorImage
-
-    class PresizedDL(base):
-        """A fastai loader whose batches are gathered from a presized uint8 array (N, H, W, 3), not decoded.
-
-        Sampling and batch transforms (augmentation, normalisation) are the base class's. Anything built from it
-        with `new` (`test_dl`, the export's empty loaders) is the base class, reading files again.
-        """
-
-        def __init__(self, dataset=None, images=None, targets=None, **kwargs):
-            self.images, self.targets = images, targets
-            super().__init__(dataset, **kwargs)
-
-        def create_batches(self, samps):
-            batches = [list(idxs) for idxs in self.chunkify(samps)]
-            flat = torch.as_tensor([i for idxs in batches for i in idxs], dtype=torch.long)
-            if self.images.is_cuda:  # one asynchronous copy an epoch, not a blocking one every batch
-                flat = flat.pin_memory().to(self.images.device, non_blocking=True)
-            for i in torch.split(flat, [len(idxs) for idxs in batches]):
-                # NHWC storage seen as NCHW: the batch arrives in channels_last layout at no cost
-                yield TensorImage(self.images[i].permute(0, 3, 1, 2)), TensorCategory(self.targets[i])
-
-        def new(self, dataset=None, cls=None, **kwargs):
-            if cls is None:  # a loader for other items: read files, with fastai's default workers
-                cls = base
-                kwargs.setdefault("num_workers", None)
-            return super().new(dataset, cls, **kwargs)
-
-    return PresizedDL
+def lesion_groups(df: pd.DataFrame) -> np.ndarray | None:
+    """Each image's lesion_id for a lesion-level bootstrap, or None where the frame has no usable lesion ids."""
+    if "lesion_id" not in df.columns or df["lesion_id"].isna().any():
+        return None
+    return df["lesion_id"].astype(str).to_numpy()

@@ -3,8 +3,7 @@
 `accelerate launch -m skincancer train ...` (or `torchrun`) starts one process per GPU; each sets RANK and
 WORLD_SIZE, which fastai's `rank_distrib`/`num_distrib` read. Every process builds the same split, DataLoaders and
 learner; during `fit` the model is wrapped in DistributedDataParallel and each process trains on its own share of
-every epoch. Only the main process (rank 0) writes files and prints. Accelerate is imported only when there is more
-than one process.
+every epoch. Only the main process (rank 0) writes files and prints.
 """
 
 from __future__ import annotations
@@ -13,6 +12,11 @@ import contextlib
 import os
 from typing import Callable, Iterator, TypeVar
 
+import torch
+import torch.distributed as dist
+from fastai.distributed import DistributedDL, DistributedTrainer
+from fastai.torch_core import num_distrib, rank_distrib
+
 from .errors import SkinCancerError
 
 T = TypeVar("T")
@@ -20,15 +24,11 @@ T = TypeVar("T")
 
 def world_size() -> int:
     """How many processes train together (1 when not launched distributed)."""
-    from fastai.torch_core import num_distrib
-
     return max(num_distrib(), 1)
 
 
 def is_main_process() -> bool:
     """Whether this process writes files and prints: rank 0, or the only process."""
-    from fastai.torch_core import rank_distrib
-
     return rank_distrib() == 0
 
 
@@ -50,8 +50,6 @@ def from_main_process(fn: Callable[[], T]) -> T:
     """
     if world_size() <= 1:
         return fn()
-    import torch.distributed as dist
-
     box: list = [None]
     if is_main_process():
         try:
@@ -83,12 +81,6 @@ def alone() -> Iterator[None]:
             os.environ["WORLD_SIZE"] = old
 
 
-def _use_cpu() -> bool:
-    import torch
-
-    return not torch.cuda.is_available()
-
-
 def process_state():
     """Accelerate's PartialState, set up on this process's device (gloo on CPUs), or None with one process.
 
@@ -98,11 +90,11 @@ def process_state():
     if world_size() <= 1:
         return None
     try:
-        from accelerate import PartialState
+        from accelerate import PartialState  # only a launched distributed run needs Accelerate
     except ImportError:
         raise SkinCancerError("training on several processes needs Hugging Face Accelerate: pip install accelerate") \
             from None
-    return PartialState(cpu=_use_cpu())
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def local_main_process_first() -> contextlib.AbstractContextManager:
@@ -114,40 +106,39 @@ def local_main_process_first() -> contextlib.AbstractContextManager:
     return state.local_main_process_first() if state is not None else contextlib.nullcontext()
 
 
-def data_parallel(sync_bn: bool = False, **kwargs):
-    """fastai's DistributedTrainer callback, with index broadcasts that also work on the gloo (CPU) backend.
+class BroadcastDL(DistributedDL):
+    """fastai's DistributedDL, whose per-epoch sample order is broadcast as a CPU tensor on gloo (CPUs)."""
 
-    fastai's DistributedDL broadcasts each epoch's sample order as a CUDA tensor, which gloo cannot take. SyncBatchNorm
-    is off by default: each GPU's batch (64 or more in our recipes) gives sound statistics, SyncBatchNorm adds an
-    all-reduce per layer per step, and it does not run on CPUs. `kwargs` go to `accelerate.Accelerator`.
+    def _broadcast(self, t, rank):
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = torch.tensor(t, dtype=torch.long, device=device)
+        dist.broadcast(t, rank)
+        return t.cpu().tolist()
+
+
+class DataParallel(DistributedTrainer):
+    """fastai's DistributedTrainer with gloo-safe broadcasts, giving the plain model back after the fit.
+
+    SyncBatchNorm is off by default: each GPU's batch (64 or more in our recipes) gives sound statistics,
+    SyncBatchNorm adds an all-reduce per layer per step, and it does not run on CPUs.
     """
-    import torch
-    import torch.distributed as dist
-    from fastai.distributed import DistributedDL, DistributedTrainer
 
-    class BroadcastDL(DistributedDL):
-        def _broadcast(self, t, rank):
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            t = torch.tensor(t, dtype=torch.long, device=device)
-            dist.broadcast(t, rank)
-            return t.cpu().tolist()
+    def __init__(self, sync_bn: bool = False, **kwargs):
+        kwargs.setdefault("cpu", not torch.cuda.is_available())
+        super().__init__(sync_bn=sync_bn, **kwargs)
 
-    class DataParallel(DistributedTrainer):
-        def before_fit(self):
-            self.plain_model = self.learn.model
-            super().before_fit()
+    def before_fit(self):
+        self.plain_model = self.learn.model
+        super().before_fit()
 
-        def after_fit(self):
-            super().after_fit()
-            # with sync_bn the trained model is a copy with SyncBatchNorm layers that share the plain model's
-            # tensors; the plain one keeps the layers a single process has, so exports look the same
-            self.learn.model = self.plain_model
+    def after_fit(self):
+        super().after_fit()
+        # with sync_bn the trained model is a copy with SyncBatchNorm layers that share the plain model's
+        # tensors; the plain one keeps the layers a single process has, so exports look the same
+        self.learn.model = self.plain_model
 
-        def _wrap_dl(self, dl):
-            return dl if isinstance(dl, DistributedDL) else BroadcastDL(dl, device=self.learn.model.device)
-
-    kwargs.setdefault("cpu", _use_cpu())
-    return DataParallel(sync_bn=sync_bn, **kwargs)
+    def _wrap_dl(self, dl):
+        return dl if isinstance(dl, DistributedDL) else BroadcastDL(dl, device=self.learn.model.device)
 
 
 @contextlib.contextmanager
@@ -163,5 +154,4 @@ def distributed_fit(learn) -> Iterator[list]:
     process_state()
     hidden = [] if is_main_process() or not hasattr(learn, "progress") else [learn.progress]
     with learn.removed_cbs(hidden):
-        yield [data_parallel()]
-
+        yield [DataParallel()]

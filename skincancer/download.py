@@ -12,6 +12,10 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+import pandas as pd
+from fastprogress.fastprogress import progress_bar
+
+from .console import on_terminal
 from .errors import SkinCancerError, first_few
 from .files import sha256_file, write_json_atomic
 
@@ -42,8 +46,6 @@ def _total_length(response, offset: int) -> int | None:
 
 def fetch(url: str, dest: str | Path, show_progress: bool = True) -> Path:
     """Download `url` to `dest`, resuming a previous `dest.part` with an HTTP Range request; verify its length."""
-    from fastprogress.fastprogress import progress_bar
-
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     offset = part.stat().st_size if part.exists() else 0
@@ -67,7 +69,8 @@ def fetch(url: str, dest: str | Path, show_progress: bool = True) -> Path:
         chunks = range(n_chunks) if n_chunks else iter(int, 1)
         try:
             with open(part, mode) as f:
-                for _ in (progress_bar(chunks, leave=False) if show_progress and n_chunks else chunks):
+                for _ in (progress_bar(chunks, leave=False) if show_progress and n_chunks and on_terminal()
+                          else chunks):
                     block = response.read(CHUNK)
                     if not block:
                         break
@@ -139,8 +142,6 @@ def read_manifest(dest: Path) -> dict:
 
 def verify_counts(dest: Path) -> dict[str, int]:
     """Check every extracted image folder holds exactly the images its ground-truth CSV lists."""
-    import pandas as pd
-
     counts = {}
     for folder, gt in IMAGE_SETS.items():
         if not (dest / folder).is_dir():

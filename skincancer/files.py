@@ -25,9 +25,10 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp = Path(name)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any file we create
     try:
         yield tmp
+        # mkstemp makes 0600, and a writer may replace the file with its own: the result reads like any file we make
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -46,10 +47,13 @@ def write_json_atomic(dest: str | Path, obj) -> Path:
 
 
 def model_files(model_path: str | Path) -> dict[str, Path]:
-    """The files of one exported model: NAME.pkl, NAME.safetensors, NAME.json (card) and NAME.split.csv."""
+    """The files of one export, from any of them: NAME.pkl, .safetensors, .json (card), .split.csv, .onnx, ..."""
     p = Path(model_path)
+    if p.name.endswith((".split.csv", ".report.txt", ".int8.onnx")):
+        p = p.with_suffix("")
     return {"model": p.with_suffix(".pkl"), "weights": p.with_suffix(".safetensors"), "card": p.with_suffix(".json"),
-            "split": p.with_suffix(".split.csv")}
+            "split": p.with_suffix(".split.csv"), "report": p.with_suffix(".report.txt"),
+            "onnx": p.with_suffix(".onnx"), "int8": p.with_suffix(".int8.onnx")}
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -59,3 +63,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def project_path(path: str | Path, start: str | Path | None = None) -> Path:
+    """`path`, a relative one resolved against the project's checkout (the nearest folder up from `start`, by default
+    the working folder, that holds pyproject.toml), so a notebook finds data/ and models/ from any working folder."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    here = Path(start or Path.cwd()).resolve()
+    root = next((d for d in (here, *here.parents) if (d / "pyproject.toml").is_file()), here)
+    return root / path

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import math
 import weakref
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image
+from torch import fx
 
-from .data import is_malignant_class
 from .errors import SkinCancerError
+from .images import open_image
+from .labels import is_malignant_class
 
 # Modules that leave every pixel where it is: their output cell i sits where their input cell i sat.
 _POINTWISE = ("BatchNorm2d", "GroupNorm", "InstanceNorm2d", "ReLU", "ReLU6", "LeakyReLU", "PReLU", "SiLU", "GELU",
@@ -52,8 +57,6 @@ def feature_grid(body) -> Grid | None:
 
 
 def _trace_grid(body) -> Grid | None:
-    from torch import fx
-
     gm = fx.symbolic_trace(body)
     modules = dict(gm.named_modules())
     grids: dict = {}
@@ -99,9 +102,6 @@ def upsample_map(cam, grid: Grid | None, input_hw: tuple[int, int], out_hw: tupl
     image's border extend outwards). Without a known `grid`, cells are assumed evenly spread with half a step
     at each border, as a plain resize assumes.
     """
-    import torch
-    import torch.nn.functional as F
-
     cam = torch.as_tensor(cam, dtype=torch.float32)
     n_hw = cam.shape[-2:]
     if grid is not None and any(abs(step * n - size) > step for (step, _), n, size in zip(grid, n_hw, input_hw)):
@@ -138,10 +138,8 @@ def class_activation(model, x, classes: list[str], target: str | int | None = No
     `model` is a (body, head) network as fastai's vision_learner builds it. The map needs the score's gradient at the
     body's output only, which the head alone decides: the body runs without a graph and only the head is
     differentiated (a backward pass through the whole network, the textbook way, would also differentiate every
-    weight, for the same map at three times the cost on a CPU).
+    weight, for the same map at more cost).
     """
-    import torch
-
     if not isinstance(model, torch.nn.Sequential) or len(model) < 2:
         raise SkinCancerError(f"Grad-CAM needs a (body, head) network as fastai's vision_learner builds, "
                               f"not a {type(model).__name__}")
@@ -163,9 +161,6 @@ def class_activation(model, x, classes: list[str], target: str | int | None = No
 
 def heat_overlay(img, cam, body, input_hw: tuple[int, int], alpha: float = 0.45):
     """(heat map at the photo's size in [0, 1], RGB overlay) of a feature-size `cam` of `img` seen at `input_hw`."""
-    from matplotlib import colormaps
-    from PIL import Image
-
     # the model saw the photo squished to a square, so stretching the map back to the photo's shape is exact
     heat = upsample_map(cam, feature_grid(body), input_hw, (img.height, img.width)).numpy()
     heat = np.clip(heat, 0.0, 1.0)
@@ -185,29 +180,8 @@ def gradcam(learn, image, target: str | int | None = None, alpha: float = 0.45, 
     'malignant' (the default) is a 7-diagnosis model's mel, bcc and akiec together; a model with no malignant
     class gets its most likely class. `model` runs in place of the learner's network (`Classifier.model`, say).
     """
-    from .predict import open_image
-
     img = open_image(image)
     x = learn.dls.test_dl([img], num_workers=0).one_batch()[0]
     model = (learn.model if model is None else model).eval()
     cam, _ = class_activation(model, x, [str(c) for c in learn.dls.vocab], target)
     return heat_overlay(img, cam, model[0], tuple(x.shape[-2:]), alpha)
-
-
-def plot_gradcam_grid(learn, images, titles=None, cols: int = 4, target: str | int | None = None):
-    """A figure of Grad-CAM overlays, one per image."""
-    from .plotting import pyplot
-
-    plt = pyplot()
-    images = list(images)
-    rows = max(1, math.ceil(len(images) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.6 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, (ax, image) in enumerate(zip(axes.flat, images)):
-        _, overlay = gradcam(learn, image, target=target)
-        ax.imshow(overlay)
-        ax.set_title(titles[i] if titles else str(i), fontsize=8)
-    fig.suptitle("Grad-CAM (red: regions that raised the score)")
-    fig.tight_layout()
-    return fig

@@ -1,8 +1,5 @@
-"""The loss of a skincancer learner: fastai's cross-entropy, decoding a binary model's scores to its call.
-
-Its own module, imported only where a learner is built or loaded: it imports fastai and torch, which the CLI's
-other commands need not wait for. A learner exported with it pickles a reference to this class.
-"""
+"""The loss of a skincancer learner: fastai's cross-entropy, class-weighted, decoding a binary model's scores to its
+call. A learner exported with it pickles a reference to `OperatingPointLoss` here."""
 
 from __future__ import annotations
 
@@ -11,7 +8,10 @@ import torch
 from fastai.losses import CrossEntropyLossFlat
 
 from .calibration import calibrate
-from .data import is_malignant_class, malignant_probability, task_of
+from .config import IMBALANCE
+from .data import class_weights
+from .errors import SkinCancerError
+from .labels import classes_for, is_malignant_class, malignant_probability, task_of
 
 
 class OperatingPointLoss(CrossEntropyLossFlat):
@@ -21,7 +21,7 @@ class OperatingPointLoss(CrossEntropyLossFlat):
     the model card's threshold and calibration, fastai's own `learn.predict` and `get_preds(with_decoded=True)`
     decode 'malignant' where the calibrated probability of malignancy reaches the threshold, the call
     `skincancer.predict` makes, instead of the argmax (0.5 on the network's class-weighted score). Training and
-    `activation` (the softmax) are unchanged; a 7-diagnosis model decodes to its most likely diagnosis, as before.
+    `activation` (the softmax) are unchanged; a 7-diagnosis model decodes to its most likely diagnosis.
     """
 
     threshold: float | None = None
@@ -40,3 +40,15 @@ class OperatingPointLoss(CrossEntropyLossFlat):
         called = calibrate(malignant_probability(probs, self.classes), self.calibration) >= self.threshold
         malignant = int(np.flatnonzero(is_malignant_class(self.classes))[0])
         return torch.as_tensor(np.where(called, malignant, 1 - malignant), device=x.device)
+
+
+def make_loss(task: str, train_labels=None, imbalance: str = "loss") -> OperatingPointLoss:
+    """Cross-entropy, class-weighted by inverse frequency of `train_labels` when `imbalance == 'loss'`."""
+    if imbalance not in IMBALANCE:
+        raise SkinCancerError(f"imbalance: {imbalance!r} is not one of {', '.join(IMBALANCE)}")
+    weight = None
+    if imbalance == "loss":
+        if train_labels is None:
+            raise SkinCancerError("imbalance='loss' needs the training labels to weigh the classes")
+        weight = torch.tensor(class_weights(train_labels, classes_for(task)), dtype=torch.float32)
+    return OperatingPointLoss(weight=weight)

@@ -4,15 +4,16 @@ differences between models, lesion by lesion, other prevalences and net benefit.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import numpy as np
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from .calibration import calibrate
-from .data import DX_CLASSES, MALIGNANT_DX, is_malignant_class, malignant_probability, task_of
+from .config import TARGET_SENSITIVITY
 from .errors import SkinCancerError, first_few
-
-TARGET_SENSITIVITY = 0.90
+from .labels import DX_CLASSES, MALIGNANT_DX, is_malignant_class, malignant_probability, task_of
 
 
 def _finite_or_none(x):
@@ -25,10 +26,6 @@ def _ratio(num: int, den: int) -> float | None:
 
 def _balanced_accuracy(targets, pred) -> float:
     """Mean recall over the classes present in `targets` (sklearn warns when a prediction names an absent one)."""
-    import warnings
-
-    from sklearn.metrics import balanced_accuracy_score
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="y_pred contains classes not in y_true")
         warnings.filterwarnings("ignore", message="A single label was found")
@@ -98,6 +95,7 @@ def _percentiles(scores: np.ndarray, level: float) -> tuple[float, float] | None
 
 
 PAIRED = ("auroc", "sensitivity", "specificity", "balanced_accuracy")
+LESION_SIDES = ("one photo", "all photos")  # the two counts `lesion_metrics` pairs
 
 
 def call_statistics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
@@ -380,8 +378,6 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
     With a `calibration` (the model card's), the probability of malignancy is the calibrated one, and `threshold`
     is on its scale; `brier` scores that probability, and `brier_uncalibrated` the network's own.
     """
-    from sklearn.metrics import roc_auc_score
-
     probs, targets, classes = np.asarray(probs, dtype=np.float64), np.asarray(targets), list(classes)
     if probs.ndim != 2 or probs.shape != (len(targets), len(classes)):
         raise SkinCancerError(f"probabilities of shape {probs.shape} do not match {len(targets)} targets "

@@ -1,26 +1,31 @@
-"""Figures for people: the data set, training history; shared pyplot access and atomic PNG saving."""
+"""Figures for people, each returned for a notebook to show and saved as PNG by `save_figure`: the data set,
+training, the evaluation's curves and tables drawn, Grad-CAM, a prediction."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from PIL import Image
+from sklearn.metrics import average_precision_score, confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve
 
-from .data import DX_CLASSES, DX_NAMES, MALIGNANT_DX, SPLITS, is_malignant_class
+from . import DISCLAIMER
+from .data import SPLITS
 from .files import atomic_path
+from .gradcam import gradcam
+from .images import open_image
+from .labels import DX_CLASSES, DX_NAMES, MALIGNANT_DX, is_malignant_class
+from .metrics import LESION_SIDES, PAIRED, net_benefit
+from .subgroups import SUBGROUPS
+from .tables import interval
 
 
-def pyplot():
-    """matplotlib.pyplot, imported on first use (the command line picks the Agg backend; notebooks keep theirs)."""
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def class_chart_title(clf) -> str:
-    """What a chart of `predict`'s class probabilities shows: a calibrated dx model's diagnoses are raw scores."""
-    return "diagnosis scores (not calibrated)" if clf.calibration and len(clf.classes) > 2 else "class probabilities"
+def _axes(ax, figsize):
+    """(figure, axes): the given axes' figure, or a new figure of `figsize`."""
+    return (ax.figure, ax) if ax is not None else plt.subplots(figsize=figsize)
 
 
 def save_figure(fig, path: str | Path, close: bool = True) -> Path:
@@ -28,13 +33,14 @@ def save_figure(fig, path: str | Path, close: bool = True) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     if close:
-        pyplot().close(fig)
+        plt.close(fig)
     return Path(path)
 
 
+# --- the data set and training ---------------------------------------------------------------------
+
 def plot_diagnoses(df: pd.DataFrame):
     """Images and lesions per diagnosis, malignant ones in red."""
-    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     images = df["dx"].value_counts().reindex(DX_CLASSES).fillna(0)
     lesions = df.drop_duplicates("lesion_id")["dx"].value_counts().reindex(DX_CLASSES).fillna(0)
@@ -53,7 +59,6 @@ def plot_diagnoses(df: pd.DataFrame):
 
 def plot_demographics(df: pd.DataFrame):
     """Age, sex and body site of benign and malignant lesions."""
-    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     lesions = df.drop_duplicates("lesion_id")
     malignant = lesions["dx"].isin(MALIGNANT_DX)
@@ -76,9 +81,6 @@ def plot_demographics(df: pd.DataFrame):
 
 def plot_examples(df: pd.DataFrame, per_dx: int = 4, seed: int = 0):
     """A grid of example images: one row per diagnosis."""
-    from PIL import Image
-
-    plt = pyplot()
     dxs = [d for d in DX_CLASSES if (df["dx"] == d).any()]
     fig, axes = plt.subplots(len(dxs), per_dx, figsize=(2.2 * per_dx, 1.8 * len(dxs)), squeeze=False)
     for row, d in zip(axes, dxs):
@@ -95,7 +97,6 @@ def plot_examples(df: pd.DataFrame, per_dx: int = 4, seed: int = 0):
 
 def plot_split(df: pd.DataFrame):
     """Images per split and label, with how many lesions cross splits (it must be 0)."""
-    plt = pyplot()
     crossing = int((df.groupby("lesion_id")["split"].nunique() > 1).sum())
     table = df.groupby(["split", "label"]).size().unstack(fill_value=0).reindex(SPLITS)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -106,7 +107,6 @@ def plot_split(df: pd.DataFrame):
 
 def plot_history(recorder):
     """Training and validation loss, and every validation metric, per epoch of the last fit."""
-    plt = pyplot()
     names = list(recorder.metric_names[1:-1])  # drop 'epoch' and 'time'
     values = np.array([[np.nan if v is None else float(v) for v in row] for row in recorder.values])
     metric_names = [n for n in names if n not in ("train_loss", "valid_loss")]
@@ -124,25 +124,306 @@ def plot_history(recorder):
     return fig
 
 
+# --- an evaluation's curves and tables drawn --------------------------------------------------------
+
+def plot_roc(is_malignant, p_malignant, threshold: float | None = None, ax=None, name: str | None = None):
+    """ROC curve of malignant vs benign, with the operating point marked; `name` labels it among others on `ax`."""
+    fig, ax = _axes(ax, (5, 5))
+    fpr, tpr, _ = roc_curve(is_malignant, p_malignant)
+    if not ax.lines:  # the chance line, once
+        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+    prefix = f"{name}: " if name else ""
+    line, = ax.plot(fpr, tpr, label=f"{prefix}AUROC {roc_auc_score(is_malignant, p_malignant):.3f}")
+    if threshold is not None:
+        said = np.asarray(p_malignant) >= threshold
+        y = np.asarray(is_malignant, dtype=bool)
+        ax.plot(said[~y].mean(), said[y].mean(), "o", color=line.get_color() if name else "crimson",
+                label=f"{prefix}threshold {threshold:.3f}")
+    ax.set(xlabel="1 - specificity (false positive rate)", ylabel="sensitivity (true positive rate)",
+           title="ROC: malignant vs benign")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def plot_pr(is_malignant, p_malignant, ax=None):
+    """Precision-recall curve of malignant, with the prevalence as the chance line."""
+    fig, ax = _axes(ax, (5, 5))
+    prec, rec, _ = precision_recall_curve(is_malignant, p_malignant)
+    ax.plot(rec, prec, label=f"AP {average_precision_score(is_malignant, p_malignant):.3f}")
+    ax.axhline(np.mean(is_malignant), ls="--", color="grey", lw=1, label="prevalence")
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision-recall: malignant",
+           xlim=(0, 1), ylim=(0, 1.02))
+    ax.legend(loc="upper right")
+    return fig
+
+
+def plot_confusion(targets, preds, classes, ax=None, title: str = "Confusion matrix"):
+    """Confusion matrix, rows the truth: counts, coloured by the share of each row (classes are far from balanced)."""
+    fig, ax = _axes(ax, (1.2 * len(classes) + 2,) * 2)
+    cm = confusion_matrix(targets, preds, labels=list(range(len(classes))))
+    # coloured by counts, nv's 1,000 images would wash out every other row
+    share = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, f"{v}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                color="white" if share[i, j] > 0.5 else "black")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="actual", title=f"{title}\n(count and share of the actual class)")
+    return fig
+
+
+def _reliability_curve(y: np.ndarray, p: np.ndarray, bins: int) -> tuple[list, list, list]:
+    """(mean probability, share malignant, count) of each non-empty bin of equal width."""
+    which = np.clip(np.digitize(p, np.linspace(0, 1, bins + 1)[1:-1]), 0, bins - 1)
+    kept = [b for b in range(bins) if (which == b).any()]
+    return ([p[which == b].mean() for b in kept], [y[which == b].mean() for b in kept],
+            [int((which == b).sum()) for b in kept])
+
+
+def plot_reliability(is_malignant, p_malignant, bins: int = 10, ax=None, uncalibrated=None):
+    """Calibration: observed frequency of malignancy against predicted probability, by bin (and before calibration)."""
+    fig, ax = _axes(ax, (5, 5))
+    y, p = np.asarray(is_malignant, dtype=float), np.asarray(p_malignant, dtype=float)
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfectly calibrated")
+    if uncalibrated is not None:
+        raw = np.asarray(uncalibrated, dtype=float)
+        mean_p, freq, _ = _reliability_curve(y, raw, bins)
+        ax.plot(mean_p, freq, "s:", color="darkorange", alpha=0.8,
+                label=f"network's scores (Brier {np.mean((raw - y) ** 2):.3f})")
+    mean_p, freq, count = _reliability_curve(y, p, bins)
+    name = "calibrated on valid" if uncalibrated is not None else "model"
+    ax.plot(mean_p, freq, "o-", color="tab:blue", label=f"{name} (Brier {np.mean((p - y) ** 2):.3f})")
+    for x, f, c in zip(mean_p, freq, count):
+        # counts below their points, but above those near the axis, where they would sit on its tick labels
+        ax.annotate(str(c), (x, f), textcoords="offset points", xytext=(4, 4 if f < 0.08 else -10), fontsize=7)
+    ax.set(xlabel="predicted probability of malignancy", ylabel="observed fraction malignant",
+           title="Reliability (n per bin)", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def plot_threshold(is_malignant, p_malignant, threshold: float | None = None, ax=None):
+    """Sensitivity and specificity as the threshold moves, with the operating threshold marked."""
+    fig, ax = _axes(ax, (6, 4))
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=float)
+    ts = np.linspace(0, 1, 201)
+    ax.plot(ts, [(p[y] >= t).mean() if y.any() else np.nan for t in ts], label="sensitivity")
+    ax.plot(ts, [(p[~y] < t).mean() if (~y).any() else np.nan for t in ts], label="specificity")
+    if threshold is not None:
+        ax.axvline(threshold, color="crimson", ls="--", lw=1, label=f"operating threshold {threshold:.3f}")
+    ax.set(xlabel="threshold on the probability of malignancy", ylabel="rate", ylim=(0, 1.02),
+           title="Sensitivity and specificity against threshold")
+    ax.legend(loc="lower left")
+    return fig
+
+
+def plot_decision_curve(is_malignant, p_malignant, threshold: float | None = None, ax=None, name: str | None = None):
+    """Net benefit against the threshold probability, beside biopsying all lesions and none (a decision curve).
+
+    Drawn on an `ax` that holds one already, a second model's curve (`name`) joins it.
+    """
+    fig, ax = _axes(ax, (6, 4))
+    y = np.asarray(is_malignant, dtype=bool)
+    ts = np.linspace(0.01, 0.6, 119)
+    prevalence = y.mean()
+    model = net_benefit(y, p_malignant, ts)
+    first = not any(line.get_label() == "biopsy all" for line in ax.get_lines())
+    line, = ax.plot(ts, model, label=name or "biopsy where the model's probability reaches the threshold")
+    if first:
+        ax.plot(ts, net_benefit(y, np.ones(len(y)), ts), color="grey", label="biopsy all")
+        ax.axhline(0, color="black", lw=1, label="biopsy none")
+    if threshold is not None and 0 < threshold < 1:
+        ax.axvline(threshold, color="crimson" if name is None else line.get_color(), ls="--", lw=1,
+                   label=f"{'operating' if name is None else 'its'} threshold {threshold:.3f} "
+                         f"(1 malignancy = {1 / threshold - 1:.1f} benign)")
+    ax.set(xlabel="threshold probability (the risk at which a biopsy is worth it)",
+           ylabel="net benefit (malignancies found per person)", ylim=(-0.05, max(prevalence, 0.01) * 1.15),
+           title=f"Decision curve (at this set's prevalence, {prevalence:.1%})")
+    ax.legend(loc="upper right", fontsize=8)
+    return fig
+
+
+def plot_paired_differences(paired: dict, names: tuple[str, str] = ("A", "B"), ax=None):
+    """B - A for each statistic of a `paired_bootstrap`, with its interval, against the line of no difference."""
+    fig, ax = _axes(ax, (6, 3.5))
+    rows = [k for k in PAIRED if paired[k]["ci"] is not None]
+    labels = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy"}
+    for i, k in enumerate(rows):
+        d, (lo, hi) = paired[k]["difference"], paired[k]["ci"]
+        colour = "grey" if lo <= 0 <= hi else "seagreen" if lo > 0 else "crimson"
+        ax.errorbar(d, i, xerr=[[d - lo], [hi - d]], fmt="o", color=colour, capsize=4)
+        ax.annotate(interval(d, (lo, hi), signed=True), (d, i), textcoords="offset points", xytext=(0, 8),
+                    ha="center", fontsize=8)
+    ax.axvline(0, color="black", lw=1)
+    ax.set_yticks(range(len(rows)), [labels.get(k, k) for k in rows])
+    ax.set_ylim(len(rows) - 0.3, -0.6)  # AUROC on top
+    ax.set(xlabel=f"{names[1]} - {names[0]}",
+           title=f"Paired differences, {round(100 * paired['level'])}% interval ({paired['resampled']} resampled)")
+    return fig
+
+
+LESION_COUNTS = {"each_photo": "each photo (the usual count)", "one_photo": "one photo of each lesion",
+                 "all_photos": "each lesion on all its photos"}
+
+
+def plot_lesions(by_lesion: dict):
+    """`lesion_metrics` drawn: each statistic counted photo by photo and lesion by lesion, and all photos - one."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw=dict(width_ratios=[1.2, 1]))
+    names = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy"}
+    for j, (side, label) in enumerate(LESION_COUNTS.items()):
+        values = by_lesion[side]
+        for i, k in enumerate(PAIRED):
+            v, ci = values[k], values[f"{k}_ci95"]
+            if v is None:
+                continue
+            xerr = [[v - ci[0]], [ci[1] - v]] if ci else None
+            axes[0].errorbar(v, i + 0.22 * (j - 1), xerr=xerr, fmt="o", color=f"C{j}", capsize=3,
+                             label=label if i == 0 else None)
+    axes[0].set_yticks(range(len(PAIRED)), [names.get(k, k) for k in PAIRED])
+    axes[0].set_ylim(len(PAIRED) - 0.5, -0.5)
+    axes[0].legend(loc="lower left", fontsize=8)
+    axes[0].set(xlabel="value (95% interval, lesions resampled)",
+                title=f"{by_lesion['n_photos']} photos of {by_lesion['n_lesions']} lesions, counted three ways")
+    plot_paired_differences(by_lesion["difference"], LESION_SIDES, ax=axes[1])
+    axes[1].set_title("Each lesion on all its photos - on one")
+    fig.tight_layout()
+    return fig
+
+
+def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[str, str] | None = None):
+    """A forest plot of `subgroup_metrics`: AUROC, sensitivity and specificity with their intervals, by subgroup.
+
+    Dashed lines mark the `overall` values (a dict of them) each subgroup is read against. Given the two models'
+    `names`, the rows are a `paired_subgroup_metrics` and the plot shows B - A against the line of no difference.
+    """
+    stats = {"auroc": "AUROC", "sensitivity": "sensitivity at the threshold",
+             "specificity": "specificity at the threshold"}
+    gap = names is None and any("calibration_gap" in row for row in rows)
+    if gap:
+        stats["calibration_gap"] = "mean probability - share malignant"
+    # a header line for each column, then a line for each of its subgroups
+    labels: list[str] = []
+    where: list[int] = []
+    headers: list[int] = []
+    for i, row in enumerate(rows):
+        if i == 0 or row["column"] != rows[i - 1]["column"]:
+            headers.append(len(labels))
+            labels.append(SUBGROUPS[row["column"]])
+        where.append(len(labels))
+        labels.append(f"{row['subgroup']}  (n {row['n']}, {row['n_malignant']} malignant)")
+    y = len(labels)
+
+    def reach(keys):  # a symmetric scale about 0 that holds every value and interval of `keys`
+        ends = [abs(x) for row in rows for k in keys for x in [row[k], *(row[f"{k}_ci95"] or [])] if x is not None]
+        return 1.1 * max(ends, default=0.1)
+
+    differences = reach([k for k in stats if k != "calibration_gap"])
+    fig, axes = plt.subplots(1, len(stats), figsize=(5 * len(stats), 1.0 + 0.24 * y), sharey=True)
+    for ax, (k, title) in zip(axes, stats.items()):
+        centred = names is not None or k == "calibration_gap"  # differences, read against 0
+        for row, row_y in zip(rows, where):
+            v, ci = row[k], row[f"{k}_ci95"]
+            if v is None:
+                continue
+            colour = "tab:blue"
+            if centred and ci:
+                colour = "grey" if ci[0] <= 0 <= ci[1] else "seagreen" if ci[0] > 0 else "crimson"
+                if k == "calibration_gap" and colour != "grey":
+                    colour = "darkorange"  # probabilities off in either direction: neither is good
+            err = [[v - ci[0]], [ci[1] - v]] if ci else None
+            ax.errorbar(v, row_y, xerr=err, fmt="o", ms=4, color=colour, ecolor=colour, capsize=2, lw=1)
+        if names is not None and k != "calibration_gap":
+            title = f"{title}: {names[1]} - {names[0]}"
+        if overall is not None and overall.get(k) is not None:  # named in the title: a legend would cover points
+            ax.axvline(overall[k], color="grey", ls="--", lw=1)
+            title += f"\n(dashed: all images, {overall[k]:{'+' if centred else ''}.3f})"
+        if not centred:
+            ax.set(xlim=(0, 1.02), title=title)
+        else:
+            ax.axvline(0, color="black", lw=1)
+            scale = reach([k]) if k == "calibration_gap" else differences
+            ax.set(xlim=(-scale, scale), title=title)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0].set_yticks(range(y), labels, fontsize=8)
+    for i in headers:
+        axes[0].get_yticklabels()[i].set_fontweight("bold")
+    axes[0].set_ylim(y - 0.5, -0.5)
+    fig.suptitle("By subgroup: the malignant call, with 95% intervals (wide where a subgroup is small)" if names is None
+                 else f"By subgroup: {names[1]} - {names[0]}, paired, with 95% intervals")
+    fig.tight_layout()
+    return fig
+
+
+def _thumb(path: str, size: int = 160):
+    img = Image.open(path).convert("RGB")
+    img.thumbnail((size, size))
+    return img
+
+
+def plot_top_losses(df: pd.DataFrame, probs, targets, classes, k: int = 9, preds=None):
+    """The `k` images with the highest cross-entropy, with truth and prediction (`preds`, else the top class)."""
+    probs, targets = np.asarray(probs), np.asarray(targets)
+    preds = probs.argmax(axis=1) if preds is None else np.asarray(preds)
+    losses = -np.log(np.clip(probs[np.arange(len(targets)), targets], 1e-12, 1))
+    order = np.argsort(-losses)[:k]
+    cols = 3
+    rows = math.ceil(len(order) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, order):
+        row = df.iloc[i]
+        ax.imshow(_thumb(row["path"]))
+        pred = int(preds[i])
+        ax.set_title(f"{row['image_id']} ({row['dx']})\nactual {classes[targets[i]]}, predicted {classes[pred]}\n"
+                     f"loss {losses[i]:.2f}, p(actual) {probs[i, targets[i]]:.2f}", fontsize=8)
+    fig.suptitle("Top losses")
+    fig.tight_layout()
+    return fig
+
+# --- Grad-CAM and a prediction -----------------------------------------------------------------------
+
+def gradcam_title(heat: np.ndarray) -> str:
+    """A Grad-CAM panel's title: what the map shows, or that nothing in the photo raised the score."""
+    if not np.asarray(heat).max() > 0:
+        return "Grad-CAM: nothing raised the malignant score (an empty map)"
+    return "Grad-CAM: what raised the malignant score"
+
+
+def plot_gradcam_grid(learn, images, titles=None, cols: int = 4, target: str | int | None = None, model=None):
+    """A figure of Grad-CAM overlays, one per image; an empty map says so under its title."""
+    images = list(images)
+    rows = max(1, math.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.8 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (ax, image) in enumerate(zip(axes.flat, images)):
+        heat, overlay = gradcam(learn, image, target=target, model=model)
+        ax.imshow(overlay)
+        title = titles[i] if titles else str(i)
+        if not heat.max() > 0:
+            title += "\n(empty map: nothing raised the score)"
+        ax.set_title(title, fontsize=8)
+    fig.suptitle("Grad-CAM (red: regions that raised the score)")
+    fig.tight_layout()
+    return fig
+
+
 def plot_prediction(clf, image, result: dict | None = None):
     """The photo, its Grad-CAM overlay and the class probabilities, titled with the call and the disclaimer."""
-    from .gradcam import gradcam
-    from .predict import DISCLAIMER, open_image
-
-    plt = pyplot()
     if result is None:
-        result, _, overlay = clf.explain(image)  # one pass for both
+        result, heat, overlay = clf.explain(image)  # one pass for both
     else:
-        _, overlay = gradcam(clf.learn, image, model=clf.model)
+        heat, overlay = gradcam(clf.learn, image, model=clf.model)
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), gridspec_kw={"width_ratios": [4, 4, 3]})
     axes[0].imshow(open_image(image))
     axes[1].imshow(overlay)
-    for ax, title in zip(axes[:2], ["photo", "Grad-CAM: what raised the malignant score"]):
+    for ax, title in zip(axes[:2], ["photo", gradcam_title(heat)]):
         ax.set_title(title, fontsize=9)
         ax.axis("off")
     probs = pd.Series(result["probabilities"]).sort_values()
     probs.plot.barh(ax=axes[2], color=["crimson" if m else "steelblue" for m in is_malignant_class(probs.index)])
-    axes[2].set(xlim=(0, 1), title=class_chart_title(clf))
+    axes[2].set(xlim=(0, 1), title=clf.scores_title)
     call, label = result["call"], result["label"]
     head = call if label == call else f"{call} (most likely diagnosis: {label})"  # dx models name the diagnosis
     fig.suptitle(f"{head}: probability of malignancy {result['malignant_probability']:.2f} "

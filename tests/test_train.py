@@ -1,41 +1,25 @@
-"""Training through the CLI, the exported files, pretrained weights and the offline error."""
+"""A training run end to end: the card's numbers, tasks, reused splits, calibration, errors, resuming."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import pickle
 import urllib.error
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import SMALL, scores_of_known_miscalibration, wait_for_checkpoint
 
 from skincancer import SkinCancerError, cli
-from skincancer.calibration import calibrate
+from skincancer.calibration import calibrate, fit_calibration
+from skincancer.config import TrainConfig
 from skincancer.data import prepare
-from skincancer.files import sha256_file
+from skincancer.metrics import choose_threshold
 from skincancer.predict import load
-from conftest import SMALL
-from skincancer.train import TrainConfig, export, make_dataloaders, make_learner, pretrained_weights_file
-
-def test_train_exports_the_learner_its_card_and_its_split(trained):
-    card = json.loads(trained.with_suffix(".json").read_text())
-    assert card["sha256"] == sha256_file(trained)
-    assert card["task"] == "binary" and card["classes"] == ["benign", "malignant"]
-    assert card["arch"] == "resnet50" and card["pretrained"] is False and card["size"] == 64 and card["seed"] == 42
-    assert {"fastai", "torch", "torchvision", "skincancer", "python"} <= set(card["versions"])
-    for split in ("valid", "test"):
-        m = card["metrics"][split]
-        for key in ("accuracy", "balanced_accuracy", "auroc", "sensitivity", "specificity"):
-            assert 0.0 <= m[key] <= 1.0, (split, key)
-        assert m["n"] == card["split_images"][split]
-    split = pd.read_csv(trained.with_suffix(".split.csv"))
-    assert list(split.columns) == ["image_id", "lesion_id", "split"]
-    assert (split.groupby("lesion_id")["split"].nunique() == 1).all()
-    assert split["split"].value_counts().to_dict() == {k: v for k, v in card["split_images"].items() if v}
-    assert sum(sum(c.values()) for c in card["split_counts"].values()) == len(split)
+from skincancer.model import pretrained_weights_file
+from skincancer import train as T
 
 
 def test_the_split_is_reproducible_from_the_card(trained, ham_dir):
@@ -44,24 +28,6 @@ def test_the_split_is_reproducible_from_the_card(trained, ham_dir):
     again = prepare(ham_dir, cfg["task"], cfg["valid_pct"], cfg["test_pct"], cfg["seed"], cfg["limit"])
     saved = pd.read_csv(trained.with_suffix(".split.csv"))
     assert again[["image_id", "split"]].reset_index(drop=True).equals(saved[["image_id", "split"]])
-
-
-def test_a_failed_export_leaves_the_previous_model_intact(trained, tmp_path, monkeypatch):
-    from skincancer.predict import load
-
-    learn = load(trained).learn
-    target = tmp_path / "model.pkl"
-    target.write_bytes(b"the previous good model")
-
-    def boom(self, fname, **kwargs):
-        fname.write_bytes(b"half a pickle")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(type(learn), "export", boom)
-    with pytest.raises(OSError, match="disk full"):
-        export(learn, target, {}, pd.DataFrame(columns=["image_id", "lesion_id", "split"]))
-    assert target.read_bytes() == b"the previous good model"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pkl"]  # no temporary files left behind
 
 
 def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir, original_images):
@@ -95,108 +61,10 @@ def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir, original_images):
                                                             abs=1e-5)
 
 
-def test_weight_decay_one_pass_augmentation_the_loss_on_device_and_the_average_reach_the_run(tmp_path, ham_dir,
-                                                                                             monkeypatch):
-    from fastai.vision.all import RandomResizedCropGPU
-
-    from skincancer import train as T
-
-    guards, real = [], T.loss_on_device
-    averages, real_average = [], T.weight_average
-
-    def spy():
-        guards.append(real())
-        return guards[-1]
-
-    def spy_average(*args):
-        averages.append(real_average(*args))
-        return averages[-1]
-
-    monkeypatch.setattr(T, "loss_on_device", spy)
-    monkeypatch.setattr(T, "weight_average", spy_average)
-    result = T.train(T.TrainConfig(data=str(ham_dir), pretrained=False, limit=60, size=32, bs=8, epochs=1, wd=0.05,
-                                   augment="one-pass", loss_on_device=True, ema=0.9, num_workers=0,
-                                   out=str(tmp_path / "m.pkl")))
-    assert len(averages) == 1 and averages[0].steps == len(result.learn.dls.train)
-    assert result.card["config"]["ema"] == 0.9
-    exported = load(tmp_path / "m.pkl").learn.model.state_dict()  # the one epoch's average, not the last weights
-    assert all(torch.equal(exported[k].float(), v.float()) for k, v in averages[0].averaged_state().items())
-    assert {g["wd"] for g in result.learn.opt.hypers} == {0.05}
-    assert not any(isinstance(t, RandomResizedCropGPU) for t in result.learn.dls.train.after_batch.fs)
-    assert result.card["config"]["wd"] == 0.05 and result.card["config"]["augment"] == "one-pass"
-    assert len(guards) == 1 and guards[0].fitted is result.learn  # it guarded the fit in place of stop_on_nan
-    assert type(result.learn.recorder.smooth_loss).__name__ == "AvgSmoothLoss"  # fastai's again: it was exported
-
-
-@pytest.mark.parametrize("reproducible", [True, False])
-def test_reproducible_sets_cudnn_either_way_and_reaches_the_run_from_the_cli(reproducible, monkeypatch):
-    from skincancer import train as T
-
-    cudnn = torch.backends.cudnn
-    # the other choice left behind by an earlier run in this process (monkeypatch restores the flags after)
-    monkeypatch.setattr(cudnn, "deterministic", not reproducible)
-    monkeypatch.setattr(cudnn, "benchmark", reproducible)
-    T.seed_everything(3, reproducible)
-    assert (cudnn.deterministic, cudnn.benchmark) == (reproducible, not reproducible)
-    first = torch.rand(4)
-    T.seed_everything(3, reproducible)
-    assert torch.equal(torch.rand(4), first)  # seeded either way
-
-    configs = []
-    monkeypatch.setattr(T, "train", lambda config, resume=False: configs.append(config))
-    flags = [] if reproducible else ["--no-reproducible"]
-    assert cli.main(["train", "--data", "somewhere", "--no-pretrained", *flags]) == 0
-    assert configs[0].reproducible is reproducible
-
-
 def test_bad_training_input_is_an_error_line_not_a_traceback(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "nowhere"), "--no-pretrained"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
-
-
-# --- pretrained weights --------------------------------------------------------------------------
-
-@pytest.fixture
-def small_dls(ham_dir):
-    df = prepare(ham_dir, limit=60, seed=0)
-    return make_dataloaders(df, "binary", size=32, bs=8, num_workers=0)
-
-
-def test_pretrained_learner_loads_the_cached_imagenet_checkpoint(tmp_path, monkeypatch, small_dls):
-    import torchvision
-
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = pretrained_weights_file("resnet50")
-    assert path == tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
-    torch.manual_seed(123)
-    reference = torchvision.models.resnet50().state_dict()  # stands in for the ImageNet weights
-    path.parent.mkdir(parents=True)
-    torch.save(reference, path)
-
-    learn = make_learner(small_dls, "binary", "resnet50", pretrained=True)
-    body = learn.model[0].state_dict()
-    names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
-    compared = 0
-    for key, value in body.items():
-        index, rest = key.split(".", 1)
-        ref_key = f"{names[int(index)]}.{rest}"
-        assert torch.equal(value.cpu(), reference[ref_key]), ref_key
-        compared += 1
-    assert compared == len([k for k in reference if not k.startswith("fc.")])
-
-
-def test_missing_weights_offline_name_the_cache_file_and_the_switch(tmp_path, monkeypatch, small_dls):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-
-    def offline(*args, **kwargs):
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-
-    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(SkinCancerError) as e:
-        make_learner(small_dls, "binary", "resnet50", pretrained=True)
-    msg = str(e.value)
-    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in msg and "--no-pretrained" in msg
 
 
 def test_cli_train_offline_is_one_clear_error(tmp_path, monkeypatch, ham_dir, capsys):
@@ -212,106 +80,11 @@ def test_cli_train_offline_is_one_clear_error(tmp_path, monkeypatch, ham_dir, ca
     assert not (tmp_path / "cache").exists()  # it failed before presizing a single image
 
 
-def test_a_corrupt_cached_checkpoint_says_to_delete_it(tmp_path, monkeypatch, small_dls):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    path = pretrained_weights_file("resnet50")
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"not a checkpoint")
-    with pytest.raises(SkinCancerError, match=r"could not be read.*delete the file"):
-        make_learner(small_dls, "binary", "resnet50", pretrained=True)
-
-
-def test_config_rejects_nonsense():
-    with pytest.raises(SkinCancerError, match="imbalance"):
-        TrainConfig(data=".", imbalance="oversample").resolved()
-    with pytest.raises(SkinCancerError, match=r"out: .* must end in \.pkl"):
-        TrainConfig(data=".", out="models/model.pt").resolved()
-    with pytest.raises(SkinCancerError, match="label_smoothing"):
-        TrainConfig(data=".", label_smoothing=1.5).resolved()
-    with pytest.raises(SkinCancerError, match="wd: -0.1 must be 0 or more"):
-        TrainConfig(data=".", wd=-0.1).resolved()
-    with pytest.raises(SkinCancerError, match="augment: 'random' is not one of two-pass, one-pass"):
-        TrainConfig(data=".", augment="random").resolved()
-
-
-def test_each_start_gets_its_own_recipe_and_explicit_settings_win():
-    from skincancer.train import RECIPES
-
-    for pretrained in (True, False):
-        c = TrainConfig(data=".", pretrained=pretrained).resolved()
-        assert {k: getattr(c, k) for k in RECIPES[pretrained]} == RECIPES[pretrained]
-        assert c.presize == round(1.5 * c.size)
-    assert RECIPES[False]["epochs"] > RECIPES[True]["epochs"]  # from scratch needs more passes
-    c = TrainConfig(data=".", pretrained=False, epochs=3, size=96, mixup=0.0, bs=8).resolved()
-    assert (c.epochs, c.size, c.bs, c.presize, c.lr) == (3, 96, 8, 144, RECIPES[False]["lr"])
-
-
 def test_a_batch_larger_than_the_training_split_is_refused(ham_dir, tmp_path, capsys):
     code = cli.main(["train", "--data", str(ham_dir), "--limit", "60", "--no-pretrained", "--bs", "512",
                      "--out", str(tmp_path / "m.pkl")])
     assert code == 2
     assert "bs: 512 is more than the" in capsys.readouterr().err and not (tmp_path / "m.pkl").exists()
-
-
-def test_a_learner_with_the_gpu_optimiser_trains_and_exports(small_dls, tmp_path):
-    from skincancer.predict import unpickle_learner
-    from skincancer.train import fused_adamw
-
-    learn = make_learner(small_dls, "binary", "resnet50", pretrained=False, opt_func=fused_adamw())
-    with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(1, 1e-3)
-    learn.export(tmp_path / "gpu.pkl")  # the learner keeps opt_func: it must pickle
-    assert type(learn.opt.opt).__name__ == "AdamW"
-    assert unpickle_learner(tmp_path / "gpu.pkl").dls.vocab == ["benign", "malignant"]
-
-
-def test_compile_builds_one_training_graph_and_validates_eagerly(small_dls, tmp_path):
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from skincancer.callbacks import compile_model
-
-    # 60 images at bs 8: full training batches, and a last validation batch smaller than the others
-    assert len(small_dls.valid_ds) % small_dls.valid.bs != 0
-    learn = make_learner(small_dls, "binary", "resnet18", pretrained=False)
-    plain = learn.model
-    torch._dynamo.reset()
-    counters.clear()
-    try:
-        with learn.no_bar(), learn.no_logging():
-            # dynamo's graph capture is what recompiles; the "eager" backend skips the slow code generation
-            learn.fit_one_cycle(2, 1e-3, cbs=[compile_model(backend="eager")])
-        graphs, captured = counters["stats"]["unique_graphs"], counters["stats"]["calls_captured"]
-    finally:
-        torch._dynamo.reset()
-    assert graphs == 1 and captured > 0  # one graph for training: no grad-free, no dynamic-shape recompiles
-    assert learn.model is plain and plain._compiled_call_impl is None
-    assert "CompileModel" not in [type(cb).__name__ for cb in learn.cbs]
-    learn.export(tmp_path / "compiled.pkl")
-
-
-@pytest.mark.parametrize("task, n_classes", [("binary", 2), ("dx", 7)])
-def test_an_auroc_undefined_on_a_small_validation_split_is_nan_not_a_crash(task, n_classes):
-    import math
-    from types import SimpleNamespace
-
-    from fastai.torch_core import to_detach
-    from sklearn.metrics import roc_auc_score
-
-    from skincancer.train import metrics_for
-
-    metric = next(m for m in metrics_for(task) if "auroc" in getattr(m, "name", ""))
-    torch.manual_seed(0)
-    logits = torch.randn(14, n_classes)
-    probs = torch.softmax(logits, dim=1).numpy()
-    every_class = torch.arange(14) % n_classes
-    one_missing = torch.arange(14) % (n_classes - 1) if task == "dx" else torch.zeros(14, dtype=torch.long)
-    for targets, want in ((every_class, roc_auc_score(every_class, probs[:, 1]) if task == "binary" else
-                           roc_auc_score(every_class, probs, multi_class="ovr", average="macro")),
-                          (one_missing, math.nan)):
-        metric.reset()
-        metric.accumulate(SimpleNamespace(pred=logits, y=targets, to_detach=to_detach))  # what fastai's Learner gives
-        assert metric.value == pytest.approx(want, nan_ok=True)
 
 
 def test_a_run_can_reuse_another_models_split(trained, ham_dir, tmp_path):
@@ -325,154 +98,148 @@ def test_a_run_can_reuse_another_models_split(trained, ham_dir, tmp_path):
     assert "split_from" in dataclasses.asdict(config) and config.split_from == str(recorded)  # on the card
 
 
-def _tiny_learner(model=None):
-    """A linear model (or `model`) on 64 random vectors: fastai's training loop in a fraction of a second."""
-    import fastai.callback.progress  # noqa: F401  (fastai's progress bar and Learner.no_bar, as in training)
-    from fastai.data.core import DataLoaders
-    from fastai.learner import Learner
-    from fastai.torch_core import set_seed
+def test_training_calibrates_on_valid_and_puts_the_threshold_on_that_scale(monkeypatch):
+    from types import SimpleNamespace
 
-    set_seed(0)  # the data, the model and the shuffling: two learners train alike
-    x = torch.randn(64, 4)
-    items = list(zip(x, (x[:, 0] > 0).long()))
-    dls = DataLoaders.from_dsets(items, items, bs=8, device="cpu", num_workers=0)  # fastai would fork one per core
-    return Learner(dls, torch.nn.Linear(4, 2) if model is None else model, loss_func=torch.nn.CrossEntropyLoss())
+    import pandas as pd
+
+    from skincancer.train import evaluate_splits
+
+    scores, truth = scores_of_known_miscalibration(n=4000, seed=3)
+    split = np.where(np.arange(4000) < 2000, "valid", "test")
+    df = pd.DataFrame({"split": split, "dx": np.where(truth, "mel", "nv"), "lesion_id": [f"L{i}" for i in range(4000)],
+                       "label": np.where(truth, "malignant", "benign")})
+    predictions = {s: (np.stack([1 - scores[split == s], scores[split == s]], axis=1), truth[split == s].astype(int))
+                   for s in ("valid", "test")}
+    monkeypatch.setattr(T, "predict_frame", lambda learn, part: predictions[part["split"].iloc[0]])
+    learn = SimpleNamespace(dls=SimpleNamespace(vocab=["benign", "malignant"]))
+    metrics, card = evaluate_splits(learn, df, target_sensitivity=0.9)
+    valid = split == "valid"
+    assert card["calibration"] == fit_calibration(scores[valid], truth[valid])
+    assert card["threshold"] == choose_threshold(calibrate(scores[valid], card["calibration"]), truth[valid], 0.9)
+    for s in ("valid", "test"):
+        assert metrics[s]["threshold"] == card["threshold"]
+        assert metrics[s]["brier"] < metrics[s]["brier_uncalibrated"]  # scores half as steep as the truth
+        assert metrics[s]["mean_probability"] == pytest.approx(truth[split == s].mean(), abs=0.02)
+    assert metrics["valid"]["sensitivity"] >= 0.9
 
 
-def _poison_loss(epoch: int, iteration: int):
-    """A callback making one training batch's loss NaN (0-based epoch and iteration)."""
+def test_a_diverging_loss_stops_training_with_a_clear_error(ham_dir, tmp_path):
+    from skincancer.train import TrainConfig, fit, setup
+
+    config, df, learn = setup(TrainConfig(data=str(ham_dir), pretrained=False, epochs=1, size=32, bs=16, limit=80,
+                                          num_workers=0, out=str(tmp_path / "m.pkl")))
+    base = learn.loss_func
+    learn.loss_func = lambda pred, *y: base(pred, *y) * float("nan")
+    with pytest.raises(SkinCancerError, match=r"training diverged: the loss became nan at epoch 1, iteration 1"):
+        fit(learn, config)
+    assert not (tmp_path / "m.pkl").exists()
+
+
+def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, capsys, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+
+    from skincancer import cli
+    from skincancer.train import checkpoint_dir
+
+    out = tmp_path / "r.pkl"
+    args = ["train", "--data", str(ham_dir), "--limit", "200", "--size", "32", "--bs", "32", "--epochs", "4",
+            "--no-pretrained", "--workers", "0", "--out", str(out), "--checkpoint-every", "0"]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "skincancer", *args], stdout=log, stderr=log)
+        try:
+            wait_for_checkpoint(checkpoint_dir(out) / "state.json", 1, proc)
+        finally:
+            proc.kill()  # as a crash or a lost machine would
+            proc.wait()
+    state = json.loads((checkpoint_dir(out) / "state.json").read_text())
+    done = state["epoch"]
+    assert not out.exists() and done < 3
+
+    assert cli.main([*args[:10], "5", *args[11:], "--resume"]) == 2  # other settings: refused, checkpoint kept
+    assert "the interrupted run used other settings (epochs: 4 then, 5 now)" in capsys.readouterr().err
+
+    assert cli.main([*args, "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert f"resuming from {checkpoint_dir(out)}: phase 1, epoch {done + 2} of 4" in printed
+    assert out.exists() and not checkpoint_dir(out).exists()
+    assert json.loads(out.with_suffix(".json").read_text())["config"]["epochs"] == 4
+
+
+def test_resume_refuses_a_state_whose_files_are_gone_or_unnamed(tmp_path):
+    import json
+
+    from skincancer.train import TrainConfig, read_resume_state
+
+    config = TrainConfig(data=".", out=str(tmp_path / "m.pkl")).resolved()
+    folder = tmp_path / "m.checkpoints"
+    folder.mkdir()
+    (folder / "last-0-3.pth").write_bytes(b"weights")
+    state = {"phase": 0, "epoch": 3, "best": 0.8, "best_epoch": 2, "config": {}}
+    (folder / "state.json").write_text(json.dumps(state))
+    with pytest.raises(SkinCancerError, match="written by an older skincancer, which named no checkpoint files"):
+        read_resume_state(folder, config)
+    (folder / "state.json").write_text(json.dumps({**state, "files": {"last": "last-0-3.pth", "best": "best-0-2.pth"}}))
+    with pytest.raises(SkinCancerError, match=r"the checkpoint files it names are missing \(best-0-2.pth\)"):
+        read_resume_state(folder, config)
+
+
+def test_resume_inside_the_unfrozen_phase_of_fine_tuning(ham_dir, tmp_path, monkeypatch, capsys):
+    import torch
+    import torchvision
     from fastai.callback.core import Callback
 
-    class PoisonLoss(Callback):
-        def after_loss(self):
-            if self.training and self.epoch == epoch and self.iter == iteration:
-                self.learn.loss_grad = self.loss_grad * float("nan")
-                self.learn.loss = self.loss_grad.clone()
+    from skincancer import train as T
 
-    return PoisonLoss()
-
-
-@pytest.mark.parametrize("guard", ["stop_on_nan", "loss_on_device"])
-@pytest.mark.parametrize("epoch, iteration", [(1, 2), (2, 7)])  # (2, 7): the fit's last batch, read as it ends
-def test_training_stops_with_a_clear_error_when_the_loss_stops_being_finite(guard, epoch, iteration):
-    from skincancer import callbacks
-
-    learn = _tiny_learner()
-    with learn.no_bar(), learn.no_logging():
-        learn.fit(1, 1e-2, cbs=[_poison_loss(epoch, iteration), getattr(callbacks, guard)()])  # finite: trains quietly
-        with pytest.raises(SkinCancerError, match=rf"became nan at epoch {epoch + 1}, iteration {iteration + 1}; "
-                                                  "nothing was exported"):
-            learn.fit(3, 1e-2, cbs=[_poison_loss(epoch, iteration), getattr(callbacks, guard)()])
-    assert type(learn.recorder.smooth_loss).__name__ == "AvgSmoothLoss"  # fastai's, picklable, even after the error
-    pickle.dumps(learn.recorder)
-
-
-def _fit_and_watch(guard=None, epochs: int = 2):
-    """Fit the tiny learner; return it and the smoothed loss the progress bar was given at each training batch."""
-    from fastai.callback.core import Callback
-
-    shown = []
-
-    class Watch(Callback):
-        order = 59  # just before fastai's progress bar reads learn.smooth_loss
-
-        def after_batch(self):
-            if self.training:
-                shown.append(float(self.learn.smooth_loss))
-
-    learn = _tiny_learner()
-    with learn.no_logging():
-        learn.fit(epochs, 1e-2, cbs=[Watch(), *([guard] if guard is not None else [])])
-    return learn, shown
-
-
-def test_the_loss_kept_on_the_device_records_what_fastai_records_and_shows_it_a_batch_late():
-    from skincancer.callbacks import loss_on_device
-
-    ref, ref_shown = _fit_and_watch()
-    ours, shown = _fit_and_watch(loss_on_device())
-    assert [float(v) for v in ours.recorder.losses] == [float(v) for v in ref.recorder.losses]
-    assert all(v.device.type == "cpu" and v.dtype == torch.float32 for v in ours.recorder.losses)
-    assert ours.recorder.values == ref.recorder.values and ours.recorder.iters == ref.recorder.iters
-    assert float(ours.smooth_loss) == float(ref.smooth_loss) and ours.recorder.smooth_loss.count == 16
-    assert ref_shown == [float(v) for v in ref.recorder.losses]
-    # each epoch's first batch at once, then the previous batch's value
-    per_epoch = [ref_shown[i:i + 8] for i in (0, 8)]
-    assert shown == [v for e in per_epoch for v in (e[:1] + e[:-1])]
-    assert type(ours.recorder.smooth_loss).__name__ == "AvgSmoothLoss"
-    pickle.dumps(ours.recorder)
-
-
-def test_restore_gives_fastai_its_smoothing_back_after_an_interrupted_fit():
-    from fastai.callback.core import Callback
-
-    from skincancer.callbacks import loss_on_device
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    ckpt = pretrained_weights_file("resnet50")
+    ckpt.parent.mkdir(parents=True)
+    torch.save(torchvision.models.resnet50().state_dict(), ckpt)
+    config = T.TrainConfig(data=str(ham_dir), pretrained=True, freeze_epochs=1, epochs=2, size=32, bs=32, limit=120,
+                           num_workers=0, out=str(tmp_path / "ft.pkl"), checkpoint_every=0)
+    real_stop = T.StopOnNaN
+    seen = []
 
     class Interrupt(Callback):
-        order = 100  # after the Recorder and the guard have seen the batch
-
-        def after_batch(self):
-            if self.training and self.iter == 4:
-                raise KeyboardInterrupt
-
-    learn, guard = _tiny_learner(), loss_on_device()
-    with learn.no_bar(), learn.no_logging(), pytest.raises(KeyboardInterrupt):
-        learn.fit(1, 1e-2, cbs=[guard, Interrupt()])
-    assert type(learn.recorder.smooth_loss).__name__ != "AvgSmoothLoss"  # fastai skipped after_fit
-    guard.restore()  # as skincancer.train.fit does when a fit ends early
-    assert type(learn.recorder.smooth_loss).__name__ == "AvgSmoothLoss" and learn.recorder.smooth_loss.count == 5
-    assert len(learn.recorder.losses) == 5
-    pickle.dumps(learn.recorder)
-
-def _float_state(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-
-
-@pytest.mark.parametrize("decay", [0.5, 0.9])  # 0.5: exponential from the 2nd step; 0.9: the plain mean for 10 steps
-def test_the_weight_average_is_the_mean_then_an_ema_validates_and_gives_training_its_weights_back(decay):
-    from fastai.callback.core import Callback
-
-    from skincancer.callbacks import weight_average
-
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-    steps, validated, after = [], [], []
-
-    class Watch(Callback):
-        order = 10  # after the average's own events
-
-        def after_step(self):
-            steps.append(_float_state(self.model))
-
-        def before_validate(self):
-            validated.append(_float_state(self.model))
+        order = 100  # after the epoch's checkpoint is written, as a crash between epochs would be
 
         def after_epoch(self):
-            after.append(_float_state(self.model))
+            seen.append((self.learn.model[0][0].weight.requires_grad, self.epoch))
+            if len(seen) == 2:  # the first epoch of the unfrozen phase
+                raise KeyboardInterrupt
 
-    learn, average = _tiny_learner(model), weight_average(decay)
-    with learn.no_bar(), learn.no_logging():
-        learn.fit(2, 1e-2, cbs=[average, Watch()])
-    expected = []
-    for n, w in enumerate(steps, start=1):  # BatchNorm's running statistics too, as they stood after each step
-        d = min(decay, (n - 1) / n)
-        expected.append({k: d * expected[-1][k] + (1 - d) * v for k, v in w.items()} if expected else w)
-    assert len(steps) == 16 and len(validated) == 2
-    pairs = (validated[0], expected[7]), (validated[1], expected[15]), (average.averaged_state(), expected[-1])
-    for got, want in pairs:
-        for k in want:
-            torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
-    # training went on from its own weights, and ends with them: only validation saw the average
-    for k in steps[-1]:
-        assert torch.equal(after[-1][k], steps[-1][k]) and torch.equal(after[0][k], steps[7][k])
-    assert not torch.equal(validated[1]["0.weight"], steps[-1]["0.weight"])
-    assert average.averaged_state()["1.num_batches_tracked"] == 16  # an integer buffer is the model's own
+    monkeypatch.setattr(T, "StopOnNaN", Interrupt)
+    config, df, learn = T.setup(config)
+    with pytest.raises(KeyboardInterrupt):
+        T.fit(learn, config)
+    assert seen == [(False, 0), (True, 0)]  # frozen body first, then unfrozen
+
+    monkeypatch.setattr(T, "StopOnNaN", real_stop)
+    config, df, learn = T.setup(config)
+    T.fit(learn, config, resume=True)
+    assert "phase 2, epoch 2 of 2" in capsys.readouterr().out
+    assert learn.model[0][0].weight.requires_grad  # resumed unfrozen
 
 
-def test_weight_average_rejects_a_decay_outside_zero_one():
-    from skincancer.callbacks import weight_average
+@pytest.mark.slow
+def test_fine_tuning_from_a_file_trains_the_head_alone_then_all_with_lower_rates_early(ham_dir, tmp_path,
+                                                                                        lite0_weights, monkeypatch):
+    config = TrainConfig(data=str(ham_dir), recipe="cpu", weights=str(lite0_weights), freeze_epochs=1, epochs=1,
+                         lr_mult=100, size=32, bs=32, limit=200, num_workers=0, checkpoint_every=0,
+                         out=str(tmp_path / "ft.pkl"))
+    config, df, learn = T.setup(config)
+    stem = learn.model[0].model.conv_stem.weight
+    before, seen = stem.detach().clone(), []
 
-    for decay in (0.0, 1.0, -0.5):
-        with pytest.raises(SkinCancerError, match="ema: .* must be in \\(0, 1\\)"):
-            weight_average(decay)
-    with pytest.raises(SkinCancerError, match="ema: 1.5 must be 0 \\(off\\) or a decay in \\(0, 1\\)"):
-        TrainConfig(data=".", ema=1.5).resolved()
+    class Watch(T.StopOnNaN):
+        def after_epoch(self):
+            seen.append((torch.equal(stem, before), [h["lr"] for h in self.opt.hypers]))
+
+    monkeypatch.setattr(T, "StopOnNaN", Watch)
+    T.fit(learn, config)
+    (frozen_kept, _), (unfrozen_kept, lrs) = seen
+    assert frozen_kept and not unfrozen_kept  # the body learns only once unfrozen
+    assert len(lrs) == 2 and lrs[1] == pytest.approx(100 * lrs[0])  # discriminative rates: the body's 100x lower

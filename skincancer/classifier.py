@@ -1,0 +1,128 @@
+"""A fastai learner behind the `Predictor` interface: batched prediction through a fast inference copy of the
+network, test-time augmentation, and Grad-CAM from the same pass."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from fastprogress.fastprogress import progress_bar
+
+from .console import on_terminal
+from .data import add_labels
+from .gradcam import class_activation, heat_overlay
+from .images import ImageInput, describe, open_image
+from .labels import task_of
+from .model import inference_model
+from .predictor import Predictor
+
+CPU_BATCH_PIXELS = 8 * 224 * 224  # a CPU convolves a large batch slower per image: its activations leave the cache
+
+
+@dataclass
+class Classifier(Predictor):
+    """An exported fastai learner with its model card."""
+
+    learn: Any = None
+    can_explain = True
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in the model's output order."""
+        return [str(c) for c in self.learn.dls.vocab]
+
+    @functools.cached_property
+    def model(self):
+        """The network made ready for prediction only (`inference_model`), copied from the learner at first use."""
+        return inference_model(self.learn.model)
+
+    @property
+    def batch_size(self) -> int:
+        """The default batch size: on a CPU, about eight 224 px images' worth of pixels; 64 on a GPU."""
+        if next(self.learn.model.parameters()).device.type != "cpu":
+            return 64
+        return max(1, min(64, CPU_BATCH_PIXELS // int(self.card.get("size", 224)) ** 2))
+
+    def probabilities(self, images: list, bs: int | None = None) -> np.ndarray:
+        """Class probabilities of opened images, through fastai's test DataLoader and the inference copy."""
+        dl = self.learn.dls.test_dl(images, bs=bs or self.batch_size, num_workers=0)
+        return batch_preds(self.learn, dl, self.model)[0].numpy()
+
+    def predict_frame(self, df: pd.DataFrame, tta: bool = False, bs: int | None = None) -> tuple:
+        """Class probabilities and targets of a labelled frame (`path`, `dx`) through the inference copy."""
+        return predict_frame(self.learn, df, tta=tta, bs=bs or self.batch_size, model=self.model)
+
+    def explain(self, image: ImageInput, target: str | int | None = None) -> tuple[dict, np.ndarray, Any]:
+        """`predict`'s result for one image, with its Grad-CAM heat map and overlay, from one pass.
+
+        The probabilities are `predict`'s (the same network, input and activation); the map is of `target`
+        (default: malignant).
+        """
+        img = open_image(image)
+        x = self.learn.dls.test_dl([img], bs=1, num_workers=0).one_batch()[0]
+        x = x.contiguous(memory_format=torch.channels_last)  # as batch_preds feeds the network
+        cam, probs = class_activation(self.model, x, self.classes, target)
+        heat, overlay = heat_overlay(img, cam, self.model[0], tuple(x.shape[-2:]))
+        return self._result(describe(image), probs), heat, overlay
+
+    def explain_lesion(self, images, target: str | int | None = None) -> tuple[dict, list]:
+        """`predict_lesion`'s result and each photo's Grad-CAM overlay, one pass a photo (`explain`)."""
+        images, opened = self._open_lesion(images, "explain_lesion")
+        explained = [self.explain(image, target) for image in opened]
+        photos = [{**result, "image": describe(image)} for (result, _, _), image in zip(explained, images)]
+        return self._lesion(photos), [overlay for _, _, overlay in explained]
+
+
+@contextlib.contextmanager
+def lent_model(learn, model):
+    """Run fastai's loops on `learn` (`tta`, `get_preds`) through `model` for a while, then give back its own."""
+    own, learn.model = learn.model, model
+    try:
+        yield learn
+    finally:
+        learn.model = own
+
+
+def batch_preds(learn, dl, model, show_progress: bool = False) -> tuple:
+    """(probabilities, targets or None) of every batch of `dl` through `model`, with `learn`'s loss activation."""
+    activation = getattr(learn.loss_func, "activation", lambda x: x)
+    probs: list = []
+    targets: list = []
+    batches = dl
+    if show_progress and len(dl) > 1 and on_terminal():
+        batches = progress_bar(dl, leave=False)
+        batches.comment = f"predicting {len(dl.dataset):,} images"
+    with torch.inference_mode():
+        for batch in batches:
+            x = batch[0].contiguous(memory_format=torch.channels_last)
+            probs.append(activation(model(x)).float().cpu())
+            targets.extend(t.cpu() for t in batch[dl.n_inp:dl.n_inp + 1])
+    return torch.cat(probs), (torch.cat(targets) if targets else None)
+
+
+def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64,
+                  model=None) -> tuple[np.ndarray, np.ndarray]:
+    """Class probabilities and targets for a frame with `path` and `dx`, through the learner's validation pipeline.
+
+    With `model` (a loaded model's `Classifier.model`), the batches go through it, not `learn.model`; with `tta`,
+    fastai's `learn.tta` does (its augmented passes and their mix with the plain one).
+    """
+    dl = learn.dls.test_dl(add_labels(df, task_of(learn.dls.vocab)), with_labels=True, bs=bs)
+    metrics, learn.metrics = learn.metrics, []  # computed here from the predictions, not by fastai per pass
+    try:
+        if tta:
+            with lent_model(learn, learn.model if model is None else model):
+                probs, targets = learn.tta(dl=dl)
+        elif model is not None:
+            probs, targets = batch_preds(learn, dl, model, show_progress=True)
+        else:
+            with learn.no_bar():
+                probs, targets = learn.get_preds(dl=dl)
+    finally:
+        learn.metrics = metrics
+    return probs.float().numpy(), targets.numpy()

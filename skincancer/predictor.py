@@ -1,0 +1,140 @@
+"""What a loaded model answers, whatever runs it: the call at the operating threshold on the calibrated probability of
+malignancy, for one photo, many, or several photos of one lesion. No torch here: see classifier.py and runtime.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from .calibration import calibrate
+from .errors import SkinCancerError
+from .images import ImageInput, describe, open_image
+from .labels import is_malignant_class, malignant_probability, task_of
+
+
+@dataclass
+class Predictor:
+    """A model and its card; `predict` one image, `predict_batch` many, `predict_lesion` several of one lesion."""
+
+    card: dict
+    path: Path
+
+    @property
+    def classes(self) -> list[str]:
+        """The class names, in the model's output order."""
+        return [str(c) for c in self.card["classes"]]
+
+    @property
+    def threshold(self) -> float:
+        """Probability of malignancy at which the model calls 'malignant' (from the card, else 0.5)."""
+        return float(self.card.get("threshold", 0.5))
+
+    @property
+    def target_sensitivity(self) -> float | None:
+        """The validation sensitivity the threshold was chosen to reach (None where the card records no rule)."""
+        rule = self.card.get("threshold_rule")
+        return float(rule["target_sensitivity"]) if isinstance(rule, dict) and "target_sensitivity" in rule else None
+
+    @property
+    def calibration(self) -> dict | None:
+        """The map from the network's score to a calibrated probability of malignancy (None: the score as it is)."""
+        return self.card.get("calibration")
+
+    @property
+    def scores_title(self) -> str:
+        """What a chart of the class probabilities shows: a calibrated dx model's diagnoses are raw scores."""
+        return "diagnosis scores (not calibrated)" if self.calibration and len(self.classes) > 2 \
+            else "class probabilities"
+
+    @property
+    def batch_size(self) -> int:
+        """Images predicted together by default."""
+        return 8
+
+    can_explain = False  # whether `explain` can draw a Grad-CAM map
+
+    def probabilities(self, images: list, bs: int | None = None) -> np.ndarray:
+        """Class probabilities (n, classes) of opened images (`open_image`'s), `bs` (or `batch_size`) at a time."""
+        raise NotImplementedError
+
+    def explain(self, image: ImageInput, target: str | int | None = None) -> tuple[dict, np.ndarray, Any]:
+        """`predict`'s result with a Grad-CAM heat map and overlay; only a fastai model has the gradients it needs."""
+        raise SkinCancerError(f"{self.path.name}: Grad-CAM needs the network's gradients, which only the fastai "
+                              "model (NAME.pkl with NAME.safetensors) gives; load that to see where it looked")
+
+    def explain_lesion(self, images: Iterable[ImageInput], target: str | int | None = None) -> tuple[dict, list]:
+        """`predict_lesion`'s result with each photo's Grad-CAM overlay; only a fastai model can draw them."""
+        return self.explain(next(iter(images)), target)[0], []  # raises: see `explain`
+
+    def predict(self, image: ImageInput) -> dict:
+        """Call, label, probability of malignancy, threshold and every class probability for one image."""
+        return self._result(describe(image), self.probabilities([open_image(image)], bs=1)[0])
+
+    def predict_batch(self, images: Iterable[ImageInput], bs: int | None = None, chunk: int = 512) -> list[dict]:
+        """Predict many images in batches (`batch_size` by default); an unreadable one yields {'image', 'error'}."""
+        return [r for results in self.predict_chunks(images, bs, chunk) for r in results]
+
+    def predict_chunks(self, images: Iterable[ImageInput], bs: int | None = None,
+                       chunk: int = 512) -> Iterator[list[dict]]:
+        """`predict_batch`'s results, `chunk` images at a time in order, each list as soon as it is ready.
+
+        Only one chunk of decoded images is held at a time; a caller can write results out and show progress.
+        """
+        images = list(images)
+        for start in range(0, len(images), chunk):
+            part = images[start:start + chunk]
+            results: list[dict] = [{}] * len(part)
+            good, where = [], []
+            for i, image in enumerate(part):
+                try:
+                    good.append(open_image(image))
+                    where.append(i)
+                except SkinCancerError as e:
+                    results[i] = {"image": describe(image), "error": str(e)}
+            if good:
+                for i, p in zip(where, self.probabilities(good, bs)):
+                    results[i] = self._result(describe(part[i]), p)
+            yield results
+
+    def predict_lesion(self, images: Iterable[ImageInput], bs: int | None = None) -> dict:
+        """One call for several photos of one lesion, on the mean of their probabilities; each photo's result too.
+
+        The mean is taken of the calibrated probability of malignancy (and, for a dx model, of each diagnosis's
+        score), as `evaluate` counts lesion by lesion. An unreadable photo is an error naming it: a call on the
+        others would silently be about fewer photos than asked.
+        """
+        images, opened = self._open_lesion(images, "predict_lesion")
+        probs = self.probabilities(opened, bs)
+        return self._lesion([self._result(describe(image), p) for image, p in zip(images, probs)])
+
+    @staticmethod
+    def _open_lesion(images: Iterable[ImageInput], caller: str) -> tuple[list, list]:
+        images = list(images)
+        if not images:
+            raise SkinCancerError(f"{caller}: no photos given")
+        return images, [open_image(image) for image in images]  # raises on the first unreadable one, naming it
+
+    def _result(self, name: str, probs: np.ndarray) -> dict:
+        classes = self.classes
+        p_mal = float(calibrate(malignant_probability(probs, classes), self.calibration))
+        if task_of(classes) == "binary":  # both classes are the calibrated question; a dx model's keep the scores
+            probs = np.where(is_malignant_class(classes), p_mal, 1 - p_mal)
+        return {"image": name, **self._decision(p_mal, probs)}
+
+    def _decision(self, p_mal: float, probs) -> dict:
+        # the call at the operating threshold, for every task: a dx model's most likely diagnosis can be benign
+        # while its malignant diagnoses together pass the threshold chosen for the target sensitivity
+        classes = self.classes
+        call = "malignant" if p_mal >= self.threshold else "benign"
+        label = call if task_of(classes) == "binary" else classes[int(np.argmax(probs))]
+        return {"label": label, "call": call, "malignant_probability": p_mal, "threshold": self.threshold,
+                "target_sensitivity": self.target_sensitivity,
+                "probabilities": {c: float(p) for c, p in zip(classes, probs)}}
+
+    def _lesion(self, photos: list[dict]) -> dict:
+        p_mal = float(np.mean([r["malignant_probability"] for r in photos]))
+        scores = np.mean([list(r["probabilities"].values()) for r in photos], axis=0)
+        return {"lesion": [r["image"] for r in photos], **self._decision(p_mal, scores), "photos": photos}

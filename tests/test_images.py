@@ -1,0 +1,127 @@
+"""Photos as untrusted input: every colour mode, EXIF, bombs, truncated and fuzzed bytes, folders."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from skincancer import SkinCancerError
+from skincancer.images import open_image
+from skincancer.predict import load
+
+
+def test_truncated_jpeg_is_a_clear_error(original_images):
+    data = original_images[0].read_bytes()
+    with pytest.raises(SkinCancerError, match="not a readable image"):
+        open_image(data[: len(data) // 3])
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
+def test_other_colour_modes_become_rgb(mode, original_images):
+    img = Image.open(original_images[0]).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG" if mode in ("L", "CMYK") else "PNG")
+    out = open_image(buf.getvalue())
+    assert out.mode == "RGB" and out.size == (600, 450)
+
+
+def test_exif_orientation_is_applied(original_images):
+    img = Image.open(original_images[0])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the upright image is 450 wide
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif)
+    assert open_image(buf.getvalue()).size == (450, 600)
+
+
+def _png(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(original_images):
+    grey = np.asarray(Image.open(original_images[0]).convert("L"), dtype=np.uint16)
+    sixteen = Image.fromarray((grey * 257).astype("<u2"))
+    assert sixteen.mode.startswith("I;16")
+    out = np.asarray(open_image(_png(sixteen)))
+    assert out.shape == (450, 600, 3)
+    np.testing.assert_allclose(out[..., 0].astype(float), grey, atol=1)  # 255 would mean clipped to white
+
+
+def test_palette_png_with_transparency_becomes_rgb(original_images):
+    img = Image.open(original_images[0]).convert("P", palette=Image.Palette.ADAPTIVE)
+    img.info["transparency"] = 0
+    assert open_image(_png(img)).mode == "RGB"
+
+
+@pytest.mark.parametrize("size", [(9000, 9000), (100000, 100000)])
+def test_pixel_bombs_are_refused_from_the_header(size):
+    with pytest.raises(SkinCancerError, match=r"over the limit|not a readable image"):
+        open_image(_png_header_only(*size))
+
+
+def test_empty_and_non_image_inputs(tmp_path):
+    with pytest.raises(SkinCancerError, match="empty"):
+        open_image(b"")
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    with pytest.raises(SkinCancerError, match="zero.jpg: not a readable image"):
+        open_image(tmp_path / "zero.jpg")
+    with pytest.raises(SkinCancerError, match="expected a file path, bytes or a PIL image"):
+        open_image(12345)
+
+
+_SEEDS = {}
+
+
+def _seeds(original_images):
+    if not _SEEDS:
+        small = Image.open(original_images[0]).resize((60, 45))
+        jpeg = io.BytesIO()
+        small.save(jpeg, format="JPEG")
+        _SEEDS["jpeg"], _SEEDS["png"] = jpeg.getvalue(), _png(small)
+    return _SEEDS
+
+
+@settings(max_examples=150, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_bytes_decode_or_raise_a_clear_error(data, original_images):
+    seeds = _seeds(original_images)
+    kind = data.draw(st.sampled_from(["random", "jpeg", "png"]))
+    if kind == "random":
+        blob = data.draw(st.binary(max_size=2048))
+    else:
+        blob = bytearray(seeds[kind])
+        for _ in range(data.draw(st.integers(1, 8))):
+            pos = data.draw(st.integers(0, len(blob) - 1))
+            blob[pos] = data.draw(st.integers(0, 255))
+        blob = bytes(blob[: data.draw(st.integers(1, len(blob)))])
+    try:
+        img = open_image(blob)
+    except SkinCancerError as e:
+        assert "not a readable image" in str(e) or "empty" in str(e) or "over the limit" in str(e)
+    else:
+        assert img.mode == "RGB" and img.size[0] > 0
+
+
+def test_a_batch_of_hostile_inputs_still_predicts_the_good_images(trained, original_images):
+    seeds = _seeds(original_images)
+    hostile = [b"", b"\x00" * 100, seeds["jpeg"][:200], _png_header_only(100000, 100000), b"GIF89a" + b"\xff" * 50]
+    inputs = [original_images[0], *hostile, original_images[1]]
+    results = load(trained).predict_batch(inputs)
+    assert ["error" in r for r in results] == [False, True, True, True, True, True, False]
