@@ -239,12 +239,12 @@ def seed_run(df, size: int, epochs: int, bs: int = 64) -> dict:
                 settings=dict(size=size, bs=bs))
 
 
-def our_run(df, data: str, overrides: dict, cache_dir: str, workdir: Path) -> dict:
+def our_run(df, data: str, overrides: dict, cache_dir: str, workdir: Path, size: int) -> dict:
     """skincancer.train's setup and fit with its defaults and `overrides`, on the split in `df`, under `workdir`.
 
-    From random weights unless the overrides name a recipe, whose own choice stands.
+    From random weights at `size` unless the overrides name a recipe, whose own choices stand.
     """
-    start_from = {} if "recipe" in overrides else {"pretrained": False}
+    start_from = {} if "recipe" in overrides else {"pretrained": False, "size": size}
     config = TrainConfig(data=data, out=str(Path(tempfile.mkdtemp(dir=workdir)) / "bench.pkl"),
                          cache_dir=cache_dir, **{**start_from, **overrides})
     start = time.perf_counter()
@@ -320,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", default="seed,ours",
                    help="comma-separated: seed, ours, or ours+key=value+... (ours with more TrainConfig overrides)")
     p.add_argument("--epochs", type=int, help="epochs for both (default: 5 for seed, the recipe's for ours)")
-    p.add_argument("--size", type=int, help="image size of both runs (default 224; --set size=N overrides ours)")
+    p.add_argument("--size", type=int,
+                   help="image size of seed and of ours without a recipe (default 224; --set size=N overrides ours)")
     p.add_argument("--limit", type=int)
     p.add_argument("--set", action="append", default=[], help="TrainConfig override for ours, key=value")
     p.add_argument("--tta", action="store_true", help="also score ours with test-time augmentation")
@@ -339,9 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.limit, args.size, args.epochs = 200, args.size or 32, 1
         overrides = {"bs": 32, "checkpoint_every": 0, **overrides}
+    # one size for the seed and ours unless told otherwise, so that the printed ratio compares like with like
     args.size = args.size or 224
-    # one size for both unless told otherwise, so that the printed ratio compares like with like
-    overrides.setdefault("size", args.size)
     if args.epochs:
         overrides.setdefault("epochs", args.epochs)
     # the split file and (without --cache-dir) a cold presize cache, removed when the runs end or fail
@@ -373,7 +373,7 @@ def run_all(args, overrides: dict, workdir: Path, cache_dir: str) -> int:
         if name == "seed":
             res = seed_run(df, args.size, args.epochs or 5)
         else:
-            res = our_run(df, args.data, {**overrides, **variants[name]}, cache_dir, workdir)
+            res = our_run(df, args.data, {**overrides, **variants[name]}, cache_dir, workdir, args.size)
         learn = res.pop("learn")
         epochs = len(res["epoch_s"])
         scored, preds = scores(learn, df)
