@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SKINCANCER_SHARED_DATA", ROOT.parent / "shared" / "data"))
 sys.path.insert(0, str(ROOT))  # this checkout's package, installed or not
+import skincancer  # noqa: E402, F401  (its warning filters, before a bench imports fastai)
 
 
 def sync() -> None:

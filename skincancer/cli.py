@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--with-test", action="store_true", help="also the official validation and test sets")
 
     r = sub.add_parser("predict", help="predict images with an exported model; one JSON object per line")
-    r.add_argument("--model", required=True, help="exported model (.pkl)")
+    r.add_argument("--model", required=True, help="exported model (.pkl, or .onnx without torch)")
     r.add_argument("--bs", type=_positive_int, help=BS_HELP)
     r.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     r.add_argument("--lesion", action="store_true",
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--data", help="the HAM10000 folder the model was trained on (for --int8)")
 
     a = sub.add_parser("app", help="serve a local web page (Gradio) to predict uploaded or camera photos")
-    a.add_argument("--model", required=True, help="exported model (.pkl)")
+    a.add_argument("--model", required=True, help="exported model (.pkl, or .onnx without torch)")
     a.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to others)")
     a.add_argument("--port", type=_positive_int, default=7860)
@@ -291,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except SkinCancerError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # a serve-only install (docs/serving.md) runs `predict` on .onnx models alone
+        print(f"error: `{args.command}` needs {e.name}, which this environment lacks: the full install has it "
+              "(make install, or pip install -r requirements.txt)"
+              + ("; an .onnx export is served without it" if args.command in ("predict", "app") else ""),
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -27,7 +27,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                      freeze_epochs=1),
     "scratch": dict(arch="resnet50", pretrained=False, epochs=60, size=128, bs=256, lr=3e-3, lr_mult=1,
                     freeze_epochs=0),
-    "cpu": dict(arch="tf_efficientnet_lite0", pretrained=True, epochs=6, size=160, bs=64, lr=2e-3, lr_mult=1,
+    "cpu": dict(arch="tf_efficientnet_lite0", pretrained=True, epochs=10, size=160, bs=64, lr=4e-3, lr_mult=1,
                 freeze_epochs=0),
 }
 RECIPE_USE = {"resnet50": "fine-tune ImageNet ResNet50 at 224 px: a GPU",

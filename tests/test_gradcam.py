@@ -13,6 +13,7 @@ from skincancer.labels import DX_CLASSES
 from skincancer.predict import load
 from skincancer.gradcam import class_activation
 from skincancer.images import open_image
+from skincancer.files import sha256_file
 
 
 def _red_means_malignant(body):
@@ -181,13 +182,15 @@ def test_gradcam_is_the_textbook_map_without_the_full_backward_pass(trained, ori
         _gradcam_with(learn, nn.Conv2d(3, 2, 1), np.zeros((150, 200, 3), np.uint8))
 
 
-def test_gradcam_and_the_inference_copy_work_on_efficientnet_lite0(trained_lite0, original_images):
+def test_gradcam_and_the_inference_copy_work_on_efficientnet_lite0(trained_lite0, lite0_weights, original_images):
     clf = load(trained_lite0)
     photo = original_images[0]
     result, heat, overlay = clf.explain(photo)
     assert heat.shape == (450, 600) and overlay.size == (600, 450) and 0 <= heat.min() <= heat.max() <= 1
     assert result["malignant_probability"] == pytest.approx(clf.predict(photo)["malignant_probability"], abs=1e-5)
     assert clf.card["normalize"] == {"mean": [0.5] * 3, "std": [0.5] * 3}  # the weights' own, not ImageNet's
+    assert clf.card["pretrained_weights"] == {"file": "efficientnet-lite0-57934424.pth",
+                                              "sha256": sha256_file(lite0_weights)}
     x = clf.learn.dls.test_dl([open_image(photo)], bs=1, num_workers=0).one_batch()[0]
     cam, _ = class_activation(clf.model, x, clf.classes)
     assert cam.shape == (2, 2)  # the body's last feature map: 64 px over 32

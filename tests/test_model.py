@@ -50,6 +50,7 @@ def test_missing_weights_offline_name_the_cache_file_and_the_switch(tmp_path, mo
         make_learner(small_dls, "binary", "resnet50", pretrained=True)
     msg = str(e.value)
     assert str(tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in msg and "--no-pretrained" in msg
+    assert "--weights FILE" in msg  # a checkpoint on disk, for a machine that cannot download
 
 
 def test_a_corrupt_cached_checkpoint_says_to_delete_it(tmp_path, monkeypatch, small_dls):
