@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+pytestmark = pytest.mark.slow  # each smoke trains or predicts in a fresh interpreter
+
 
 def smoke(script: str, *args: str, tmpdir=None) -> str:
     """Run a benchmark script's --smoke mode; return its stdout after checking that it exited 0."""

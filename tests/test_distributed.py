@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT, SMALL, wait_for_checkpoint
 
 from skincancer.data import prepare
@@ -51,6 +52,7 @@ def _launch() -> list[str]:
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
+@pytest.mark.slow
 def test_two_processes_train_and_only_the_main_one_exports(tmp_path, ham_dir):
     out = tmp_path / "models" / "ddp.pkl"
     train = ["-m", "skincancer", "train", "--data", str(ham_dir), *SMALL, "--epochs", "2", "--out", str(out)]
@@ -76,6 +78,7 @@ def test_two_processes_train_and_only_the_main_one_exports(tmp_path, ham_dir):
     assert res["label"] in ("benign", "malignant") and 0.0 <= res["malignant_probability"] <= 1.0
 
 
+@pytest.mark.slow
 def test_two_processes_resume_a_killed_run(tmp_path, ham_dir):
     import signal
 

@@ -30,6 +30,7 @@ def test_the_split_is_reproducible_from_the_card(trained, ham_dir):
     assert again[["image_id", "split"]].reset_index(drop=True).equals(saved[["image_id", "split"]])
 
 
+@pytest.mark.slow
 def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir, original_images):
     out = tmp_path / "dx.pkl"
     assert cli.main(["train", "--data", str(ham_dir), "--task", "dx", *SMALL, "--size", "32",
@@ -136,6 +137,7 @@ def test_a_diverging_loss_stops_training_with_a_clear_error(ham_dir, tmp_path):
     assert not (tmp_path / "m.pkl").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_a_killed_run_from_its_last_epoch(ham_dir, tmp_path, capsys, monkeypatch):
     import json
     import subprocess
