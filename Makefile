@@ -1,4 +1,4 @@
-# A newcomer's commands: `make install`, then `make demo` (offline, a few minutes), or `make data` and `make train`.
+# A newcomer's commands: `make install`, then `make demo` (offline, about a minute), or `make data` and `make train`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
