@@ -21,8 +21,6 @@ from .labels import task_of
 from .model import inference_model
 from .predictor import Predictor
 
-CPU_BATCH_PIXELS = 8 * 224 * 224  # a CPU convolves a large batch slower per image: its activations leave the cache
-
 
 @dataclass
 class Classifier(Predictor):
@@ -44,9 +42,7 @@ class Classifier(Predictor):
     @property
     def batch_size(self) -> int:
         """The default batch size: on a CPU, about eight 224 px images' worth of pixels; 64 on a GPU."""
-        if next(self.learn.model.parameters()).device.type != "cpu":
-            return 64
-        return max(1, min(64, CPU_BATCH_PIXELS // int(self.card.get("size", 224)) ** 2))
+        return 64 if next(self.learn.model.parameters()).device.type != "cpu" else super().batch_size
 
     def probabilities(self, images: list, bs: int | None = None) -> np.ndarray:
         """Class probabilities of opened images, through fastai's test DataLoader and the inference copy."""

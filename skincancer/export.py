@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-from .calibration import calibrate
 from .classifier import Classifier
 from .data import read_metadata, read_split
 from .datablock import Stats
 from .errors import SkinCancerError
 from .files import atomic_path, model_files, sha256_file, write_json_atomic
 from .images import open_image
-from .labels import label_of, malignant_probability
+from .labels import label_of
 from .model import card_stats, save_weights
 from .predict import load
+from .predictor import Predictor
 
 
 def export(learn, out: str | Path, card: dict, df: pd.DataFrame) -> dict[str, Path]:
@@ -118,7 +118,8 @@ def export_onnx(model_path: str | Path, int8: bool = False, data: str | Path | N
     written = {"onnx": files["onnx"]}
     with torch.inference_mode():
         expected = graph(example).numpy()
-    got = load_onnx(files["onnx"], card, fp32).session.run([OUTPUT], {INPUT: example.numpy()})[0]
+    served = load_onnx(files["onnx"], card, fp32)
+    got = served.session.run([OUTPUT], {INPUT: example.numpy()})[0]
     gap = float(np.abs(got - expected).max())
     if not gap < 1e-4:
         files["onnx"].unlink()
@@ -155,23 +156,19 @@ def export_onnx(model_path: str | Path, int8: bool = False, data: str | Path | N
                 quantized = tmp.read_bytes()
         written["int8"] = files["int8"]
         valid = df[df["split"] == "valid"]
-        check = int8_check(card, fp32, quantized, files, valid)
+        check = int8_check(served, load_onnx(files["int8"], card, quantized), valid)
         card["onnx"]["int8"] = {"file": files["int8"].name, "sha256": hashlib.sha256(quantized).hexdigest(),
                                 "calibrated_on": f"{len(train_photos)} photos of the training split", **check}
     write_json_atomic(files["card"], card)
     return written
 
 
-def int8_check(card: dict, fp32: bytes, int8: bytes, files: dict[str, Path], valid: pd.DataFrame) -> dict:
+def int8_check(fp32: Predictor, int8: Predictor, valid: pd.DataFrame) -> dict:
     """fp32 against int8 on the validation photos: each one's AUROC and how far the probability of malignancy moved."""
-    from .runtime import load_onnx  # onnxruntime: only an ONNX export needs it
-
     truth = np.asarray([label_of(dx, "binary") == "malignant" for dx in valid["dx"]])
     photos = [open_image(p) for p in valid["path"]]
-    p = {name: load_onnx(files[name], card, data).probabilities(photos)
-         for name, data in (("onnx", fp32), ("int8", int8))}
-    p_mal = {name: calibrate(malignant_probability(v, card["classes"]), card.get("calibration"))
-             for name, v in p.items()}
+    p_mal = {name: np.array([r["malignant_probability"] for r in clf.predict_batch(photos)])
+             for name, clf in (("onnx", fp32), ("int8", int8))}
     change = np.abs(p_mal["int8"] - p_mal["onnx"])
     if not 0 < truth.sum() < len(truth):
         raise SkinCancerError("the validation split holds one class only: int8 cannot be checked against fp32")

@@ -33,11 +33,6 @@ class OnnxPredictor(Predictor):
 
     session: Any = None
 
-    @property
-    def batch_size(self) -> int:
-        """About eight 224 px images' worth of pixels a batch, as the fastai model on a CPU."""
-        return max(1, min(64, 8 * 224 * 224 // int(self.card["size"]) ** 2))
-
     def probabilities(self, images: list, bs: int | None = None) -> np.ndarray:
         """Class probabilities (n, classes) of opened images, `bs` (or `batch_size`) at a time."""
         bs = bs or self.batch_size
