@@ -64,12 +64,15 @@ class Predictor:
 
     def explain(self, image: ImageInput, target: str | int | None = None) -> tuple[dict, np.ndarray, Any]:
         """`predict`'s result with a Grad-CAM heat map and overlay; only a fastai model has the gradients it needs."""
-        raise SkinCancerError(f"{self.path.name}: Grad-CAM needs the network's gradients, which only the fastai "
-                              "model (NAME.pkl with NAME.safetensors) gives; load that to see where it looked")
+        raise self._no_gradients()
 
     def explain_lesion(self, images: Iterable[ImageInput], target: str | int | None = None) -> tuple[dict, list]:
         """`predict_lesion`'s result with each photo's Grad-CAM overlay; only a fastai model can draw them."""
-        return self.explain(next(iter(images)), target)[0], []  # raises: see `explain`
+        raise self._no_gradients()
+
+    def _no_gradients(self) -> SkinCancerError:
+        return SkinCancerError(f"{self.path.name}: Grad-CAM needs the network's gradients, which only the fastai "
+                               "model (NAME.pkl with NAME.safetensors) gives; load that to see where it looked")
 
     def predict(self, image: ImageInput) -> dict:
         """Call, label, probability of malignancy, threshold and every class probability for one image."""
