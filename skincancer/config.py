@@ -85,6 +85,9 @@ class TrainConfig:
     valid_pct: float = option(VALID_PCT, "share of lesions in the validation split")
     test_pct: float = option(TEST_PCT, "share of lesions in the test split")
     limit: int | None = option(None, "train on a label-stratified sample of about this many images")
+    test_source: str | None = option(None, "test on every lesion photographed at this source (the metadata's "
+                                           "'dataset' column, e.g. rosendahl), train and validate on the others: "
+                                           "how the model does at a clinic it never saw")
     split_from: str | None = option(None, "a model's NAME.split.csv: train, validate and test on the images and "
                                           "split recorded there (to compare models on the same test images)")
     drop_missing: bool = option(False, "drop (with a warning) images the metadata lists but the disk lacks")

@@ -29,6 +29,7 @@ DEFAULT_CLASS_MAP: dict[str, str] = {
 ISIC_GROUND_TRUTH_CSV = "ISIC2018_Task3_Training_GroundTruth.csv"
 ISIC_GROUPINGS_CSV = "ISIC2018_Task3_Training_LesionGroupings.csv"
 REQUIRED_COLUMNS = ("image_id", "lesion_id", "dx")
+SOURCE_COLUMN = "dataset"  # HAM10000's source of each photo (Harvard Dataverse metadata): a clinic and its camera
 
 
 # --- files -----------------------------------------------------------------------------------
@@ -281,19 +282,47 @@ def read_split(split_csv: str | Path, df: pd.DataFrame) -> pd.Series:
     return split
 
 
+def split_by_source(df: pd.DataFrame, source: str, valid_pct: float = VALID_PCT, test_pct: float = TEST_PCT,
+                    seed: int = SEED) -> pd.Series:
+    """Every lesion with a photo from `source` in test; the other lesions split by lesion into train and valid.
+
+    A lesion photographed at two sources goes wholly to test. Valid takes the share of the other lesions that it
+    takes of the non-test lesions in a random split (valid_pct / (1 - test_pct)), so train and valid keep their ratio.
+    """
+    if SOURCE_COLUMN not in df.columns:
+        raise SkinCancerError(f"test_source: {source!r}, but the metadata has no {SOURCE_COLUMN!r} column naming each "
+                              "photo's source (HAM10000's HAM10000_metadata.csv from the Harvard Dataverse has it)")
+    sources = sorted(df[SOURCE_COLUMN].unique())
+    if source not in sources:
+        raise SkinCancerError(f"test_source: {source!r} is not a source of this data set; its {SOURCE_COLUMN!r} column "
+                              f"holds {', '.join(sources)}")
+    held = set(df.loc[df[SOURCE_COLUMN] == source, "lesion_id"])
+    is_test = df["lesion_id"].isin(held)
+    absent = sorted(set(df["label"]) - set(df.loc[is_test, "label"]))
+    if absent:
+        raise SkinCancerError(f"test_source: {source!r} has no photo of {', '.join(absent)}, so its test split could "
+                              "not measure the task; hold out another source")
+    rest = df.loc[~is_test]
+    split = pd.Series("test", index=df.index, name="split")
+    split[~is_test] = split_by_lesion(rest, valid_pct / (1 - test_pct), 0.0, seed)
+    return split
+
+
 def prepare(root: str | Path, task: str = "binary", valid_pct: float = VALID_PCT, test_pct: float = TEST_PCT,
             seed: int = SEED, limit: int | None = None, drop_missing: bool = False,
-            class_map: dict[str, str] | None = None, split_from: str | Path | None = None) -> pd.DataFrame:
+            class_map: dict[str, str] | None = None, split_from: str | Path | None = None,
+            test_source: str | None = None) -> pd.DataFrame:
     """Metadata with `label` and `split` columns: read, label, then sample and split by lesion, or reuse a split.
 
     With `split_from` (a model's NAME.split.csv) the images it names keep the split recorded there, whatever the
-    task or seed, and no other image is used: models trained apart can be compared on the same test images.
+    task or seed, and no other image is used: models trained apart can be compared on the same test images. With
+    `test_source`, every lesion photographed at that source is the test split (`split_by_source`).
     """
     df = add_labels(read_metadata(root, drop_missing=drop_missing, class_map=class_map), task)
     if split_from is not None:
-        if limit:
-            raise SkinCancerError("limit and split_from (--limit, --split-from): a recorded split already decides "
-                                  "which images are used")
+        if limit or test_source:
+            raise SkinCancerError(f"{'limit' if limit else 'test_source'} and split_from (--split-from): a recorded "
+                                  "split already decides which images are used and where")
         df = df.assign(split=read_split(split_from, df)).dropna(subset=["split"]).reset_index(drop=True)
         missing = [s for s in ("train", "valid") if not (df["split"] == s).any()]
         if missing:
@@ -301,6 +330,8 @@ def prepare(root: str | Path, task: str = "binary", valid_pct: float = VALID_PCT
         return df
     if limit:
         df = sample_by_label(df, limit, seed=seed)
+    if test_source is not None:
+        return df.assign(split=split_by_source(df, test_source, valid_pct, test_pct, seed=seed))
     return df.assign(split=split_by_lesion(df, valid_pct, test_pct, seed=seed))
 
 

@@ -16,6 +16,9 @@ from .errors import SkinCancerError, first_few
 from .labels import DX_CLASSES, MALIGNANT_DX, is_malignant_class, malignant_probability, task_of
 
 
+N_BOOT = 1000  # bootstrap replicates behind every interval a user reads
+
+
 def _finite_or_none(x):
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -50,13 +53,60 @@ def choose_threshold(p_malignant, is_malignant, target_sensitivity: float = TARG
         raise SkinCancerError(f"target_sensitivity: {target_sensitivity} must be in (0, 1]")
     if not y.any():
         raise SkinCancerError("cannot choose an operating threshold: the validation images hold no malignant case")
+    return _halfway_below(p, _last_caught(p, y, target_sensitivity))
+
+
+def _last_caught(p: np.ndarray, y: np.ndarray, target_sensitivity: float) -> float:
+    """The lowest malignant score a threshold must catch for `target_sensitivity` of the malignant images."""
     positives = np.sort(p[y])[::-1]
     k = math.ceil(target_sensitivity * len(positives) - 1e-9)  # the k most confident positives must be caught
-    last = positives[max(k, 1) - 1]
+    return float(positives[max(k, 1) - 1])
+
+
+def _halfway_below(p: np.ndarray, last: float) -> float:
+    """A threshold halfway between the score `last` and the next score below it among `p`."""
     below = p[p < last]
     lower = below.max() if len(below) else min(last, 0.0)
     halfway = (last + lower) / 2
     return float(halfway if lower < halfway else last)  # scores one float apart have no number between them
+
+
+def replicate_thresholds(p_malignant, is_malignant, target_sensitivity: float, n_boot: int = 1000, seed: int = 0,
+                         groups=None) -> np.ndarray:
+    """On each bootstrap replicate (of lesions where `groups` are given), the highest score that still catches
+    `target_sensitivity` of its malignant images: a threshold at or below it reaches the target there. NaN where a
+    replicate drew no malignant image."""
+    p, y = np.asarray(p_malignant, dtype=np.float64), np.asarray(is_malignant, dtype=bool)
+    order = np.argsort(-p[y], kind="stable")
+    positives = p[y][order]
+    out = []
+    for w in bootstrap_weights(len(y), n_boot, seed, groups):
+        caught = np.cumsum(w[:, y][:, order], axis=1)
+        total = caught[:, -1]
+        k = np.argmax(caught >= target_sensitivity * total[:, None] - 1e-9, axis=1)
+        out.append(np.where(total > 0, positives[k], np.nan))
+    return np.concatenate(out) if out else np.empty(0)
+
+
+def choose_confident_threshold(p_malignant, is_malignant, target_sensitivity: float = TARGET_SENSITIVITY,
+                               confidence: float = 0.95, n_boot: int = 1000, seed: int = 0, groups=None) -> float:
+    """The highest threshold whose sensitivity on these (validation) images reaches the target on `confidence` of
+    their bootstrap replicates: the one-sided lower confidence bound of its sensitivity is the target.
+
+    The plain rule (`choose_threshold`) reaches the target on these images alone, so about half of new samples
+    like them fall short; this one leaves the margin that the validation split's own sampling error calls for.
+    The threshold lies halfway to the next score below, as `choose_threshold`'s does.
+    """
+    p, y = np.asarray(p_malignant, dtype=np.float64), np.asarray(is_malignant, dtype=bool)
+    if not 0 < confidence < 1:
+        raise SkinCancerError(f"confidence: {confidence} must be in (0, 1)")
+    choose_threshold(p, y, target_sensitivity)  # checks the target and that valid holds a malignant case
+    last = _last_caught(p, y, target_sensitivity)
+    reps = replicate_thresholds(p, y, target_sensitivity, n_boot, seed, groups)
+    reps = reps[np.isfinite(reps)]
+    if len(reps):
+        last = min(float(np.quantile(reps, 1 - confidence, method="inverted_cdf")), last)
+    return _halfway_below(p, last)
 
 
 def weighted_aurocs(is_malignant, p_malignant, weights) -> np.ndarray:

@@ -46,6 +46,7 @@ class TrainResult:
     df: pd.DataFrame
     card: dict
     files: dict[str, Path] = field(default_factory=dict)
+    scores: dict[str, tuple] = field(default_factory=dict)  # valid and test: (truth, calibrated probability)
 
 
 def seed_everything(seed: int) -> None:
@@ -60,7 +61,7 @@ def setup(config: TrainConfig) -> tuple[TrainConfig, pd.DataFrame, Any]:
     assert config.bs and config.size and config.arch  # resolved() filled them
     seed_everything(config.seed)
     df = prepare(config.data, config.task, config.valid_pct, config.test_pct, config.seed, config.limit,
-                 config.drop_missing, config.class_map, config.split_from)
+                 config.drop_missing, config.class_map, config.split_from, config.test_source)
     check_no_lesion_leak(df)
     n_train = int((df["split"] == "train").sum())
     if n_train < config.bs:
@@ -177,9 +178,10 @@ def _fit_phase(learn, config: TrainConfig, i: int, phase: dict, folder: Path, re
 
 # --- the held-out numbers, the card and the export -----------------------------------------------
 
-def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict]:
-    """Calibrate and choose the operating threshold on valid, then metrics of valid and test; return (metrics, card).
+def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict, dict]:
+    """Calibrate and choose the operating threshold on valid, then metrics of valid and test.
 
+    Returns (metrics, card part, scores): scores holds each split's truth and calibrated probability of malignancy.
     The card part holds the threshold, its rule and the calibration: the threshold is on the calibrated scale. Each
     split's metrics hold `by_lesion` too (`lesion_metrics`), as `evaluate`'s do.
     """
@@ -190,8 +192,9 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
     truth, scores = malignant_scores(probs, targets, classes)
     calibration = fit_calibration(scores, truth)
     threshold = choose_threshold(calibrate(scores, calibration), truth, target_sensitivity)
-    metrics = {}
+    metrics, scored = {}, {}
     for s, (p, t) in preds.items():
+        scored[s] = malignant_scores(p, t, classes, calibration)
         groups = lesion_groups(parts[s])
         metrics[s] = classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=1000,
                                             seed=0, groups=groups, calibration=calibration)
@@ -202,7 +205,7 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
             "how": "the highest calls whose validation sensitivity for malignant reaches the target; the threshold "
                    "halfway between the last malignant photo caught and the next score below",
             "valid_sensitivity": metrics["valid"]["sensitivity"], "valid_specificity": metrics["valid"]["specificity"]}
-    return metrics, {"threshold": threshold, "threshold_rule": rule, "calibration": calibration}
+    return metrics, {"threshold": threshold, "threshold_rule": rule, "calibration": calibration}, scored
 
 
 def library_versions() -> dict[str, str]:
@@ -298,14 +301,14 @@ def report(card: dict) -> str:
 def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None = None,
            processes: int = 1) -> TrainResult:
     """Calibrate and choose the threshold on valid, measure valid and test, write the card, split and learner."""
-    metrics, decision = evaluate_splits(learn, df, config.target_sensitivity)
+    metrics, decision, scores = evaluate_splits(learn, df, config.target_sensitivity)
     if hasattr(learn.loss_func, "set_operating_point"):  # fastai's learn.predict then calls as skincancer's does
         learn.loss_func.set_operating_point(learn.dls.vocab, decision["threshold"], decision["calibration"])
     card = model_card(config, df, metrics, best_epoch, decision, learn, processes)
     files = export(learn, config.out, card, df)
     report_file = write_text_atomic(model_files(config.out)["report"], report(card))
     print(summary(config, card, files, report_file))
-    return TrainResult(learn=learn, df=df, card=card, files=files)
+    return TrainResult(learn=learn, df=df, card=card, files=files, scores=scores)
 
 
 def train(config: TrainConfig, resume: bool = False) -> TrainResult:
@@ -319,7 +322,9 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
     process_state()  # first: it picks this process's device and rank
     with quiet_unless_main():
         config, df, learn = setup(config)
-        how = f"the split of {config.split_from}" if config.split_from else f"split by lesion (seed {config.seed})"
+        how = (f"the split of {config.split_from}" if config.split_from else
+               f"test: every lesion from {config.test_source}; the rest split by lesion (seed {config.seed})"
+               if config.test_source else f"split by lesion (seed {config.seed})")
         print(f"{len(df):,} images of {df['lesion_id'].nunique():,} lesions; {how}:")
         print(split_table(df).to_string())
         if not torch.cuda.is_available() and config.recipe != "cpu" and config.size and config.size >= 160:

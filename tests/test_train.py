@@ -114,7 +114,7 @@ def test_training_calibrates_on_valid_and_puts_the_threshold_on_that_scale(monke
                    for s in ("valid", "test")}
     monkeypatch.setattr(T, "predict_frame", lambda learn, part: predictions[part["split"].iloc[0]])
     learn = SimpleNamespace(dls=SimpleNamespace(vocab=["benign", "malignant"]))
-    metrics, card = evaluate_splits(learn, df, target_sensitivity=0.9)
+    metrics, card, _ = evaluate_splits(learn, df, target_sensitivity=0.9)
     valid = split == "valid"
     assert card["calibration"] == fit_calibration(scores[valid], truth[valid])
     assert card["threshold"] == choose_threshold(calibrate(scores[valid], card["calibration"]), truth[valid], 0.9)
