@@ -1,4 +1,4 @@
-# A newcomer's commands: `make install`, then `make demo` (offline, about a minute), or `make data` and `make train`.
+# A newcomer's commands: `make install`, then `make demo` (offline, a minute or two), or `make data` and `make train`.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -39,12 +39,14 @@ train: install
 	@test -d $(DATA) || $(MAKE) --no-print-directory data DATA=$(DATA)
 	$(PY) -m skincancer train --data $(DATA) $(if $(RECIPE),--recipe $(RECIPE)) --out $(MODEL) $(ARGS)
 
-# the whole pipeline offline on the sample shipped in data/sample: a smoke test, not a classifier
+# the whole pipeline offline on the sample shipped in data/sample: a smoke test, not a classifier; it ends with its
+# wall time (make expands $(shell date) as the recipe starts, after the install)
 demo: install
 	$(PY) -m skincancer train --data data/sample --no-pretrained --size 64 --epochs 8 --bs 32 --lr 2e-3 \
-		--out models/demo.pkl
+		--out models/demo.pkl --overwrite
 	$(PY) -m skincancer evaluate --model models/demo.pkl --data data/sample --bootstrap 200 --out reports/demo
 	$(PY) -m skincancer predict --model models/demo.pkl data/sample/images/ISIC_0024306.jpg
+	@echo "make demo: done in $$(( $$(date +%s) - $(shell date +%s) )) s on $$(nproc) CPU cores"
 
 app: install
 	$(PY) -m skincancer app --model $(MODEL) $(ARGS)

@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from common import ROOT, SHARED
 
-from skincancer.config import TARGET_SENSITIVITY, TEST_PCT, VALID_PCT, TrainConfig
+from skincancer.config import N_BOOT, TARGET_SENSITIVITY, TEST_PCT, VALID_PCT, TrainConfig
 from skincancer.data import SOURCE_COLUMN, read_metadata
 from skincancer.files import write_text_atomic
-from skincancer.metrics import N_BOOT, bootstrap_intervals, choose_confident_threshold, choose_threshold
+from skincancer.metrics import bootstrap_intervals, choose_confident_threshold, choose_threshold
 
 SOURCES = ("rosendahl", "vidir_modern")  # the two sources that hold every diagnosis
 KINDS = ("heldout", "random")

@@ -1,4 +1,5 @@
-"""A local web app for an exported model (Gradio): upload or camera in, label, probabilities and Grad-CAM out.
+"""A local web app for an exported model (Gradio): upload or camera in; the verdict, the call, the result as data
+and Grad-CAM out.
 
 A third tab takes several photos of one lesion and calls it on the mean of their probabilities, as
 `Predictor.predict_lesion` and `evaluate`'s lesion-by-lesion figures do.
@@ -25,6 +26,7 @@ from .predict import load
 from .predictor import Predictor
 
 MAX_UPLOAD_MB = 10.0  # a dermoscopy JPEG is a few MB; the limit is enforced by Gradio before a file is stored
+Outputs = tuple[str, Any, Any, Any]  # the page's outputs: verdict, call, result as data, Grad-CAM
 MAX_LESION_PHOTOS = 8  # HAM10000 has at most 6 photos of a lesion; each costs a Grad-CAM pass on the CPU
 
 INTRO = f"""# skincancer: a dermoscopy classifier
@@ -93,41 +95,48 @@ def markdown_text(text: str) -> str:
     return re.sub(r"([\\`*_\[\]|<>~])", r"\\\1", text)
 
 
-def analyse(clf: Predictor, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6)) -> tuple[str, Any, Any]:
-    """(Markdown verdict, class probabilities, Grad-CAM overlay) for an uploaded file; a message when it is unusable."""
+def result_data(result: dict) -> dict:
+    """What an API client reads of a result: the call, the calibrated probability and threshold, the class scores."""
+    keys = ("call", "label", "malignant_probability", "threshold", "probabilities", "lesion", "photos")
+    return {k: result[k] for k in keys if k in result}
+
+
+def analyse(clf: Predictor, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6)) -> Outputs:
+    """(Markdown verdict, the call, the result as data, Grad-CAM overlay) for an upload; a message when unusable."""
     if not path:
-        return "Upload a photo of a lesion, or take one with the camera.", None, None
+        return "Upload a photo of a lesion, or take one with the camera.", None, None, None
     try:
         image = _open_upload(path, max_bytes)
     except SkinCancerError as e:
-        return str(e), None, None
+        return str(e), None, None, None
     if not clf.can_explain:
         result = clf.predict(image)
-        return verdict(clf, result, note=NO_MAP), result["probabilities"], None
+        return verdict(clf, result, note=NO_MAP), result["call"], result_data(result), None
     result, heat, overlay = clf.explain(image)
-    return verdict(clf, result, note="" if heat.max() > 0 else EMPTY_MAP), result["probabilities"], overlay
+    note = "" if heat.max() > 0 else EMPTY_MAP
+    return verdict(clf, result, note=note), result["call"], result_data(result), overlay
 
 
 def analyse_lesion(clf: Predictor, paths: list[str] | None, max_bytes: int = int(MAX_UPLOAD_MB * 1e6),
-                   max_photos: int = MAX_LESION_PHOTOS) -> tuple[str, Any, Any]:
-    """(Markdown verdict, mean class probabilities, Grad-CAMs side by side) for several photos of one lesion."""
+                   max_photos: int = MAX_LESION_PHOTOS) -> Outputs:
+    """(Markdown verdict, the call, the result as data, Grad-CAMs side by side) for several photos of one lesion."""
     paths = [p for p in paths or [] if p]
     if not paths:
-        return "Upload two or more photos of the same lesion (select them together).", None, None
+        return "Upload two or more photos of the same lesion (select them together).", None, None, None
     if len(paths) > max_photos:
         return (f"{len(paths)} photos is over this app's limit of {max_photos} for one lesion. "
-                "Upload the photos of one lesion only."), None, None
+                "Upload the photos of one lesion only."), None, None, None
     try:
         # every photo or none: a call on the readable ones would be about fewer photos than were given
         images = [_open_upload(p, max_bytes) for p in paths]
     except SkinCancerError as e:
-        return str(e), None, None
+        return str(e), None, None, None
     names = [Path(p).name for p in paths]
     if not clf.can_explain:
         result = clf.predict_lesion(images)
-        return verdict(clf, result, names, note=NO_MAP), result["probabilities"], None
+        return verdict(clf, result, names, note=NO_MAP), result["call"], result_data(result), None
     result, overlays = clf.explain_lesion(images)
-    return verdict(clf, result, names), result["probabilities"], side_by_side(overlays)
+    return verdict(clf, result, names), result["call"], result_data(result), side_by_side(overlays)
 
 
 def _open_upload(path: str, max_bytes: int):
@@ -186,13 +195,15 @@ def build_app(clf: Predictor, max_upload_mb: float = MAX_UPLOAD_MB):
                                            f"{max_upload_mb:g} MB)", file_count="multiple", file_types=["image"],
                                      type="filepath", elem_id="lesion")
             with gr.Column():
-                result = gr.Markdown(elem_id="verdict")
-                # no heading: the Label's heading is the top class, which need not be the label at the threshold
-                probs = gr.Label(label=clf.scores_title.capitalize(), num_top_classes=len(clf.classes),
-                                 show_heading=False, elem_id="probs")
+                # every output has a label: it names the output for API clients too (gradio_client, /gradio_api)
+                result = gr.Markdown(label="verdict", elem_id="verdict")
+                # the call at the operating threshold, as the verdict says it (not the class with the top score)
+                call = gr.Label(label="call", elem_id="call")
                 overlay = gr.Image(label="Grad-CAM: where the network looked for malignancy", type="pil",
                                    interactive=False, elem_id="gradcam")
-        outputs = [result, probs, overlay]
+                with gr.Accordion("The result as data", open=False):
+                    data = gr.JSON(label="result", elem_id="result")
+        outputs = [result, call, data, overlay]
         # one prediction at a time across both inputs: a fastai learner is not safe to call from several threads
         one_at_a_time = dict(concurrency_limit=1, concurrency_id="model")
         upload.upload(run, upload, outputs, api_name="predict_upload", **one_at_a_time)

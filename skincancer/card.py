@@ -44,6 +44,18 @@ def read_card(model_path: str | Path) -> dict:
     return card
 
 
+def describe_export(model_path: str | Path) -> str:
+    """What an export holds, in a phrase from its card (recipe, date, test AUROC), for a message about replacing it."""
+    card_path = model_files(model_path)["card"]
+    try:
+        card = json.loads(card_path.read_text(encoding="utf-8"))
+        auroc = card["metrics"]["test"]["auroc"]
+        return (f"recipe {card.get('recipe') or card['arch']}, trained {str(card.get('created', '?'))[:10]}, "
+                f"test AUROC {'undefined' if auroc is None else f'{auroc:.3f}'}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable model card at {card_path.name}"
+
+
 def verified_bytes(path: str | Path, expected: str | None, card_name: str) -> bytes:
     """The bytes of `path`, read once, if their sha256 is `expected` (the card's); else SkinCancerError naming it."""
     path = Path(path)

@@ -14,7 +14,7 @@ import sys
 import time
 
 from . import DISCLAIMER
-from .config import add_config_arguments, config_from_arguments
+from .config import N_BOOT, add_config_arguments, config_from_arguments
 from .errors import SkinCancerError
 from .images import image_files
 
@@ -95,7 +95,7 @@ def _labelled_images_args(parser: argparse.ArgumentParser, data_help: str, write
     parser.add_argument("--tta", action="store_true", help="fastai test-time augmentation")
     parser.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     parser.add_argument("--bs", type=_positive_int, help=BS_HELP)
-    parser.add_argument("--bootstrap", type=int, default=1000,
+    parser.add_argument("--bootstrap", type=int, default=N_BOOT,
                         help="bootstrap resamples for the intervals (of lesions where lesion ids are known)")
     parser.add_argument("--out", required=True, help=f"folder for {writes}")
 
@@ -142,15 +142,20 @@ def cmd_evaluate(args) -> int:
     # start-up time
     from .evaluate import evaluate
     from .predict import load
-    from .tables import lesion_table, metrics_table, prevalence_table, subgroup_table, threshold_rule_line
+    from .tables import (lesion_table, metrics_table, prevalence_table, subgroup_table, target_line,
+                         threshold_rule_line)
 
     df, which = _labelled(args, [args.model])
     clf = load(args.model, trusted=args.trust_pickle)
     metrics = evaluate(clf, df, args.out, tta=args.tta, bs=args.bs, n_boot=args.bootstrap,
                        prevalences=args.prevalence or ())
-    print(f"{clf.path.name} on {which}{' with TTA' if args.tta else ''}:")
+    held_out = f" (every lesion from {metrics['test_source']}, a source training never saw)" \
+        if args.data and metrics.get("test_source") else ""
+    print(f"{clf.path.name} on {which}{held_out}{' with TTA' if args.tta else ''}:")
     print(metrics_table(metrics))
     print(threshold_rule_line(metrics["threshold_rule"], clf.threshold))
+    if metrics.get("target"):
+        print(target_line(metrics["target"], "these images"))
     if metrics.get("net_benefit"):
         nb = metrics["net_benefit"]
         print(f"net benefit at the threshold (finding a malignancy worth {nb['benign_per_malignancy']:.1f} benign "

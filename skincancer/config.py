@@ -21,6 +21,9 @@ IMBALANCE: tuple[str, ...] = ("loss", "sampler", "none")
 SEED = 42  # the split's and training's
 VALID_PCT = TEST_PCT = 0.15  # shares of lesions in the validation and test splits
 TARGET_SENSITIVITY = 0.90  # of malignant, on valid: where the operating threshold is put
+N_BOOT = 1000  # bootstrap replicates behind every interval a user reads
+# the operating threshold keeps the target on this share of resampled validation sets: a margin for new photos
+THRESHOLD_CONFIDENCE = 0.95
 # Each recipe fills the fields it names wherever a run leaves them unset; docs/training.md has their measurements.
 RECIPES: dict[str, dict[str, Any]] = {
     "resnet50": dict(arch="resnet50", pretrained=True, epochs=10, size=224, bs=64, lr=2e-3, lr_mult=100,
@@ -81,6 +84,9 @@ class TrainConfig:
     imbalance: str = option("loss", "class-weighted loss, balanced sampling, or none", choices=IMBALANCE)
     target_sensitivity: float = option(TARGET_SENSITIVITY, "the operating threshold is chosen on the validation "
                                                            "split to reach this sensitivity", identity=False)
+    threshold_confidence: float = option(THRESHOLD_CONFIDENCE, "the threshold is chosen so that valid's sensitivity "
+                                         "reaches the target on this share of its resampled lesions, a one-sided "
+                                         "lower confidence bound (0: on valid exactly)", identity=False)
     seed: int = option(SEED, "seed for the split, sampling and training")
     valid_pct: float = option(VALID_PCT, "share of lesions in the validation split")
     test_pct: float = option(TEST_PCT, "share of lesions in the test split")
@@ -104,6 +110,8 @@ class TrainConfig:
     checkpoint_every: float = option(60.0, "seconds between resumable checkpoints (0: after every epoch)",
                                      identity=False)
     out: str = option("models/skincancer.pkl", "where to export the learner (.pkl)", identity=False)
+    overwrite: bool = option(False, "replace a model already exported at --out (refused otherwise, before training)",
+                             identity=False)
 
     def resolved(self) -> TrainConfig:
         """A copy with the recipe's values wherever a field is None, and every input checked."""
@@ -127,6 +135,8 @@ class TrainConfig:
             raise SkinCancerError(f"freeze_epochs: {values['freeze_epochs']} must be 0 or more")
         if not 0 < self.target_sensitivity <= 1:
             raise SkinCancerError(f"target_sensitivity: {self.target_sensitivity} must be in (0, 1]")
+        if not 0 <= self.threshold_confidence < 1:
+            raise SkinCancerError(f"threshold_confidence: {self.threshold_confidence} must be in [0, 1)")
         if self.wd is not None and self.wd < 0:
             raise SkinCancerError(f"wd: {self.wd} must be 0 or more")
         if not str(self.out).endswith(".pkl"):

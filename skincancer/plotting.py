@@ -19,7 +19,7 @@ from .gradcam import gradcam
 from .images import open_image
 from .labels import DX_CLASSES, DX_NAMES, MALIGNANT_DX, is_malignant_class
 from .metrics import LESION_SIDES, PAIRED, net_benefit
-from .subgroups import SUBGROUPS
+from .subgroups import MIN_CASES, SUBGROUPS
 from .tables import interval
 
 
@@ -290,6 +290,18 @@ def plot_lesions(by_lesion: dict):
     return fig
 
 
+def subgroup_key(paired: bool, gap: bool) -> str:
+    """The footnote of `plot_subgroups`: what its colours and its 'too few' rows mean."""
+    parts = [f"'too few': under {MIN_CASES} of the cases a statistic counts (malignant for sensitivity, benign for "
+             "specificity, each for AUROC), so it is not estimated"]
+    if paired:
+        parts.append("green: B better (interval above 0); red: B worse; grey: interval holds 0")
+    if gap:
+        parts.append("orange: probabilities off in this subgroup (interval of mean probability - share malignant "
+                     "excludes 0); grey: within chance")
+    return "Exploratory, many subgroups looked at. " + ". ".join(parts) + "."
+
+
 def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[str, str] | None = None):
     """A forest plot of `subgroup_metrics`: AUROC, sensitivity and specificity with their intervals, by subgroup.
 
@@ -323,7 +335,9 @@ def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[s
         centred = names is not None or k == "calibration_gap"  # differences, read against 0
         for row, row_y in zip(rows, where):
             v, ci = row[k], row[f"{k}_ci95"]
-            if v is None:
+            if v is None:  # said on the row, so a blank row is not read as missing data
+                ax.text(0.5, row_y, "too few", transform=ax.get_yaxis_transform(), ha="center", va="center",
+                        fontsize=7, color="grey", style="italic")
                 continue
             colour = "tab:blue"
             if centred and ci:
@@ -350,7 +364,8 @@ def plot_subgroups(rows: list[dict], overall: dict | None = None, names: tuple[s
     axes[0].set_ylim(y - 0.5, -0.5)
     fig.suptitle("By subgroup: the malignant call, with 95% intervals (wide where a subgroup is small)" if names is None
                  else f"By subgroup: {names[1]} - {names[0]}, paired, with 95% intervals")
-    fig.tight_layout()
+    fig.text(0.01, 0.005, subgroup_key(names is not None, gap), fontsize=8, color="dimgrey", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.5 / (1.0 + 0.24 * y), 1, 1))
     return fig
 
 

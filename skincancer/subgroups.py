@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .config import N_BOOT
 from .errors import SkinCancerError
 from .metrics import bootstrap_intervals, calibration_in_the_large, call_statistics, paired_bootstrap
 
@@ -55,7 +56,7 @@ def _subgroup_order(labels: np.ndarray, column: str) -> list[str]:
     return known + (["unknown"] if "unknown" in values else [])
 
 
-def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: float, n_boot: int = 1000,
+def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: float, n_boot: int = N_BOOT,
                      seed: int = 0, groups=None) -> list[dict]:
     """AUROC, sensitivity and specificity at `threshold`, and calibration, within each subgroup of SUBGROUPS' columns.
 
@@ -84,7 +85,7 @@ def subgroup_metrics(df: pd.DataFrame, is_malignant, p_malignant, threshold: flo
 
 
 def paired_subgroup_metrics(df: pd.DataFrame, is_malignant, p_a, p_b, threshold_a: float, threshold_b: float,
-                            n_boot: int = 1000, seed: int = 0, groups=None) -> list[dict]:
+                            n_boot: int = N_BOOT, seed: int = 0, groups=None) -> list[dict]:
     """Model B against model A within each subgroup of `subgroup_metrics`: B - A and its paired interval.
 
     One row a subgroup, with the `paired_bootstrap` of its images (whole lesions where `groups` are given): AUROC,

@@ -52,11 +52,23 @@ def metrics_table(metrics: dict) -> str:
 def threshold_rule_line(rule, threshold: float) -> str:
     """How the operating threshold was chosen, in a sentence."""
     if isinstance(rule, dict) and "target_sensitivity" in rule:
+        confident = (f" on {rule['confidence']:.0%} of its resampled lesions" if rule.get("confidence") else "")
         return (f"threshold {threshold:.4f}: chosen on the {rule.get('chosen_on', 'validation')} split for "
-                f"sensitivity >= {rule['target_sensitivity']:.2f} (valid: sensitivity "
+                f"sensitivity >= {rule['target_sensitivity']:.2f}{confident} (valid: sensitivity "
                 f"{rule.get('valid_sensitivity', float('nan')):.3f}, specificity "
                 f"{rule.get('valid_specificity', float('nan')):.3f})")
     return f"threshold {threshold:.4f}: {rule}"
+
+
+def target_line(target: dict, split: str = "test") -> str:
+    """`target_met` in a sentence: the sensitivity reached against its target, and how often it is met."""
+    if target["sensitivity"] is None:
+        return f"{split}: no malignant image, so the sensitivity target cannot be checked"
+    line = (f"{split}: sensitivity {target['sensitivity']:.3f} against the target {target['target_sensitivity']:.2f}"
+            f" ({'met' if target['met'] else 'missed'})")
+    if target["share_of_replicates_met"] is not None:
+        line += f"; met on {target['share_of_replicates_met']:.0%} of {target['replicates']:,} resampled {split} sets"
+    return line
 
 
 def paired_table(paired: dict, names: tuple[str, str] = ("A", "B")) -> list[str]:

@@ -20,9 +20,10 @@ from fastai.torch_core import set_seed
 
 from . import DISCLAIMER, __version__
 from .calibration import calibrate, fit_calibration
+from .card import describe_export
 from .callbacks import BestEpochTracker, Checkpoint, CompileModel, StopOnNaN, epoch_lines
 from .classifier import predict_frame
-from .config import TrainConfig
+from .config import N_BOOT, THRESHOLD_CONFIDENCE, TrainConfig
 from .data import SPLITS, check_no_lesion_leak, lesion_groups, prepare, split_table
 from .datablock import make_dataloaders
 from .distributed import (alone, distributed_fit, from_main_process, is_main_process, local_main_process_first,
@@ -32,10 +33,11 @@ from .export import export
 from .files import model_files, write_text_atomic
 from .labels import classes_for
 from .losses import make_loss
-from .metrics import choose_threshold, classification_metrics, lesion_metrics, malignant_scores
+from .metrics import (choose_confident_threshold, choose_threshold, classification_metrics, lesion_metrics,
+                      malignant_scores, target_met)
 from .model import arch_name, ensure_pretrained_weights, make_learner, monitor_for, normalization, pretrained_source
 from .model import auroc_or_nan  # noqa: F401  (learners exported by 0.1 pickled the metric by this module's name)
-from .tables import interval, lesion_table, metrics_table, threshold_rule_line
+from .tables import interval, lesion_table, metrics_table, target_line, threshold_rule_line
 
 
 @dataclass
@@ -59,6 +61,9 @@ def setup(config: TrainConfig) -> tuple[TrainConfig, pd.DataFrame, Any]:
     """Resolve the config, seed, read and split the data, build DataLoaders and the learner: (config, df, learn)."""
     config = config.resolved()
     assert config.bs and config.size and config.arch  # resolved() filled them
+    if Path(config.out).exists() and not config.overwrite:  # before the data and the hours of training
+        raise SkinCancerError(f"{config.out}: a model is already exported there ({describe_export(config.out)}); "
+                              "pass --overwrite (overwrite=True) to replace it, or --out another file")
     seed_everything(config.seed)
     df = prepare(config.data, config.task, config.valid_pct, config.test_pct, config.seed, config.limit,
                  config.drop_missing, config.class_map, config.split_from, config.test_source)
@@ -178,12 +183,14 @@ def _fit_phase(learn, config: TrainConfig, i: int, phase: dict, folder: Path, re
 
 # --- the held-out numbers, the card and the export -----------------------------------------------
 
-def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple[dict[str, dict], dict, dict]:
+def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float,
+                    confidence: float = THRESHOLD_CONFIDENCE) -> tuple[dict[str, dict], dict, dict]:
     """Calibrate and choose the operating threshold on valid, then metrics of valid and test.
 
     Returns (metrics, card part, scores): scores holds each split's truth and calibrated probability of malignancy.
     The card part holds the threshold, its rule and the calibration: the threshold is on the calibrated scale. Each
-    split's metrics hold `by_lesion` too (`lesion_metrics`), as `evaluate`'s do.
+    split's metrics hold `by_lesion` too (`lesion_metrics`), as `evaluate`'s do, and `target`: the sensitivity
+    reached against the target, and on what share of its resampled lesions (`target_met`).
     """
     classes = [str(c) for c in learn.dls.vocab]
     parts = {s: df[df["split"] == s] for s in ("valid", "test") if (df["split"] == s).any()}
@@ -191,21 +198,38 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float) -> tuple
     probs, targets = preds["valid"]
     truth, scores = malignant_scores(probs, targets, classes)
     calibration = fit_calibration(scores, truth)
-    threshold = choose_threshold(calibrate(scores, calibration), truth, target_sensitivity)
+    threshold = operating_threshold(calibrate(scores, calibration), truth, target_sensitivity, confidence,
+                                    lesion_groups(parts["valid"]))
     metrics, scored = {}, {}
     for s, (p, t) in preds.items():
         scored[s] = malignant_scores(p, t, classes, calibration)
         groups = lesion_groups(parts[s])
-        metrics[s] = classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=1000,
+        metrics[s] = classification_metrics(p, t, classes, threshold, dx=parts[s]["dx"].to_numpy(), n_boot=N_BOOT,
                                             seed=0, groups=groups, calibration=calibration)
+        metrics[s]["target"] = target_met(*scored[s], threshold, target_sensitivity, N_BOOT, groups=groups)
         if groups is not None:
-            metrics[s]["by_lesion"] = lesion_metrics(groups, *malignant_scores(p, t, classes, calibration), threshold,
-                                                     1000)
-    rule = {"target_sensitivity": target_sensitivity, "chosen_on": "valid",
-            "how": "the highest calls whose validation sensitivity for malignant reaches the target; the threshold "
-                   "halfway between the last malignant photo caught and the next score below",
+            metrics[s]["by_lesion"] = lesion_metrics(groups, *scored[s], threshold, N_BOOT)
+    rule = {"target_sensitivity": target_sensitivity, "confidence": confidence, "chosen_on": "valid",
+            "how": THRESHOLD_RULES["confident" if confidence else "plain"],
             "valid_sensitivity": metrics["valid"]["sensitivity"], "valid_specificity": metrics["valid"]["specificity"]}
     return metrics, {"threshold": threshold, "threshold_rule": rule, "calibration": calibration}, scored
+
+
+THRESHOLD_RULES = {
+    "plain": "the highest calls whose validation sensitivity for malignant reaches the target; the threshold "
+             "halfway between the last malignant photo caught and the next score below",
+    "confident": "the highest calls whose validation sensitivity for malignant reaches the target on the confidence "
+                 "share of resampled validation lesions (its one-sided lower bound is the target); the threshold "
+                 "halfway between the last malignant photo caught and the next score below"}
+
+
+def operating_threshold(p_malignant, is_malignant, target_sensitivity: float, confidence: float,
+                        groups=None) -> float:
+    """The threshold the card records: `choose_confident_threshold` at `confidence`, or `choose_threshold` at 0."""
+    if not confidence:
+        return choose_threshold(p_malignant, is_malignant, target_sensitivity)
+    return choose_confident_threshold(p_malignant, is_malignant, target_sensitivity, confidence, N_BOOT,
+                                      groups=groups)
 
 
 def library_versions() -> dict[str, str]:
@@ -236,6 +260,7 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
         "presize": config.presize,
         "normalize": {"mean": list(mean), "std": list(std)},
         "seed": config.seed,
+        "test_source": config.test_source,  # a source held out as the test split, or None: a random lesion split
         "processes": processes,  # data-parallel processes: the batch per step was bs times this
         **decision,
         "monitor": monitor_for(config.task),
@@ -275,6 +300,10 @@ def summary(config: TrainConfig, card: dict, files: dict[str, Path], report: Pat
     lines.append("  (sensitivity and specificity of malignant at the threshold; balanced accuracy and accuracy "
                  + ("of the 7 diagnoses, by the most likely one" if seven else "at the threshold too")
                  + "; the epoch table counted at a score of 0.5)")
+    if card["metrics"].get("test", {}).get("target"):
+        lines.append("  " + target_line(card["metrics"]["test"]["target"])
+                     + (f" (every lesion from {config.test_source}, a source training never saw)"
+                        if config.test_source else ""))
     by_lesion = card["metrics"].get("test", {}).get("by_lesion")
     if by_lesion and by_lesion["all_photos"]["auroc"] is not None:
         lines.append(f"  test, lesion by lesion ({by_lesion['n_lesions']:,} lesions, each on the mean of its photos): "
@@ -301,7 +330,7 @@ def report(card: dict) -> str:
 def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None = None,
            processes: int = 1) -> TrainResult:
     """Calibrate and choose the threshold on valid, measure valid and test, write the card, split and learner."""
-    metrics, decision, scores = evaluate_splits(learn, df, config.target_sensitivity)
+    metrics, decision, scores = evaluate_splits(learn, df, config.target_sensitivity, config.threshold_confidence)
     if hasattr(learn.loss_func, "set_operating_point"):  # fastai's learn.predict then calls as skincancer's does
         learn.loss_func.set_operating_point(learn.dls.vocab, decision["threshold"], decision["calibration"])
     card = model_card(config, df, metrics, best_epoch, decision, learn, processes)

@@ -80,17 +80,28 @@ def _predict(client, path):
     return client.predict(handle_file(str(path)), api_name="/predict_upload")
 
 
-def test_an_upload_gets_the_label_at_the_threshold_probabilities_and_gradcam(client, trained, original_images):
+def test_an_upload_gets_one_call_in_the_verdict_the_label_and_the_data_and_gradcam(client, trained, original_images):
     image = original_images[0]
-    text, probs, overlay = _predict(client, image)
+    text, call, data, overlay = _predict(client, image)
     expected = load(trained).predict(image)
-    shown = {c["label"]: c["confidence"] for c in probs["confidences"]}
-    assert shown == pytest.approx(expected["probabilities"], abs=1e-4)
+    # one answer everywhere: the label shows the call the verdict gives, and the data carry it with its probability
+    assert call["label"] == data["call"] == expected["call"]
+    assert data["malignant_probability"] == pytest.approx(expected["malignant_probability"], abs=1e-6)
+    assert data["threshold"] == pytest.approx(expected["threshold"]) and data["label"] == expected["label"]
+    assert data["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-6)
     assert f"**{expected['malignant_probability']:.2f}**" in text
-    assert ("Malignant: worth a closer look" if expected["label"] == "malignant" else "Benign by this model") in text
+    assert ("Malignant: worth a closer look" if expected["call"] == "malignant" else "Benign by this model") in text
     assert DISCLAIMER in text
     with Image.open(overlay) as im:  # the Grad-CAM overlay, at the photo's size
         assert im.size == Image.open(image).size
+
+
+def test_every_output_of_the_api_is_named(client):
+    api = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for endpoint in api.values():
+        names = [r["label"] for r in endpoint["returns"]]
+        assert names[:3] == ["verdict", "call", "result"], names
+        assert not any(name.startswith("value_") for name in names)
 
 
 def test_several_photos_of_a_lesion_get_one_call_on_the_mean_and_each_photo_its_row(client, trained,
@@ -98,10 +109,11 @@ def test_several_photos_of_a_lesion_get_one_call_on_the_mean_and_each_photo_its_
     from gradio_client import handle_file
 
     photos = original_images[4:7]
-    text, probs, overlay = client.predict([handle_file(str(p)) for p in photos], api_name="/predict_lesion")
+    text, call, data, overlay = client.predict([handle_file(str(p)) for p in photos], api_name="/predict_lesion")
     expected = load(trained).predict_lesion(photos)
-    shown = {c["label"]: c["confidence"] for c in probs["confidences"]}
-    assert shown == pytest.approx(expected["probabilities"], abs=1e-4)
+    assert call["label"] == data["call"] == expected["call"]
+    assert data["probabilities"] == pytest.approx(expected["probabilities"], abs=1e-4)
+    assert [p["call"] for p in data["photos"]] == [p["call"] for p in expected["photos"]]
     assert f"mean of the 3 photos of this lesion **{expected['malignant_probability']:.2f}**" in text
     for i, (photo, own) in enumerate(zip(photos, expected["photos"]), 1):
         assert f"| {i} | {markdown_text(photo.name)} | {own['malignant_probability']:.2f} | {own['call']} |" in text
@@ -116,14 +128,14 @@ def test_one_unusable_photo_of_a_lesion_stops_the_call_and_is_named(client, trai
 
     bad = tmp_path / "second.jpg"
     bad.write_bytes(original_images[1].read_bytes()[:3000])
-    text, probs, overlay = client.predict([handle_file(str(original_images[0])), handle_file(str(bad))],
-                                          api_name="/predict_lesion")
+    text, call, data, overlay = client.predict([handle_file(str(original_images[0])), handle_file(str(bad))],
+                                               api_name="/predict_lesion")
     assert text.startswith("Could not use this upload: second.jpg") and str(tmp_path) not in text, text
-    assert not probs and overlay is None
+    assert not call and data is None and overlay is None
     clf = load(trained)
     assert "Upload two or more photos" in analyse_lesion(clf, [])[0]
-    text, probs, _ = analyse_lesion(clf, [str(original_images[0])] * 3, max_photos=2)
-    assert "3 photos is over this app's limit of 2" in text and probs is None
+    text, call, data, _ = analyse_lesion(clf, [str(original_images[0])] * 3, max_photos=2)
+    assert "3 photos is over this app's limit of 2" in text and call is None and data is None
 
 
 def test_a_file_name_is_shown_as_it_is_and_cannot_break_the_table():
@@ -151,10 +163,10 @@ def test_a_corrupt_or_non_image_upload_gets_a_message_and_the_app_keeps_serving(
     truncated = tmp_path / "truncated.jpg"
     truncated.write_bytes(original_images[1].read_bytes()[:3000])
     for bad in (garbage, truncated):
-        text, probs, overlay = _predict(client, bad)
+        text, call, data, overlay = _predict(client, bad)
         assert text.startswith("Could not use this upload: ") and bad.name in text, text
         assert str(tmp_path) not in text and "gradio" not in text  # names the file, not a server path
-        assert not probs and overlay is None
+        assert not call and data is None and overlay is None
     assert "Probability of malignancy" in _predict(client, original_images[1])[0]
 
 
@@ -222,8 +234,8 @@ def test_analyse_turns_bad_input_into_messages(trained, tmp_path):
     assert "Upload a photo" in analyse(clf, None)[0]
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(b"x" * 2000)
-    text, probs, overlay = analyse(clf, str(photo), max_bytes=1000)
-    assert "photo.jpg" in text and "over this app's limit" in text and probs is None and overlay is None
+    text, call, data, overlay = analyse(clf, str(photo), max_bytes=1000)
+    assert "photo.jpg" in text and "over this app's limit" in text and call is None and overlay is None
     odd = tmp_path / "my_lesion_<1>.jpg"  # named as it is on the page, not as Markdown would render it
     odd.write_bytes(b"x" * 2000)
     assert analyse(clf, str(odd))[0].startswith("Could not use this upload: my\\_lesion\\_\\<1\\>.jpg: ")
@@ -261,7 +273,8 @@ def _expect_result(page):
     expect(page.locator("#verdict")).to_contain_text("Probability of malignancy", timeout=120_000)
     expect(page.locator("#verdict")).to_contain_text(DISCLAIMER)
     expect(page.locator("#gradcam img")).to_be_visible(timeout=30_000)
-    expect(page.locator("#probs")).to_contain_text("malignant")
+    expect(page.locator("#call")).to_contain_text("malignant" if "Malignant:" in page.locator("#verdict").inner_text()
+                                                  else "benign")
 
 
 def test_an_upload_in_chromium_shows_the_result_and_a_screenshot_is_saved(chromium, app_url, original_images,

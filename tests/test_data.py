@@ -7,7 +7,7 @@ import warnings
 
 import pandas as pd
 import pytest
-from conftest import copy_images
+from conftest import ROOT, copy_images
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -267,3 +267,57 @@ def test_a_bad_split_file_is_refused_naming_it(ham_dir, tmp_path):
             prepare(ham_dir, split_from=path)
     with pytest.raises(SkinCancerError, match="no such split file"):
         prepare(ham_dir, split_from=tmp_path / "none.csv")
+
+
+@pytest.mark.parametrize("source", ["rosendahl", "vidir_modern"])
+def test_a_held_out_source_is_the_whole_test_split_of_the_shared_set(ham_dir, source):
+    from skincancer.data import prepare
+
+    df = prepare(ham_dir, test_source=source)
+    held = set(df.loc[df["dataset"] == source, "lesion_id"])
+    test = df[df["split"] == "test"]
+    assert set(test["lesion_id"]) == held  # every lesion photographed there, and nothing else
+    assert (df.loc[df["dataset"] == source, "split"] == "test").all()
+    check_no_lesion_leak(df)
+    rest = df[df["split"] != "test"]
+    # train and valid keep the random split's ratio of lesions (70:15)
+    n = rest.groupby("split")["lesion_id"].nunique()
+    assert n["valid"] / (n["train"] + n["valid"]) == pytest.approx(0.15 / 0.85, abs=0.01)
+    assert set(test["label"]) == set(rest["label"]) == {"benign", "malignant"}
+
+
+def test_a_lesion_photographed_at_two_sources_goes_wholly_to_test(make_ham, small_rows):
+    rows = small_rows.assign(dataset=["rosendahl" if i % 3 == 0 else "vidir_modern" for i in range(len(small_rows))])
+    two = rows.groupby("lesion_id")["dataset"].nunique()
+    assert (two > 1).any()  # lesions seen at both sources
+    from skincancer.data import prepare
+
+    df = prepare(make_ham(rows), test_source="rosendahl")
+    assert set(df.loc[df["split"] == "test", "lesion_id"]) >= set(two.index[two > 1])
+    check_no_lesion_leak(df)
+
+
+def test_the_sample_holds_out_a_source_and_a_wrong_source_is_named(ham_dir):
+    from skincancer.data import prepare
+
+    sample = ROOT / "data" / "sample"
+    df = prepare(sample, test_source="rosendahl")
+    assert (df.loc[df["split"] == "test", "dataset"] == "rosendahl").all()
+    with pytest.raises(SkinCancerError, match=r"'nowhere' is not a source of this data set; its 'dataset' column "
+                                              r"holds rosendahl, vidir_modern, vidir_molemax, vienna_dias"):
+        prepare(sample, test_source="nowhere")
+    with pytest.raises(SkinCancerError, match=r"'vidir_molemax' has no photo of akiec"):
+        prepare(ham_dir, task="dx", test_source="vidir_molemax")
+
+
+def test_a_source_needs_the_dataset_column_and_no_recorded_split(make_ham, small_rows, tmp_path):
+    from skincancer.data import prepare
+
+    rows = small_rows.drop(columns="dataset")  # metadata from before the Dataverse's source column
+    root = make_ham(rows)
+    with pytest.raises(SkinCancerError, match="the metadata has no 'dataset' column"):
+        prepare(root, test_source="rosendahl")
+    split = tmp_path / "m.split.csv"
+    split.write_text("image_id,split\n")
+    with pytest.raises(SkinCancerError, match="test_source and split_from"):
+        prepare(root, test_source="rosendahl", split_from=split)

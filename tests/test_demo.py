@@ -21,7 +21,16 @@ def demo_commands() -> list[list[str]]:
     """The `demo` target's commands, as argument lists for `python`."""
     text = (ROOT / "Makefile").read_text()
     recipe = re.search(r"^demo:.*\n((?:\t.*\n)+)", text, re.M).group(1).replace("\\\n", " ")
-    return [shlex.split(line.strip().replace("$(PY) ", "")) for line in recipe.splitlines()]
+    return [shlex.split(line.strip().replace("$(PY) ", "")) for line in recipe.splitlines()
+            if line.strip().startswith("$(PY) ")]
+
+
+def test_make_demo_ends_by_printing_its_wall_time():
+    run = subprocess.run(["make", "-n", "demo", "PY=true"], capture_output=True, text=True, cwd=ROOT)
+    last = run.stdout.strip().splitlines()[-1]
+    assert last.startswith('echo "make demo: done in $(( $(date +%s) - ') and ' s on $(nproc) CPU cores"' in last
+    seconds = subprocess.run(["bash", "-c", last], capture_output=True, text=True).stdout
+    assert re.fullmatch(r"make demo: done in \d+ s on \d+ CPU cores\n", seconds), seconds
 
 
 def test_the_sample_is_whole_lesions_of_every_diagnosis_small_and_licensed():

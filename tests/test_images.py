@@ -70,6 +70,20 @@ def test_palette_png_with_transparency_becomes_rgb(original_images):
     assert open_image(_png(img)).mode == "RGB"
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_are_composited_on_white(mode):
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)  # black everywhere, its left half transparent
+    rgba[:, 15:, 3] = 255
+    img = Image.fromarray(rgba, "RGBA")
+    img = img.convert("LA") if mode == "LA" else img.quantize() if mode == "P" else img
+    if mode == "P":  # a palette whose transparent entry is the left half's colour
+        img = Image.fromarray(np.where(rgba[..., 3] == 0, 1, 0).astype(np.uint8), "P")
+        img.putpalette([0, 0, 0, 0, 0, 0])
+        img.info["transparency"] = 1
+    out = np.asarray(open_image(_png(img)))
+    assert (out[:, :15] == 255).all() and (out[:, 15:] == 0).all()
+
+
 @pytest.mark.parametrize("size", [(9000, 9000), (100000, 100000)])
 def test_pixel_bombs_are_refused_from_the_header(size):
     with pytest.raises(SkinCancerError, match=r"over the limit|not a readable image"):
@@ -80,8 +94,15 @@ def test_empty_and_non_image_inputs(tmp_path):
     with pytest.raises(SkinCancerError, match="empty"):
         open_image(b"")
     (tmp_path / "zero.jpg").write_bytes(b"")
-    with pytest.raises(SkinCancerError, match="zero.jpg: not a readable image"):
+    with pytest.raises(SkinCancerError, match=r"zero.jpg: an empty file \(0 bytes\), not an image"):
         open_image(tmp_path / "zero.jpg")
+    (tmp_path / "notes.jpg").write_text("a text file")
+    with pytest.raises(SkinCancerError, match="notes.jpg: not a readable image"):
+        open_image(tmp_path / "notes.jpg")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no image here")
+    with pytest.raises(SkinCancerError, match=r"empty: a folder with no images in it \(looked for .bmp, .jpeg"):
+        open_image(tmp_path / "empty")
     with pytest.raises(SkinCancerError, match="expected a file path, bytes or a PIL image"):
         open_image(12345)
 

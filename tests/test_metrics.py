@@ -386,3 +386,53 @@ def test_net_benefit_is_true_positives_less_weighted_false_positives_and_bounded
             net_benefit(y, p, bad)
     fig = plot_decision_curve(y, p, 0.25)
     assert "1 malignancy = 3.0 benign" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()][-1]
+
+
+def test_the_confident_threshold_keeps_its_promise_on_new_samples_and_the_plain_one_half_the_time():
+    from skincancer.metrics import choose_confident_threshold
+
+    # malignant scores uniform on (0, 1): a threshold t catches 1 - t of new malignant photos, exactly
+    rng = np.random.default_rng(0)
+    met = {"plain": [], "confident": []}
+    for _ in range(120):
+        p = np.r_[rng.uniform(size=150), rng.uniform(size=600) ** 3]
+        y = np.r_[np.ones(150, bool), np.zeros(600, bool)]
+        met["plain"].append(1 - choose_threshold(p, y, 0.9) >= 0.9)
+        met["confident"].append(1 - choose_confident_threshold(p, y, 0.9, 0.95, n_boot=300) >= 0.9)
+    assert 0.3 < np.mean(met["plain"]) < 0.75
+    assert np.mean(met["confident"]) > 0.88
+
+
+def test_the_confident_threshold_resamples_lesions_and_lies_between_scores():
+    from skincancer.metrics import choose_confident_threshold, replicate_thresholds
+
+    rng = np.random.default_rng(1)
+    p = np.r_[rng.uniform(size=60), rng.uniform(size=200) ** 2]
+    y = np.r_[np.ones(60, bool), np.zeros(200, bool)]
+    t = choose_confident_threshold(p, y, 0.9, 0.95, n_boot=500)
+    assert t <= choose_threshold(p, y, 0.9) and t not in set(p)
+    assert (p[y] >= t).mean() >= 0.9
+    # each malignant photo four times over (as one lesion): resampled as lesions, the margin is the same as for
+    # the 60 photos; resampled as photos, it would shrink as if there were 240 independent ones
+    lesions = np.r_[np.repeat(np.arange(60), 4), 100 + np.arange(200)]
+    p4, y4 = np.r_[np.repeat(p[:60], 4), p[60:]], np.r_[np.ones(240, bool), np.zeros(200, bool)]
+    by_lesion = replicate_thresholds(p4, y4, 0.9, 500, groups=lesions)
+    by_photo = replicate_thresholds(p4, y4, 0.9, 500)
+    assert np.std(by_lesion) > 1.5 * np.std(by_photo)
+    assert choose_confident_threshold(p4, y4, 0.9, 0.95, 500, groups=lesions) < \
+        choose_confident_threshold(p4, y4, 0.9, 0.95, 500)
+    with pytest.raises(SkinCancerError, match="confidence"):
+        choose_confident_threshold(p, y, 0.9, 1.0)
+
+
+def test_target_met_counts_the_replicates_that_reach_the_target():
+    from skincancer.metrics import target_met
+
+    p = np.r_[np.linspace(0.05, 1, 100), np.zeros(50)]
+    y = np.r_[np.ones(100, bool), np.zeros(50, bool)]
+    exact = target_met(y, p, threshold=0.145, target_sensitivity=0.9, n_boot=400)  # 90 of 100 caught
+    assert exact["sensitivity"] == pytest.approx(0.9) and exact["met"] is True
+    assert 0.35 < exact["share_of_replicates_met"] < 0.7 and exact["replicates"] == 400
+    assert target_met(y, p, 0.01, 0.9, n_boot=200)["share_of_replicates_met"] == 1.0
+    assert target_met(y, p, 0.5, 0.9, n_boot=200)["met"] is False
+    assert target_met(~y & y, p, 0.5, 0.9)["sensitivity"] is None

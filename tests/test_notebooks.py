@@ -38,7 +38,35 @@ def project_like_a_users(folder: Path) -> Path:
     ham = folder / "data" / "HAM10000"
     shutil.copytree(ROOT / "data" / "sample" / "images", ham / "ISIC2018_Task3_Training_Input")
     shutil.copy(ROOT / "data" / "sample" / "HAM10000_metadata.csv", ham / "HAM10000_metadata.csv")
+    shutil.copytree(ROOT / "data" / "sample", folder / "data" / "sample")  # every clone has it
     return folder
+
+
+def test_the_readmes_papermill_command_is_installed_by_make_install():
+    readme = (ROOT / "README.md").read_text()
+    requirements = (ROOT / "requirements.txt").read_text().splitlines()
+    assert "papermill notebooks/" in readme
+    assert any(line.startswith("papermill") for line in requirements)  # `make install` installs requirements.txt
+
+
+@pytest.mark.slow
+def test_the_predict_notebook_runs_on_a_fresh_clone_given_only_a_model_and_a_photo(tmp_path, trained,
+                                                                                   original_images):
+    papermill = pytest.importorskip("papermill")
+    clone = tmp_path / "clone"  # what a clone holds: no data/HAM10000
+    clone.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", clone / "pyproject.toml")
+    shutil.copytree(ROOT / "notebooks", clone / "notebooks", ignore=shutil.ignore_patterns("figures", ".*"))
+    shutil.copytree(ROOT / "data" / "sample", clone / "data" / "sample")
+    out = tmp_path / "out.ipynb"
+    papermill.execute_notebook(str(clone / "notebooks" / "04_predict.ipynb"), str(out), cwd=str(clone),
+                               parameters=dict(model_path=str(trained), image_path=str(original_images[0])),
+                               kernel_name="python3", progress_bar=False)
+    cells = nbformat.read(out, as_version=4).cells
+    outputs = [o for c in cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = json.dumps([c.outputs for c in cells if c.cell_type == "code"])
+    assert original_images[0].name in text and "ISIC_0027419.jpg" in text  # the photo given; the sample's lesion
 
 
 @pytest.mark.slow

@@ -235,7 +235,7 @@ def test_cli_predict_reads_the_images_under_a_folder(trained, original_images, t
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["image"] for x in lines] == [*sorted(map(str, copies)), str(empty), str(original_images[3])]
     assert [("error" in x) for x in lines] == [False, False, False, True, False]
-    assert lines[3]["error"] == f"{empty}: a folder, not an image file"
+    assert lines[3]["error"].startswith(f"{empty}: a folder with no images in it (looked for .bmp, .jpeg, .jpg")
 
 
 def test_cli_predict_with_a_missing_model_is_an_error_line(tmp_path, original_images):

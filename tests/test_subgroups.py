@@ -46,6 +46,12 @@ def test_subgroup_metrics_are_each_subgroups_own_and_small_ones_say_too_few():
     assert len(table.splitlines()) == len(rows) + 2 and "site: ear" in table and "too few" in table
     fig = plot_subgroups(rows, {"auroc": 0.7, "sensitivity": 0.8, "specificity": 0.5})
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()][0] == "sex"  # each column under its header
+    # a row with no estimate says so in the figure, and the figure says what that means
+    ear = [t.get_text() for t in fig.axes[0].get_yticklabels()].index(next(
+        t.get_text() for t in fig.axes[0].get_yticklabels() if t.get_text().startswith("ear ")))
+    said = [t for t in fig.axes[0].texts if t.get_text() == "too few"]
+    assert [t.get_position()[1] for t in said] == [ear]  # AUROC: too few malignant on the ear row only
+    assert f"'too few': under {MIN_CASES} of the cases" in " ".join(t.get_text() for t in fig.texts)
     with pytest.raises(SkinCancerError, match="do not match"):
         subgroup_metrics(df, y[:-1], p[:-1], 0.6)
 
@@ -81,6 +87,7 @@ def test_each_subgroup_gets_its_own_calibration_gap_unless_it_is_tiny():
     titles = [ax.get_title() for ax in fig.axes]
     assert titles[-1] == "mean probability - share malignant\n(dashed: all images, +0.000)"
     assert all(ax.get_legend() is None for ax in fig.axes)  # the overall values are named above, not over the points
+    assert "orange: probabilities off in this subgroup" in " ".join(t.get_text() for t in fig.texts)
 
 
 def test_paired_subgroups_are_each_subgroups_own_paired_bootstrap_at_each_models_threshold():

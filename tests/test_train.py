@@ -10,13 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import SMALL, scores_of_known_miscalibration, wait_for_checkpoint
+from conftest import ROOT, SMALL, scores_of_known_miscalibration, wait_for_checkpoint
 
 from skincancer import SkinCancerError, cli
 from skincancer.calibration import calibrate, fit_calibration
 from skincancer.config import TrainConfig
 from skincancer.data import prepare
-from skincancer.metrics import choose_threshold
+from skincancer.metrics import choose_confident_threshold, choose_threshold
 from skincancer.predict import load
 from skincancer.model import pretrained_weights_file
 from skincancer import train as T
@@ -114,10 +114,19 @@ def test_training_calibrates_on_valid_and_puts_the_threshold_on_that_scale(monke
                    for s in ("valid", "test")}
     monkeypatch.setattr(T, "predict_frame", lambda learn, part: predictions[part["split"].iloc[0]])
     learn = SimpleNamespace(dls=SimpleNamespace(vocab=["benign", "malignant"]))
-    metrics, card, _ = evaluate_splits(learn, df, target_sensitivity=0.9)
+    metrics, card, _ = evaluate_splits(learn, df, target_sensitivity=0.9, confidence=0)
     valid = split == "valid"
     assert card["calibration"] == fit_calibration(scores[valid], truth[valid])
     assert card["threshold"] == choose_threshold(calibrate(scores[valid], card["calibration"]), truth[valid], 0.9)
+    # by default the threshold keeps the target on 95% of valid's resampled lesions: a lower threshold
+    confident, card95, scored = evaluate_splits(learn, df, target_sensitivity=0.9)
+    assert card95["threshold"] == choose_confident_threshold(calibrate(scores[valid], card["calibration"]),
+                                                             truth[valid], 0.9, 0.95, groups=df["lesion_id"][valid])
+    assert card95["threshold"] < card["threshold"] and card95["threshold_rule"]["confidence"] == 0.95
+    assert confident["valid"]["sensitivity"] > metrics["valid"]["sensitivity"]
+    assert confident["test"]["target"]["sensitivity"] == confident["test"]["sensitivity"]
+    assert 0 <= confident["test"]["target"]["share_of_replicates_met"] <= 1
+    assert scored["test"][1] == pytest.approx(calibrate(scores[~valid], card["calibration"]))
     for s in ("valid", "test"):
         assert metrics[s]["threshold"] == card["threshold"]
         assert metrics[s]["brier"] < metrics[s]["brier_uncalibrated"]  # scores half as steep as the truth
@@ -245,3 +254,23 @@ def test_fine_tuning_from_a_file_trains_the_head_alone_then_all_with_lower_rates
     (frozen_kept, _), (unfrozen_kept, lrs) = seen
     assert frozen_kept and not unfrozen_kept  # the body learns only once unfrozen
     assert len(lrs) == 2 and lrs[1] == pytest.approx(100 * lrs[0])  # discriminative rates: the body's 100x lower
+
+
+def test_an_existing_export_is_refused_before_training_unless_overwrite(tmp_path):
+    from skincancer.cli import build_parser
+    from skincancer.config import config_from_arguments
+
+    out = tmp_path / "skincancer.pkl"
+    out.write_bytes(b"the real model")
+    out.with_suffix(".json").write_text(json.dumps({"recipe": "cpu", "created": "2026-11-30T10:00:00+00:00",
+                                                    "metrics": {"test": {"auroc": 0.9391}}}))
+    config = TrainConfig(data=str(ROOT / "data" / "sample"), out=str(out), pretrained=False, size=32, epochs=1,
+                         bs=16, cache=False, num_workers=0)
+    with pytest.raises(SkinCancerError, match=r"skincancer.pkl: a model is already exported there \(recipe cpu, "
+                                              r"trained 2026-11-30, test AUROC 0.939\); pass --overwrite"):
+        T.setup(config)
+    assert out.read_bytes() == b"the real model"
+    args = build_parser().parse_args(["train", "--data", "d", "--out", str(out), "--overwrite"])
+    assert config_from_arguments(args).overwrite is True
+    _, df, learn = T.setup(dataclasses.replace(config, overwrite=True))  # past the check: the data and learner
+    assert len(df) == 408 and learn.dls.bs == 16
