@@ -267,10 +267,14 @@ def cmd_export(args) -> int:
               f"{q['valid_auroc_fp32']:.4f} in fp32, {q['valid_auroc_int8']:.4f} in int8; the probability of "
               f"malignancy moved by {q['mean_probability_change']:.4f} on average, "
               f"{q['largest_probability_change']:.4f} at most")
-        if q["auroc_drop_over_0.005"]:
-            print(f"WARNING: int8 loses {q['valid_auroc_drop']:.4f} validation AUROC (more than 0.005): serve the fp32 "
-                  f"model, {written['onnx'].name}, instead", file=sys.stderr)
-    best = written["int8"] if "int8" in written and not onnx["int8"]["auroc_drop_over_0.005"] else written["onnx"]
+        print(f"  at the threshold: {q['calls_flipped']:.1%} of the calls flipped; sensitivity "
+              f"{q['valid_sensitivity_fp32']:.3f} in fp32, {q['valid_sensitivity_int8']:.3f} in int8")
+        if not q["holds"]:
+            tol = q["tolerance"]
+            print(f"WARNING: int8 strays from fp32 by more than {tol['auroc_drop']} validation AUROC or "
+                  f"{tol['calls_flipped']:.0%} of the calls: serve the fp32 model, {written['onnx'].name}, instead",
+                  file=sys.stderr)
+    best = written["int8"] if "int8" in written and onnx["int8"]["holds"] else written["onnx"]
     print(f"next: python -m skincancer predict --model {best} PHOTO.jpg   (numpy, Pillow and onnxruntime suffice: "
           "docs/serving.md)")
     return 0

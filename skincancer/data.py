@@ -29,6 +29,9 @@ DEFAULT_CLASS_MAP: dict[str, str] = {
 ISIC_GROUND_TRUTH_CSV = "ISIC2018_Task3_Training_GroundTruth.csv"
 ISIC_GROUPINGS_CSV = "ISIC2018_Task3_Training_LesionGroupings.csv"
 REQUIRED_COLUMNS = ("image_id", "lesion_id", "dx")
+LESION_ID_KNOWN = "lesion_id_known"  # False where lesion_id is only the photo's id (folder-per-class sets)
+SET_SPLIT = "set_split"  # a folder-per-class set's own split: "test" under a Test folder, "train" under Train
+SET_TEST_FOLDERS, SET_TRAIN_FOLDERS = {"test", "testing"}, {"train", "training"}
 SOURCE_COLUMN = "dataset"  # HAM10000's source of each photo (Harvard Dataverse metadata): a clinic and its camera
 
 
@@ -158,7 +161,9 @@ def read_class_folders(root: Path, images: dict[str, Path], class_map: dict[str,
     for image_id, path in images.items():
         folder = path.parent.name.strip().lower()
         if folder in mapping:
-            rows.append((image_id, image_id, mapping[folder]))
+            parts = {p.lower() for p in path.relative_to(root).parts[:-2]}
+            own = "test" if parts & SET_TEST_FOLDERS else "train" if parts & SET_TRAIN_FOLDERS else ""
+            rows.append((image_id, image_id, mapping[folder], own))
         else:
             unknown.add(path.parent.name)
     if not rows:
@@ -168,9 +173,10 @@ def read_class_folders(root: Path, images: dict[str, Path], class_map: dict[str,
     if unknown:
         raise SkinCancerError(f"{root}: image folder(s) {first_few(sorted(unknown))} are not in the class map; "
                               "add them with --class-map")
-    warnings.warn(f"{root}: a folder-per-class set has no lesion ids, so each image counts as its own lesion and the "
-                  "split cannot keep photos of one lesion together", stacklevel=3)
-    return pd.DataFrame(rows, columns=["lesion_id", "image_id", "dx"])
+    warnings.warn(f"{root}: a folder-per-class set has no lesion ids: its figures count photos, and photos of one "
+                  "lesion may sit in two splits (its own Test folder, if any, stays the test split)", stacklevel=3)
+    # lesion_id is the photo's own id, so splits and checks run; LESION_ID_KNOWN says no figure may call it a lesion
+    return pd.DataFrame(rows, columns=["lesion_id", "image_id", "dx", SET_SPLIT]).assign(**{LESION_ID_KNOWN: False})
 
 
 def read_metadata(root: str | Path, drop_missing: bool = False,
@@ -332,7 +338,18 @@ def prepare(root: str | Path, task: str = "binary", valid_pct: float = VALID_PCT
         df = sample_by_label(df, limit, seed=seed)
     if test_source is not None:
         return df.assign(split=split_by_source(df, test_source, valid_pct, test_pct, seed=seed))
+    if SET_SPLIT in df.columns and (df[SET_SPLIT] == "test").any():
+        return df.assign(split=split_by_set(df, valid_pct, test_pct, seed=seed))
     return df.assign(split=split_by_lesion(df, valid_pct, test_pct, seed=seed))
+
+
+def split_by_set(df: pd.DataFrame, valid_pct: float = VALID_PCT, test_pct: float = TEST_PCT,
+                 seed: int = SEED) -> pd.Series:
+    """A set's own test folder as the test split; the rest split into train and valid as `split_by_source` does."""
+    is_test = df[SET_SPLIT] == "test"
+    split = pd.Series("test", index=df.index, name="split")
+    split[~is_test] = split_by_lesion(df.loc[~is_test], valid_pct / (1 - test_pct), 0.0, seed)
+    return split
 
 
 def split_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -361,4 +378,6 @@ def lesion_groups(df: pd.DataFrame) -> np.ndarray | None:
     """Each image's lesion_id for a lesion-level bootstrap, or None where the frame has no usable lesion ids."""
     if "lesion_id" not in df.columns or df["lesion_id"].isna().any():
         return None
+    if LESION_ID_KNOWN in df.columns and not df[LESION_ID_KNOWN].astype(bool).all():
+        return None  # each photo its own "lesion": resample photos, and no lesion-by-lesion figure
     return df["lesion_id"].astype(str).to_numpy()

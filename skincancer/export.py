@@ -163,17 +163,30 @@ def export_onnx(model_path: str | Path, int8: bool = False, data: str | Path | N
     return written
 
 
+# how far int8 may stray from fp32 on the validation photos before the export says to serve fp32 instead
+INT8_MAX_AUROC_DROP = 0.005
+INT8_MAX_CALLS_FLIPPED = 0.01  # share of validation photos whose call at the threshold changes
+
+
 def int8_check(fp32: Predictor, int8: Predictor, valid: pd.DataFrame) -> dict:
-    """fp32 against int8 on the validation photos: each one's AUROC and how far the probability of malignancy moved."""
+    """fp32 against int8 on the validation photos: AUROC, the calls at the threshold (sensitivity, calls flipped)
+    and how far the probability of malignancy moved; `holds` when within INT8_MAX_AUROC_DROP and
+    INT8_MAX_CALLS_FLIPPED."""
     truth = np.asarray([label_of(dx, "binary") == "malignant" for dx in valid["dx"]])
     photos = [open_image(p) for p in valid["path"]]
-    p_mal = {name: np.array([r["malignant_probability"] for r in clf.predict_batch(photos)])
-             for name, clf in (("onnx", fp32), ("int8", int8))}
+    results = {name: clf.predict_batch(photos) for name, clf in (("onnx", fp32), ("int8", int8))}
+    p_mal = {name: np.array([r["malignant_probability"] for r in rs]) for name, rs in results.items()}
+    said = {name: np.array([r["call"] == "malignant" for r in rs]) for name, rs in results.items()}
     change = np.abs(p_mal["int8"] - p_mal["onnx"])
     if not 0 < truth.sum() < len(truth):
         raise SkinCancerError("the validation split holds one class only: int8 cannot be checked against fp32")
     fp32_auroc, int8_auroc = (float(roc_auc_score(truth, p_mal[name])) for name in ("onnx", "int8"))
+    flipped = float((said["onnx"] != said["int8"]).mean())
+    drop = fp32_auroc - int8_auroc
     return {"valid_images": len(valid), "valid_auroc_fp32": fp32_auroc, "valid_auroc_int8": int8_auroc,
-            "valid_auroc_drop": fp32_auroc - int8_auroc, "largest_probability_change": float(change.max()),
-            "mean_probability_change": float(change.mean()),
-            "auroc_drop_over_0.005": fp32_auroc - int8_auroc > 0.005}
+            "valid_auroc_drop": drop, "largest_probability_change": float(change.max()),
+            "mean_probability_change": float(change.mean()), "calls_flipped": flipped,
+            "valid_sensitivity_fp32": float(said["onnx"][truth].mean()),
+            "valid_sensitivity_int8": float(said["int8"][truth].mean()),
+            "tolerance": {"auroc_drop": INT8_MAX_AUROC_DROP, "calls_flipped": INT8_MAX_CALLS_FLIPPED},
+            "holds": bool(drop <= INT8_MAX_AUROC_DROP and flipped <= INT8_MAX_CALLS_FLIPPED)}

@@ -384,15 +384,21 @@ def check_prevalences(prevalences) -> list[float]:
 
 def at_prevalence(is_malignant, p_malignant, threshold: float, prevalences, n_boot: int = N_BOOT, seed: int = 0,
                   level: float = 0.95, groups=None) -> list[dict]:
-    """PPV and NPV of the malignant call at `threshold` for each share of people tested malignant in `prevalences`.
+    """PPV and NPV of the malignant call at `threshold` for each share of lesions malignant in `prevalences`.
 
     Sensitivity and specificity do not depend on prevalence, PPV and NPV do (Bayes' rule): the test split's 20%
-    malignant is not a clinic's. Each row gives them with bootstrap intervals (the replicates' sensitivity and
-    specificity carried through), and per 1,000 people tested: malignancies found and missed, benign lesions called
-    malignant. It assumes the images of each class are like the clinic's, which a prevalence cannot check.
+    malignant is not a clinic's. With `groups` (each photo's lesion) the rates are of lesions, each called on the
+    mean probability of its photos, as a clinic's prevalence counts lesions; without, of photos. Each row gives them
+    with bootstrap intervals (the replicates' sensitivity and specificity carried through), and per 1,000 of that
+    unit (`unit`): malignancies found and missed, benign ones called malignant. It assumes the lesions of each class
+    are like the clinic's, which a prevalence cannot check.
     """
     prevalences = check_prevalences(prevalences)
     y, p = np.asarray(is_malignant, dtype=bool), np.asarray(p_malignant, dtype=np.float64)
+    unit = "photos"
+    if groups is not None and len(y):
+        y, p, _ = lesion_scores(groups, y, p)
+        groups, unit = None, "lesions"  # each lesion now one row: resampled as it is
     if not y.any() or y.all():
         return []  # sensitivity or specificity undefined
     point = call_statistics(y, p, threshold, np.ones((1, len(y))))
@@ -400,7 +406,7 @@ def at_prevalence(is_malignant, p_malignant, threshold: float, prevalences, n_bo
     rows = []
     for prevalence in prevalences:
         (ppv,), (npv,) = _predictive_values(point, prevalence)
-        row = {"prevalence": prevalence, "ppv": _finite_or_none(ppv), "npv": _finite_or_none(npv)}
+        row = {"prevalence": prevalence, "unit": unit, "ppv": _finite_or_none(ppv), "npv": _finite_or_none(npv)}
         for k, scores in zip(("ppv", "npv"), _predictive_values(reps, prevalence)):
             ci = _percentiles(scores, level)
             row[f"{k}_ci95"] = list(ci) if ci and row[k] is not None else None
@@ -495,7 +501,77 @@ def classification_metrics(probs, targets, classes, threshold: float = 0.5, dx=N
         dx = np.asarray(dx)
         out["per_diagnosis_recall"] = {
             d: float((said[dx == d] == (d in MALIGNANT_DX)).mean()) for d in DX_CLASSES if (dx == d).any()}
+        out["melanoma"] = melanoma_metrics(dx, p_mal, threshold, n_boot, seed, groups)
+    if n_pos and n_neg:
+        out["calibration_fit"] = calibration_fit(truth, p_mal, n_boot, seed, groups=groups)
     return {k: _finite_or_none(v) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def melanoma_metrics(dx, p_malignant, threshold: float, n_boot: int = N_BOOT, seed: int = 0, groups=None) -> dict:
+    """Melanoma on its own beside the composite malignant outcome: its photos caught at `threshold`, and the AUROC of
+    melanoma against every benign photo (bcc and akiec left out), with intervals; None where either is missing."""
+    dx, p = np.asarray(dx), np.asarray(p_malignant, dtype=np.float64)
+    keep = (dx == "mel") | ~np.isin(dx, list(MALIGNANT_DX))
+    y = dx[keep] == "mel"
+    out: dict[str, Any] = {"n_melanoma": int(y.sum()), "sensitivity": None, "sensitivity_ci95": None,
+                           "auroc": None, "auroc_ci95": None}
+    if not y.any():
+        return out
+    out["sensitivity"] = float((p[keep][y] >= threshold).mean())
+    if not y.all():
+        out["auroc"] = float(roc_auc_score(y, p[keep]))
+    ci = bootstrap_intervals(y, p[keep], threshold, n_boot, seed, groups=None if groups is None
+                             else np.asarray(groups)[keep])
+    for k in ("auroc", "sensitivity"):
+        interval = ci[k]
+        out[f"{k}_ci95"] = list(interval) if interval and out[k] is not None else None
+    return out
+
+
+def _logistic_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
+    """Weighted logistic regression of y on the columns of x (with an optional offset), by Newton's method."""
+    beta = np.zeros(x.shape[1])
+    base = np.zeros(len(y)) if offset is None else offset
+    for _ in range(25):
+        mu = 1 / (1 + np.exp(-(x @ beta + base)))
+        grad = x.T @ (w * (y - mu))
+        hess = (x * (w * mu * (1 - mu))[:, None]).T @ x
+        try:
+            step = np.linalg.solve(hess + 1e-9 * np.eye(len(beta)), grad)
+        except np.linalg.LinAlgError:
+            return np.full(len(beta), np.nan)
+        beta += step
+        if np.abs(step).max() < 1e-8:
+            break
+    return beta
+
+
+def calibration_fit(is_malignant, p_malignant, n_boot: int = N_BOOT, seed: int = 0, level: float = 0.95,
+                    groups=None) -> dict:
+    """Calibration slope and intercept (logistic recalibration on the logit of the probability), with intervals.
+
+    The slope is b in logit P(malignant) = a + b logit(p): 1 when the probabilities spread as the truth does, under 1
+    when they are too extreme. The intercept is a with b fixed at 1 (calibration in the large on the logit scale):
+    0 when they are right on average, negative when too high. Whole `groups` (lesions) are resampled where given.
+    """
+    y = np.asarray(is_malignant, dtype=np.float64)
+    p = np.clip(np.asarray(p_malignant, dtype=np.float64), 1e-6, 1 - 1e-6)
+    z = np.log(p / (1 - p))
+    x = np.stack([np.ones_like(z), z], axis=1)
+    ones = np.ones(len(y))
+
+    def fit(w):
+        return _logistic_fit(x, y, w)[1], _logistic_fit(x[:, :1], y, w, offset=z)[0]
+
+    slope, intercept = fit(ones)
+    out: dict[str, Any] = {"slope": _finite_or_none(slope), "intercept": _finite_or_none(intercept),
+                           "slope_ci95": None, "intercept_ci95": None}
+    if n_boot > 0:
+        reps = np.array([fit(w) for chunk in bootstrap_weights(len(y), n_boot, seed, groups) for w in chunk])
+        for i, k in enumerate(("slope", "intercept")):
+            ci = _percentiles(reps[:, i], level)
+            out[f"{k}_ci95"] = list(ci) if ci else None
+    return out
 
 
 def net_benefit(is_malignant, p_malignant, thresholds) -> np.ndarray:

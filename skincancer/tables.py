@@ -39,6 +39,16 @@ def metrics_table(metrics: dict) -> str:
             notes.append(f"95% CI {lo:.4f}-{hi:.4f}{by}")
         rows.append(f"  {k:<18}{text}" + (f"  ({'; '.join(notes)})" if notes else ""))
     rows.append(f"  {'threshold':<18}{metrics['threshold']:.4f} (probability of malignancy)")
+    mel = metrics.get("melanoma")
+    if mel and mel["sensitivity"] is not None:
+        rows.append(f"  {'melanoma alone':<18}sensitivity {interval(mel['sensitivity'], mel['sensitivity_ci95'])} "
+                    f"of {mel['n_melanoma']} melanoma photos at the threshold"
+                    + (f"; AUROC against the benign {interval(mel['auroc'], mel['auroc_ci95'])}"
+                       if mel["auroc"] is not None else ""))
+    fit = metrics.get("calibration_fit")
+    if fit and fit["slope"] is not None and fit["intercept"] is not None:
+        rows.append(f"  {'calibration':<18}slope {interval(fit['slope'], fit['slope_ci95'])}, intercept "
+                    f"{interval(fit['intercept'], fit['intercept_ci95'], signed=True)} (1 and 0 when calibrated)")
     if metrics.get("per_class_recall"):
         rows.append("  recall per class (the predicted class is the true one):")
         rows += [f"    {c:<16}{'null' if r is None else f'{r:.4f}'}" for c, r in metrics["per_class_recall"].items()]
@@ -122,11 +132,12 @@ def lesion_table(by_lesion: dict) -> str:
 
 
 def prevalence_table(rows: list[dict]) -> str:
-    """A short text table of `at_prevalence`: PPV and NPV with intervals, and what the call does per 1,000 tested."""
+    """A short text table of `at_prevalence`: PPV and NPV with intervals, and what the call does per 1,000 lesions."""
     def cell(row, k):
         return "undefined" if row[k] is None else interval(row[k], row[f"{k}_ci95"])
 
-    lines = [f"  {'prevalence':<12}{'PPV':<22}{'NPV':<22}per 1,000 tested"]
+    unit = rows[0]["unit"] if rows else "lesions"
+    lines = [f"  {'prevalence':<12}{'PPV':<22}{'NPV':<22}per 1,000 {unit} (rates of {unit})"]
     for row in rows:
         n = row["per_1000"]
         lines.append(f"  {row['prevalence']:<12.3g}{cell(row, 'ppv'):<22}{cell(row, 'npv'):<22}"

@@ -267,7 +267,10 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
         "best_epoch": best_epoch,
         "split_counts": {s: {lbl: int(n) for lbl, n in counts.loc[s].items()} for s in SPLITS if s in counts.index},
         "split_images": {s: int((df["split"] == s).sum()) for s in SPLITS},
-        "split_lesions": {s: int(df.loc[df["split"] == s, "lesion_id"].nunique()) for s in SPLITS},
+        # a set without lesion ids (folder-per-class) has photos only: no lesion counts to give
+        "lesion_ids": lesion_groups(df) is not None,
+        "split_lesions": ({s: int(df.loc[df["split"] == s, "lesion_id"].nunique()) for s in SPLITS}
+                          if lesion_groups(df) is not None else None),
         "metrics": metrics,
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
@@ -354,7 +357,8 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
         how = (f"the split of {config.split_from}" if config.split_from else
                f"test: every lesion from {config.test_source}; the rest split by lesion (seed {config.seed})"
                if config.test_source else f"split by lesion (seed {config.seed})")
-        print(f"{len(df):,} images of {df['lesion_id'].nunique():,} lesions; {how}:")
+        lesions = f"{df['lesion_id'].nunique():,} lesions" if lesion_groups(df) is not None else "no lesion ids"
+        print(f"{len(df):,} images of {lesions}; {how}:")
         print(split_table(df).to_string())
         if not torch.cuda.is_available() and config.recipe != "cpu" and config.size and config.size >= 160:
             print(f"no GPU: recipe {config.recipe} at {config.size} px may take hours on a CPU; --recipe cpu "

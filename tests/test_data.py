@@ -87,7 +87,7 @@ def test_folder_per_class_layout_with_the_default_and_a_custom_map(tmp_path, ham
              "df": "dermatofibroma", "vasc": "vascular lesion", "akiec": "actinic keratosis"}
     root = tmp_path / "nine"
     _class_folders(root, ham_dir, small_rows, names)
-    with pytest.warns(UserWarning, match="each image counts as its own lesion"):
+    with pytest.warns(UserWarning, match="has no lesion ids: its figures count photos"):
         df = read_metadata(root)
     assert df.set_index("image_id")["dx"].to_dict() == small_rows.set_index("image_id")["dx"].to_dict()
 
@@ -321,3 +321,20 @@ def test_a_source_needs_the_dataset_column_and_no_recorded_split(make_ham, small
     split.write_text("image_id,split\n")
     with pytest.raises(SkinCancerError, match="test_source and split_from"):
         prepare(root, test_source="rosendahl", split_from=split)
+
+
+def test_a_folder_per_class_set_keeps_its_own_test_folder_and_counts_photos(tmp_path, ham_dir, ham_metadata):
+    from skincancer.data import lesion_groups, prepare
+
+    names = {"mel": "melanoma", "nv": "nevus", "bcc": "basal cell carcinoma", "bkl": "seborrheic keratosis"}
+    rows = ham_metadata[ham_metadata["dx"].isin(names)].groupby("dx").head(30).reset_index(drop=True)
+    root = tmp_path / "nine"
+    for dx, part in rows.groupby("dx"):
+        copy_images(part.iloc[:20], ham_dir, root / "Train" / names[dx])
+        copy_images(part.iloc[20:], ham_dir, root / "Test" / names[dx])
+    with pytest.warns(UserWarning, match="no lesion ids: its figures count photos"):
+        df = prepare(root)
+    test = set(df.loc[df["split"] == "test", "image_id"])
+    assert test == {p.stem for p in (root / "Test").rglob("*.jpg")}  # the set's own test folder, nothing pooled
+    assert set(df.loc[df["split"] != "test", "split"]) == {"train", "valid"}
+    assert lesion_groups(df) is None  # no figure may call a photo a lesion: intervals resample photos

@@ -28,7 +28,7 @@ from skincancer.metrics import (
     weighted_aurocs,
 )
 from skincancer.plotting import plot_decision_curve, plot_lesions
-from skincancer.tables import lesion_table, prevalence_table
+from skincancer.tables import lesion_table, metrics_table, prevalence_table
 
 
 @settings(max_examples=80, deadline=None)
@@ -348,11 +348,20 @@ def test_one_photo_a_lesion_is_the_expectation_over_which_photo_and_all_photos_a
 
 
 def test_ppv_and_npv_at_a_prevalence_follow_bayes_and_at_the_samples_own_are_the_counted_ones():
-    df, y, p = subgroup_frame()
+    df, y_photo, p_photo = subgroup_frame()
+    lesions = df["lesion_id"].to_numpy()
+    y_photo = np.array([y_photo[lesions == lesion].any() for lesion in lesions])  # one diagnosis a lesion
+    # a clinic's prevalence counts lesions: the rates are lesions', each on the mean of its photos
+    y, p, _ = lesion_scores(df["lesion_id"], y_photo, p_photo)
+    assert len(y) < len(y_photo)
     said = p >= 0.6
     sens, spec = (said & y).sum() / y.sum(), (~said & ~y).sum() / (~y).sum()
     own = y.mean()
-    rows = at_prevalence(y, p, 0.6, [own, 0.05, 0.01], n_boot=300, groups=df["lesion_id"])
+    rows = at_prevalence(y_photo, p_photo, 0.6, [own, 0.05, 0.01], n_boot=300, groups=df["lesion_id"])
+    assert {r["unit"] for r in rows} == {"lesions"}
+    assert "per 1,000 lesions" in prevalence_table(rows)
+    photos = at_prevalence(y_photo, p_photo, 0.6, [0.05], n_boot=0)
+    assert photos[0]["unit"] == "photos" and "per 1,000 photos" in prevalence_table(photos)
     assert rows[0]["ppv"] == pytest.approx((said & y).sum() / said.sum())  # the images' own prevalence: counted
     assert rows[0]["npv"] == pytest.approx((~said & ~y).sum() / (~said).sum())
     for row, prevalence in zip(rows, [own, 0.05, 0.01]):
@@ -436,3 +445,34 @@ def test_target_met_counts_the_replicates_that_reach_the_target():
     assert target_met(y, p, 0.01, 0.9, n_boot=200)["share_of_replicates_met"] == 1.0
     assert target_met(y, p, 0.5, 0.9, n_boot=200)["met"] is False
     assert target_met(~y & y, p, 0.5, 0.9)["sensitivity"] is None
+
+
+def test_calibration_slope_and_intercept_recover_a_known_miscalibration():
+    from skincancer.metrics import calibration_fit
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=3000) * 2 - 1.5
+    y = rng.uniform(size=3000) < 1 / (1 + np.exp(-z))
+    right = calibration_fit(y, 1 / (1 + np.exp(-z)), n_boot=200)
+    assert right["slope_ci95"][0] < 1 < right["slope_ci95"][1]
+    assert right["intercept_ci95"][0] < 0 < right["intercept_ci95"][1]
+    extreme = calibration_fit(y, 1 / (1 + np.exp(-2 * z)), n_boot=200)  # twice too steep: slope about a half
+    assert extreme["slope"] == pytest.approx(0.5, abs=0.07) and extreme["slope_ci95"][1] < 1
+    high = calibration_fit(y, 1 / (1 + np.exp(-(z + 1))), n_boot=200)  # one logit too high: intercept about -1
+    assert high["intercept"] == pytest.approx(-1, abs=0.15) and high["slope"] == pytest.approx(1, abs=0.1)
+
+
+def test_melanoma_alone_is_scored_against_the_benign_only():
+    from skincancer.metrics import melanoma_metrics
+
+    dx = np.array(["mel"] * 4 + ["bcc"] * 3 + ["nv"] * 5)
+    p = np.array([0.9, 0.8, 0.3, 0.7, 0.05, 0.05, 0.05, 0.1, 0.2, 0.4, 0.6, 0.1])
+    m = melanoma_metrics(dx, p, threshold=0.5, n_boot=200)
+    assert m["n_melanoma"] == 4 and m["sensitivity"] == 0.75
+    assert m["auroc"] == pytest.approx(roc_auc_score([1] * 4 + [0] * 5, np.r_[p[:4], p[7:]]))  # bcc left out
+    assert m["auroc_ci95"][0] <= m["auroc"] <= m["auroc_ci95"][1]
+    assert melanoma_metrics(dx[4:], p[4:], 0.5)["sensitivity"] is None
+    metrics = classification_metrics(np.stack([1 - p, p], 1), (np.isin(dx, ["mel", "bcc"])).astype(int),
+                                     ["benign", "malignant"], 0.5, dx=dx, n_boot=0)
+    assert metrics["melanoma"]["sensitivity"] == 0.75 and "melanoma alone" in metrics_table(metrics)
+    assert "calibration" in metrics_table(metrics) and metrics["calibration_fit"]["slope"] is not None

@@ -102,6 +102,14 @@ def test_int8_is_calibrated_on_training_photos_and_checked_against_fp32_on_valid
     assert q["sha256"] == sha256_file(model_files(model)["int8"]) and q["calibrated_on"].endswith("training split")
     assert 0 <= q["largest_probability_change"] <= 1 and q["valid_auroc_drop"] == pytest.approx(
         q["valid_auroc_fp32"] - q["valid_auroc_int8"])
+    # the calls at the threshold too: how many flipped, and the sensitivity each copy reaches
+    assert 0 <= q["calls_flipped"] <= 1 and 0 <= q["valid_sensitivity_int8"] <= 1
+    assert q["holds"] == (q["valid_auroc_drop"] <= 0.005 and q["calls_flipped"] <= 0.01)
+    fp32 = load(model_files(model)["onnx"])
+    valid = meta[meta["path"].map(split) == "valid"]
+    calls = [r["call"] == "malignant" for r in fp32.predict_batch(list(valid["path"]))]
+    truth = valid["dx"].isin(["mel", "bcc", "akiec"]).to_numpy()
+    assert q["valid_sensitivity_fp32"] == pytest.approx(np.mean(np.asarray(calls)[truth]))
     assert card["preprocess"]["mean"] == card["normalize"]["mean"]
     quantized = onnx.load(str(model_files(model)["int8"]))
     assert any(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
