@@ -121,14 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         clfs = [load(m) for m in models]
         df = read_metadata(args.data)
         df["split"] = shared_split(models, df)
-        rule = clfs[0].card.get("threshold_rule", {})
+        rule = clfs[0].card.threshold_rule or {}
         target = rule.get("target_sensitivity", 0.9) if isinstance(rule, dict) else 0.9
         result = measure(clfs, df, target, 100 if args.smoke else args.bootstrap)
     print(f"\n{len(clfs)} models averaged (calibrated probability of malignancy); each statistic, then the average "
           "minus each other row, B - A (95% interval, lesions resampled); calls at each one's threshold")
     report(clfs, result)
     if args.out:
-        write_json_atomic(args.out, {"models": [str(m) for m in models], "cards": [clf.card for clf in clfs],
+        write_json_atomic(args.out, {"models": [str(m) for m in models], "cards": [clf.card.to_dict() for clf in clfs],
                                      "splits": result})
     return 0
 

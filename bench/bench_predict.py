@@ -90,7 +90,7 @@ def run(model: Path, images: list[Path], bs: int | None, tta_n: int) -> dict:
     return {"gradcam_ms": gradcam_ms, "explain_ms": explain_ms, "tta_images": n_tta,
             "tta_fastai_images_per_s": n_tta / tta_fastai_s, "tta_copy_images_per_s": n_tta / tta_copy_s,
             "tta_ratio": tta_fastai_s / tta_copy_s,
-            "images": len(images), "size": clf.card.get("size"), "bs": bs, "threads": torch.get_num_threads(),
+            "images": len(images), "size": clf.card.size, "bs": bs, "threads": torch.get_num_threads(),
             "load_safetensors_s": load_safe, "load_pickle_s": load_pickle, "prepare_s": prepare_s,
             "latency_median_ms": 1000 * statistics.median(latencies), "loop_images_per_s": len(images) / loop_s,
             "get_preds_images_per_s": len(images) / fastai_s, "batch_images_per_s": len(images) / batch_s,

@@ -29,7 +29,7 @@ from common import ROOT, SHARED
 from sklearn.metrics import roc_auc_score
 
 from skincancer.data import read_metadata, read_split
-from skincancer.export import export_onnx
+from skincancer.onnx_export import export_onnx
 from skincancer.files import model_files
 from skincancer.images import open_image
 from skincancer.labels import MALIGNANT_DX
@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             meta = read_metadata(args.data)
             photos = [open_image(path) for path in meta["path"][:args.n]]
         rates = {name: images_per_s(clf, photos, args.bs, args.repeats) for name, clf in clfs.items()}
-        result: dict = {"size": clfs["pkl"].card["size"], "bs": args.bs, "photos": len(photos), "images_per_s": rates,
-                        "threads": os.cpu_count(), "int8": clfs["pkl"].card["onnx"]["int8"],
+        result: dict = {"size": clfs["pkl"].card.size, "bs": args.bs, "photos": len(photos), "images_per_s": rates,
+                        "threads": os.cpu_count(), "int8": clfs["pkl"].card.onnx["int8"],
                         "mb": {name: files[k].stat().st_size / 1e6 for name, k in
                                (("pkl", "model"), ("safetensors", "weights"), ("onnx fp32", "onnx"),
                                 ("onnx int8", "int8"))}}

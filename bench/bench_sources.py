@@ -63,8 +63,10 @@ def train_run(name: str, config: TrainConfig) -> dict:
     start = time.perf_counter()
     result = train(config)
     minutes = (time.perf_counter() - start) / 60
-    record = {"run": name, "recipe": result.card["recipe"], "seed": config.seed, "train_minutes": minutes,
-              "train_images": result.card["split_images"]["train"], "card_threshold": result.card["threshold"]}
+    card = result.card
+    assert card is not None  # one process: it exported
+    record = {"run": name, "recipe": card.recipe, "seed": config.seed, "train_minutes": minutes,
+              "train_images": (card.split_images or {})["train"], "card_threshold": card.threshold}
     for split, (truth, p) in result.scores.items():
         part = result.df[result.df["split"] == split]
         record[split] = {"truth": truth.astype(int).tolist(), "p": p.tolist(), "lesion": part["lesion_id"].tolist()}

@@ -33,15 +33,15 @@ from skincancer.datablock import make_datablock
 from skincancer.files import model_files
 from skincancer.labels import is_malignant_class, malignant_probability
 from skincancer.metrics import paired_bootstrap
-from skincancer.model import card_stats
+from skincancer.rebuild import card_stats
 from skincancer.predict import load
 
 
-def loader(card: dict, size: int, presize: int, items, bs: int):
+def loader(card, size: int, presize: int, items, bs: int):
     """A DataLoader of `items` through the validation pipeline at `size` (the `predict` pipeline at that size)."""
     # fastai sets transforms up on a training set; one image stands in for it and is never predicted
     frame = pd.concat([items.iloc[:1].assign(is_valid=False), items.assign(is_valid=True)], ignore_index=True)
-    return make_datablock(card["task"], size, presize, card_stats(card)).dataloaders(frame, bs=bs, num_workers=0).valid
+    return make_datablock(card.task, size, presize, card_stats(card)).dataloaders(frame, bs=bs, num_workers=0).valid
 
 
 def views(x):
@@ -66,7 +66,7 @@ def view_probs(learn, model, dl, n_views: int = 8) -> tuple:
 
 def measure(clf, items, sizes: list[int], bs: int, n_boot: int) -> list[dict]:
     """Malignant AUROC of every test-time choice on `items`, each paired against the plain training-size one."""
-    size, presize = int(clf.card["size"]), int(clf.card["presize"])
+    size, presize = clf.card.size, clf.card.presize
     scores, is_malignant = {}, None
     for s in sizes:
         dl = loader(clf.card, s, round(s * presize / size), items, bs)
@@ -108,19 +108,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = throwaway_model(Path(tmp), 32) if args.smoke else args.model
         clf = load(model)
-        size = int(clf.card["size"])
+        size = clf.card.size
         sizes = args.sizes or ("24,40" if args.smoke else None)
         sizes = ({int(s) for s in sizes.split(",")} if sizes
                  else {round(size * f / 8) * 8 for f in (0.875, 1, 1.125, 1.25)})
         sizes = sorted(sizes | {size})  # the training size is the baseline every choice is paired against
-        df = add_labels(read_metadata(args.data), clf.card["task"])
+        df = add_labels(read_metadata(args.data), clf.card.task)
         df["split"] = read_split(model_files(model)["split"], df)
         tables = {split: measure(clf, df[df["split"] == split].reset_index(drop=True), sizes, args.bs,
                                  100 if args.smoke else args.bootstrap) for split in ("valid", "test")}
-    print(f"\n{Path(model).name}: {clf.card['task']}, trained at {size} px; malignant AUROC by test-time choice, and "
+    print(f"\n{Path(model).name}: {clf.card.task}, trained at {size} px; malignant AUROC by test-time choice, and "
           f"B - A against the plain {size} px prediction (95% interval, lesions resampled)")
     for split, rows in tables.items():
-        recorded = clf.card.get("metrics", {}).get(split, {}).get("auroc")
+        recorded = clf.card.metrics.get(split, {}).get("auroc")
         print(f"\n{split} ({(df['split'] == split).sum()} images; AUROC in the model card: "
               f"{'none' if recorded is None else f'{recorded:.4f}'})")
         for r in rows:

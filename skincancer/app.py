@@ -60,7 +60,7 @@ def verdict(clf: Predictor, result: dict, photos: list[str] | None = None, note:
     With `photos` (the file names of a lesion's photos, in `result["photos"]`'s order), the probability is the mean
     of theirs and a table gives each photo's own.
     """
-    rule = clf.card.get("threshold_rule", {})
+    rule = clf.card.threshold_rule
     chosen = (f", chosen for {rule['target_sensitivity']:.0%} sensitivity on the validation split"
               if isinstance(rule, dict) and "target_sensitivity" in rule else "")
     head = ("Malignant: worth a closer look" if result["call"] == "malignant"

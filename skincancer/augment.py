@@ -142,3 +142,29 @@ def without_host_syncs(tfms: Sequence) -> list:
                                        p=t.p)
         out.append(t)
     return out
+
+
+def _fastai_affine(f):
+    """fastai's dihedral in place of this module's; any other affine function unchanged."""
+    if isinstance(f, functools.partial) and f.func is dihedral_mat:
+        return functools.partial(fa.dihedral_mat, *f.args, **f.keywords)
+    return f
+
+
+def _fastai_coord(c):
+    """fastai's warp in place of this module's; any other coordinate transform unchanged."""
+    if isinstance(c, SyncFreeWarpCoord):
+        return fa._WarpCoord(magnitude=c.magnitude, p=c.p, draw_x=c.draw_x, draw_y=c.draw_y, batch=c.batch)
+    return c
+
+
+def with_fastai_classes(tfms: Sequence) -> list:
+    """`without_host_syncs` undone: fastai's own transforms, as a fastai user's export holds them (for pickling)."""
+    out = []
+    for t in tfms:
+        if isinstance(t, SyncFreeAffineCoordTfm):
+            t = fa.AffineCoordTfm(aff_fs=[_fastai_affine(f) for f in t.aff_fs],
+                                  coord_fs=[_fastai_coord(c) for c in t.coord_fs], size=t.size, mode=t.mode,
+                                  pad_mode=t.pad_mode, mode_mask=t.mode_mask, align_corners=t.align_corners, p=t.p)
+        out.append(t)
+    return out

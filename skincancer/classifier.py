@@ -18,7 +18,7 @@ from .data import add_labels
 from .gradcam import class_activation, heat_overlay
 from .images import ImageInput, describe, open_image
 from .labels import task_of
-from .model import inference_model
+from .inference import inference_model
 from .predictor import Predictor
 
 

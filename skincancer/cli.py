@@ -252,12 +252,12 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     """Run `export`: write NAME.onnx (and NAME.int8.onnx) beside the model and record them in its card."""
     # start-up time
-    from .export import export_onnx
+    from .onnx_export import export_onnx
     from .files import model_files
     from .card import read_card
 
     written = export_onnx(args.model, int8=args.int8, data=args.data)
-    onnx = read_card(args.model)["onnx"]
+    onnx = read_card(args.model).onnx
     gap = onnx["onnx"]["largest_difference_from_fastai"]
     print(f"wrote {written['onnx']} (fp32; its probabilities within {gap:.1e} of the fastai model's) and recorded it "
           f"in {model_files(args.model)['card'].name}")

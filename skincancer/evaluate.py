@@ -98,9 +98,9 @@ def score(clf, df: pd.DataFrame, tta: bool = False, bs: int | None = None, n_boo
     calibration, threshold, groups = clf.calibration, clf.threshold, lesion_groups(df)
     metrics = classification_metrics(probs, targets, clf.classes, threshold, dx=df["dx"].to_numpy(), n_boot=n_boot,
                                      groups=groups, calibration=calibration)
-    rule = clf.card.get("threshold_rule", "0.5 (no rule recorded in the model card)")
+    rule = clf.card.threshold_rule or f"{clf.threshold} (no rule recorded in the model card)"
     metrics.update(threshold_rule=rule, tta=tta, model=str(clf.path), calibration=calibration,
-                   test_source=clf.card.get("config", {}).get("test_source"))
+                   test_source=clf.card.test_source)
     truth, scores = malignant_scores(probs, targets, clf.classes)
     p_mal = calibrate(scores, calibration)
     if isinstance(rule, dict) and "target_sensitivity" in rule:

@@ -1,192 +1,52 @@
 """What an export writes: the fastai learner (.pkl), its weights (.safetensors), the model card (.json) with every
-file's sha256, and the split (.split.csv); each atomically, so a failure keeps the previous files. And the same model
-as ONNX, fp32 or int8, for serving without torch."""
+file's sha256, and the split (.split.csv); each atomically, so a failure keeps the previous files. The ONNX copies are
+onnx_export.py's."""
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
-import io
-import tempfile
-import warnings
+import dataclasses
+from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
-import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
+from fastcore.foundation import L
 
-from .classifier import Classifier
-from .data import read_metadata, read_split
-from .datablock import Stats
-from .errors import SkinCancerError
+from .augment import with_fastai_classes
+from .card import ModelCard
 from .files import atomic_path, model_files, sha256_file, write_json_atomic
-from .images import open_image
-from .labels import label_of
-from .model import card_stats, save_weights
-from .predict import load
-from .predictor import Predictor
+from .rebuild import save_weights
 
 
-def export(learn, out: str | Path, card: dict, df: pd.DataFrame) -> dict[str, Path]:
+@contextmanager
+def as_fastai_export(learn):
+    """The learner as a fastai user's own export holds it, while in the block: fastai's batch transforms in place of
+    ours and no metrics (training's only), so its pickle names no class of ours built on a fastai private one."""
+    pipelines = [dl.after_batch for dl in learn.dls.loaders]
+    saved_fs, saved_metrics = [p.fs for p in pipelines], learn.metrics
+    try:
+        for p in pipelines:
+            p.fs = L(with_fastai_classes(p.fs))
+        learn.metrics = L()  # the recorder reads them from here too
+        yield learn
+    finally:
+        for p, fs in zip(pipelines, saved_fs):
+            p.fs = fs
+        learn.metrics = saved_metrics
+
+
+def export(learn, out: str | Path, card: ModelCard, df: pd.DataFrame) -> dict[str, Path]:
     """Write the learner, weights, split and then the card naming their sha256; return the paths written."""
     paths = model_files(out)
     learn = learn.to_fp32() if hasattr(learn, "to_fp32") else learn
     with atomic_path(paths["model"]) as tmp_model, atomic_path(paths["weights"]) as tmp_weights, \
             atomic_path(paths["split"]) as tmp_split:
-        learn.export(tmp_model.resolve())
+        with as_fastai_export(learn):
+            learn.export(tmp_model.resolve())
         save_weights(learn.model, tmp_weights)
         df[["image_id", "lesion_id", "split"]].to_csv(tmp_split, index=False)
-        card = {**card, "sha256": sha256_file(tmp_model), "weights_sha256": sha256_file(tmp_weights),
-                "split_sha256": sha256_file(tmp_split),
-                "files": {k: paths[k].name for k in ("model", "weights", "card", "split")}}
+        card = dataclasses.replace(card, sha256=sha256_file(tmp_model), weights_sha256=sha256_file(tmp_weights),
+                                   split_sha256=sha256_file(tmp_split),
+                                   files={k: paths[k].name for k in ("model", "weights", "card", "split")})
         # the card is written last and names the sha256 of the files beside it: a mismatch exposes a torn export
-    write_json_atomic(paths["card"], card)
+    write_json_atomic(paths["card"], card.to_dict())
     return {k: paths[k] for k in ("model", "weights", "card", "split")}
-
-
-# --- ONNX, for serving without torch ------------------------------------------------------------------
-
-class OnnxGraph(torch.nn.Module):
-    """What an .onnx export computes: photos squished to the presize (uint8 NHWC), scaled to 0-1, resized to the
-    model's size as fastai's validation transforms do (bilinear, corners aligned), normalised, classified: softmax."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    def __init__(self, model: torch.nn.Module, size: int, stats: Stats):
-        super().__init__()
-        self.model, self.size = model, size
-        self.register_buffer("mean", torch.tensor(stats[0], dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(stats[1], dtype=torch.float32).view(1, 3, 1, 1))
-
-    def prepare(self, image: torch.Tensor) -> torch.Tensor:
-        """The network's input: what fastai's validation transforms make of the presized photos."""
-        x = image.permute(0, 3, 1, 2).float() / 255
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=True)
-        return (x - self.mean) / self.std
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(self.prepare(image)).float(), dim=1)
-
-
-def preprocess_record(card: dict) -> dict:
-    """How an .onnx export wants its photos prepared, for the model card: what `runtime.presized` and the graph do."""
-    mean, std = card_stats(card)
-    return {"input": f"uint8, (batch, {card['presize']}, {card['presize']}, 3), RGB",
-            "resize": f"squished to {card['presize']} x {card['presize']} with Pillow's bilinear filter",
-            "in_the_graph": f"scaled to 0-1, resized to {card['size']} x {card['size']} (bilinear, corners aligned), "
-                            "normalised", "mean": list(mean), "std": list(std)}
-
-
-def export_onnx(model_path: str | Path, int8: bool = False, data: str | Path | None = None,
-                calibration_images: int = 256) -> dict[str, Path]:
-    """Write NAME.onnx (and with `int8`, NAME.int8.onnx) beside an export, recording them in its card.
-
-    The graph is checked against the fastai model on random photos. `int8` quantizes Conv and MatMul weights per
-    channel and their activations (QDQ), calibrated on photos of the model's own training split in the HAM10000 folder
-    `data`, then measures fp32 against int8 on the validation split; the card records both AUROCs and the largest
-    change of a probability, and a drop of more than 0.005 AUROC is reported.
-    """
-    # only an ONNX export needs onnxruntime and its quantization: a training run does without them
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from .runtime import INPUT, OUTPUT, load_onnx, presized
-
-    if int8 and data is None:
-        raise SkinCancerError("int8 needs data (--data): the HAM10000 folder the model was trained on, whose training "
-                              "photos calibrate the quantization and whose validation photos check it")
-    clf = load(model_path)
-    if not isinstance(clf, Classifier):
-        raise SkinCancerError(f"{model_path}: export reads the fastai model (NAME.pkl), not an ONNX one")
-    card, files = dict(clf.card), model_files(model_path)
-    graph = OnnxGraph(copy.deepcopy(clf.learn.model).float().cpu().eval(), int(card["size"]), card_stats(card)).eval()
-    presize = int(card["presize"])
-    example = torch.randint(0, 256, (4, presize, presize, 3), dtype=torch.uint8,
-                            generator=torch.Generator().manual_seed(0))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")  # the exporter's notes on its own progress
-        program = torch.onnx.export(graph, (example,), input_names=[INPUT], output_names=[OUTPUT], dynamo=True,
-                                    dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
-    assert program is not None  # the dynamo exporter returns the program it saves
-    with atomic_path(files["onnx"]) as tmp:
-        program.save(str(tmp))
-        fp32 = tmp.read_bytes()
-    written = {"onnx": files["onnx"]}
-    with torch.inference_mode():
-        expected = graph(example).numpy()
-    served = load_onnx(files["onnx"], card, fp32)
-    got = served.session.run([OUTPUT], {INPUT: example.numpy()})[0]
-    gap = float(np.abs(got - expected).max())
-    if not gap < 1e-4:
-        files["onnx"].unlink()
-        raise SkinCancerError(f"{files['onnx']}: its probabilities differ from the fastai model's by {gap:.1e}; "
-                              "the export was removed")
-    card["preprocess"] = preprocess_record(card)
-    card.setdefault("onnx", {})["onnx"] = {"file": files["onnx"].name, "sha256": hashlib.sha256(fp32).hexdigest(),
-                                           "largest_difference_from_fastai": gap}
-    if int8:
-        assert data is not None  # checked above
-        df = read_metadata(data).assign(split=lambda d: read_split(files["split"], d)).dropna(subset=["split"])
-        train_photos = df.loc[df["split"] == "train", "path"].sample(
-            min(calibration_images, int((df["split"] == "train").sum())), random_state=0).tolist()
-
-        class TrainingPhotos(CalibrationDataReader):
-            """Batches of presized training photos, for the activations' ranges."""
-
-            def __init__(self):
-                self.batches = iter(range(0, len(train_photos), 16))
-
-            def get_next(self):
-                start = next(self.batches, None)
-                return None if start is None else {
-                    INPUT: presized([open_image(p) for p in train_photos[start:start + 16]], presize)}
-
-        with tempfile.TemporaryDirectory() as tmp_dir:
-            prepared = Path(tmp_dir) / "prepared.onnx"
-            quant_pre_process(str(files["onnx"]), str(prepared), skip_symbolic_shape=True)
-            with atomic_path(files["int8"]) as tmp:
-                quantize_static(str(prepared), str(tmp), TrainingPhotos(), quant_format=QuantFormat.QDQ,
-                                per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                # and the ReLU/ReLU6 after a Conv: its output range is then measured after the clip
-                                op_types_to_quantize=["Conv", "MatMul", "Gemm", "Clip", "Relu"])
-                quantized = tmp.read_bytes()
-        written["int8"] = files["int8"]
-        valid = df[df["split"] == "valid"]
-        check = int8_check(served, load_onnx(files["int8"], card, quantized), valid)
-        card["onnx"]["int8"] = {"file": files["int8"].name, "sha256": hashlib.sha256(quantized).hexdigest(),
-                                "calibrated_on": f"{len(train_photos)} photos of the training split", **check}
-    write_json_atomic(files["card"], card)
-    return written
-
-
-# how far int8 may stray from fp32 on the validation photos before the export says to serve fp32 instead
-INT8_MAX_AUROC_DROP = 0.005
-INT8_MAX_CALLS_FLIPPED = 0.01  # share of validation photos whose call at the threshold changes
-
-
-def int8_check(fp32: Predictor, int8: Predictor, valid: pd.DataFrame) -> dict:
-    """fp32 against int8 on the validation photos: AUROC, the calls at the threshold (sensitivity, calls flipped)
-    and how far the probability of malignancy moved; `holds` when within INT8_MAX_AUROC_DROP and
-    INT8_MAX_CALLS_FLIPPED."""
-    truth = np.asarray([label_of(dx, "binary") == "malignant" for dx in valid["dx"]])
-    photos = [open_image(p) for p in valid["path"]]
-    results = {name: clf.predict_batch(photos) for name, clf in (("onnx", fp32), ("int8", int8))}
-    p_mal = {name: np.array([r["malignant_probability"] for r in rs]) for name, rs in results.items()}
-    said = {name: np.array([r["call"] == "malignant" for r in rs]) for name, rs in results.items()}
-    change = np.abs(p_mal["int8"] - p_mal["onnx"])
-    if not 0 < truth.sum() < len(truth):
-        raise SkinCancerError("the validation split holds one class only: int8 cannot be checked against fp32")
-    fp32_auroc, int8_auroc = (float(roc_auc_score(truth, p_mal[name])) for name in ("onnx", "int8"))
-    flipped = float((said["onnx"] != said["int8"]).mean())
-    drop = fp32_auroc - int8_auroc
-    return {"valid_images": len(valid), "valid_auroc_fp32": fp32_auroc, "valid_auroc_int8": int8_auroc,
-            "valid_auroc_drop": drop, "largest_probability_change": float(change.max()),
-            "mean_probability_change": float(change.mean()), "calls_flipped": flipped,
-            "valid_sensitivity_fp32": float(said["onnx"][truth].mean()),
-            "valid_sensitivity_int8": float(said["int8"][truth].mean()),
-            "tolerance": {"auroc_drop": INT8_MAX_AUROC_DROP, "calls_flipped": INT8_MAX_CALLS_FLIPPED},
-            "holds": bool(drop <= INT8_MAX_AUROC_DROP and flipped <= INT8_MAX_CALLS_FLIPPED)}

@@ -533,7 +533,7 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, w: np.ndarray, offset: np.ndarra
     beta = np.zeros(x.shape[1])
     base = np.zeros(len(y)) if offset is None else offset
     for _ in range(25):
-        mu = 1 / (1 + np.exp(-(x @ beta + base)))
+        mu = np.exp(-np.logaddexp(0.0, -(x @ beta + base)))  # the logistic function, without overflow
         grad = x.T @ (w * (y - mu))
         hess = (x * (w * mu * (1 - mu))[:, None]).T @ x
         try:

@@ -47,7 +47,7 @@ def _load(path: Path, files: dict[str, Path], use_pickle: bool, trusted: bool, c
         return load_onnx(path, card, verify_file(path, card, "int8" if path.name.endswith(".int8.onnx") else "onnx"))
     # torch and fastai are imported only to load a fastai model: start-up time
     from .classifier import Classifier
-    from .model import rebuild_learner, unpickle_learner
+    from .rebuild import rebuild_learner, unpickle_learner
 
     named = verify_file(path, card, "model" if path.suffix == ".pkl" else "weights")  # the file the user named
     if use_pickle:

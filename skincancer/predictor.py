@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from .calibration import calibrate
+from .card import ModelCard
 from .errors import SkinCancerError
 from .images import ImageInput, describe, open_image
 from .labels import is_malignant_class, malignant_probability, task_of
@@ -21,29 +22,28 @@ CPU_BATCH_PIXELS = 8 * 224 * 224  # a CPU convolves a large batch slower per ima
 class Predictor:
     """A model and its card; `predict` one image, `predict_batch` many, `predict_lesion` several of one lesion."""
 
-    card: dict
+    card: ModelCard
     path: Path
 
     @property
     def classes(self) -> list[str]:
         """The class names, in the model's output order."""
-        return [str(c) for c in self.card["classes"]]
+        return self.card.classes
 
     @property
     def threshold(self) -> float:
-        """Probability of malignancy at which the model calls 'malignant' (from the card, else 0.5)."""
-        return float(self.card.get("threshold", 0.5))
+        """Probability of malignancy at which the model calls 'malignant' (the card's)."""
+        return self.card.threshold
 
     @property
     def target_sensitivity(self) -> float | None:
         """The validation sensitivity the threshold was chosen to reach (None where the card records no rule)."""
-        rule = self.card.get("threshold_rule")
-        return float(rule["target_sensitivity"]) if isinstance(rule, dict) and "target_sensitivity" in rule else None
+        return self.card.target_sensitivity
 
     @property
     def calibration(self) -> dict | None:
         """The map from the network's score to a calibrated probability of malignancy (None: the score as it is)."""
-        return self.card.get("calibration")
+        return self.card.calibration
 
     @property
     def scores_title(self) -> str:
@@ -54,7 +54,7 @@ class Predictor:
     @property
     def batch_size(self) -> int:
         """Images predicted together by default: on a CPU, about eight 224 px images' worth of pixels."""
-        return max(1, min(64, CPU_BATCH_PIXELS // int(self.card.get("size", 224)) ** 2))
+        return max(1, min(64, CPU_BATCH_PIXELS // self.card.size ** 2))
 
     can_explain = False  # whether `explain` can draw a Grad-CAM map
 

@@ -20,7 +20,7 @@ from fastai.torch_core import set_seed
 
 from . import DISCLAIMER, __version__
 from .calibration import calibrate, fit_calibration
-from .card import describe_export
+from .card import ModelCard, describe_export
 from .callbacks import BestEpochTracker, Checkpoint, CompileModel, StopOnNaN, epoch_lines
 from .classifier import predict_frame
 from .config import N_BOOT, THRESHOLD_CONFIDENCE, TrainConfig
@@ -35,7 +35,9 @@ from .labels import classes_for
 from .losses import make_loss
 from .metrics import (choose_confident_threshold, choose_threshold, classification_metrics, lesion_metrics,
                       malignant_scores, target_met)
-from .model import arch_name, ensure_pretrained_weights, make_learner, monitor_for, normalization, pretrained_source
+from .arch import arch_name, normalization
+from .model import make_learner, monitor_for
+from .pretrained import ensure_pretrained_weights, pretrained_source
 from .model import auroc_or_nan  # noqa: F401  (learners exported by 0.1 pickled the metric by this module's name)
 from .tables import interval, lesion_table, metrics_table, target_line, threshold_rule_line
 
@@ -46,7 +48,7 @@ class TrainResult:
 
     learn: Any
     df: pd.DataFrame
-    card: dict
+    card: ModelCard | None  # None in the other processes of a distributed run, which export nothing
     files: dict[str, Path] = field(default_factory=dict)
     scores: dict[str, tuple] = field(default_factory=dict)  # valid and test: (truth, calibrated probability)
 
@@ -239,7 +241,7 @@ def library_versions() -> dict[str, str]:
 
 
 def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch: int | None,
-               decision: dict, learn=None, processes: int = 1) -> dict:
+               decision: dict, learn=None, processes: int = 1) -> ModelCard:
     """The JSON written beside an exported model; `decision` is evaluate_splits' threshold, rule and calibration."""
     assert config.arch is not None  # the config is resolved
     counts = split_table(df)
@@ -249,7 +251,7 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
         start = {"file": Path(config.weights).name, "sha256": getattr(learn, "weights_sha256", None)}
     else:
         start = {"source": pretrained_source(config.arch)} if config.pretrained else None
-    return {
+    return ModelCard.from_dict({
         "task": config.task,
         "classes": list(classes_for(config.task)),
         "arch": config.arch,
@@ -276,38 +278,39 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
         "versions": library_versions(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "disclaimer": DISCLAIMER,
-    }
+    })
 
 
-def summary(config: TrainConfig, card: dict, files: dict[str, Path], report: Path) -> str:
+def summary(config: TrainConfig, card: ModelCard, files: dict[str, Path], report: Path) -> str:
     """The lines a run ends with: what was trained, the held-out numbers that matter, the files, what to run next."""
     assert config.arch is not None  # the config is resolved
-    how = ("fine-tuned from " + (card["pretrained_weights"].get("file") or card["pretrained_weights"]["source"])
+    start = card.pretrained_weights or {}
+    how = ("fine-tuned from " + (start.get("file") or start.get("source", "pretrained weights"))
            if config.pretrained else "trained from random weights")
-    n_train, best = card["split_images"]["train"], card["best_epoch"]
-    monitor = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy"}.get(card["monitor"], card["monitor"])
+    n_train, best = (card.split_images or {}).get("train", 0), card.best_epoch
+    monitor = {"auroc": "AUROC", "balanced_accuracy": "balanced accuracy"}.get(card.monitor or "", card.monitor)
     lines = [f"{arch_name(config.arch)} {how}, {config.size} px (recipe {config.recipe}), on {n_train:,} photos"
              + (f"; best epoch {best + 1} of {config.epochs} by validation {monitor}" if best is not None else ""),
-             "probability of malignancy " + ("calibrated on valid" if card["calibration"] else
+             "probability of malignancy " + ("calibrated on valid" if card.calibration else
                                              "uncalibrated (valid could not calibrate it)") + "; "
-             + threshold_rule_line(card["threshold_rule"], card["threshold"]),
+             + threshold_rule_line(card.threshold_rule, card.threshold),
              f"  {'split':<14}{'AUROC (95% CI)':<22}{'sensitivity':>12}{'specificity':>12}{'balanced acc.':>15}"
              f"{'accuracy':>10}"]
-    for split, m in card["metrics"].items():
+    for split, m in card.metrics.items():
         auroc = "undefined" if m["auroc"] is None else interval(m["auroc"], m.get("auroc_ci95"))
         cells = [f"{m[k]:.3f}" if m[k] is not None else "-" for k in ("sensitivity", "specificity",
                                                                        "balanced_accuracy", "accuracy")]
         name = f"{split} ({m['n']:,})"
         lines.append(f"  {name:<14}{auroc:<22}{cells[0]:>12}{cells[1]:>12}{cells[2]:>15}{cells[3]:>10}")
-    seven = len(card["classes"]) > 2
+    seven = len(card.classes) > 2
     lines.append("  (sensitivity and specificity of malignant at the threshold; balanced accuracy and accuracy "
                  + ("of the 7 diagnoses, by the most likely one" if seven else "at the threshold too")
                  + "; the epoch table counted at a score of 0.5)")
-    if card["metrics"].get("test", {}).get("target"):
-        lines.append("  " + target_line(card["metrics"]["test"]["target"])
+    if card.metrics.get("test", {}).get("target"):
+        lines.append("  " + target_line(card.metrics["test"]["target"])
                      + (f" (every lesion from {config.test_source}, a source training never saw)"
                         if config.test_source else ""))
-    by_lesion = card["metrics"].get("test", {}).get("by_lesion")
+    by_lesion = card.metrics.get("test", {}).get("by_lesion")
     if by_lesion and by_lesion["all_photos"]["auroc"] is not None:
         lines.append(f"  test, lesion by lesion ({by_lesion['n_lesions']:,} lesions, each on the mean of its photos): "
                      f"AUROC {interval(by_lesion['all_photos']['auroc'], by_lesion['all_photos']['auroc_ci95'])}")
@@ -320,10 +323,10 @@ def summary(config: TrainConfig, card: dict, files: dict[str, Path], report: Pat
     return "\n".join(lines)
 
 
-def report(card: dict) -> str:
+def report(card: ModelCard) -> str:
     """Every table of a run's held-out numbers, for NAME.report.txt."""
-    parts = [threshold_rule_line(card["threshold_rule"], card["threshold"])]
-    for split, m in card["metrics"].items():
+    parts = [threshold_rule_line(card.threshold_rule, card.threshold)]
+    for split, m in card.metrics.items():
         parts.append(f"{split}:\n{metrics_table(m)}")
         if m.get("by_lesion"):
             parts.append(lesion_table(m["by_lesion"]))
@@ -369,7 +372,7 @@ def train(config: TrainConfig, resume: bool = False) -> TrainResult:
                   f"{config.bs * world_size()} per step, lr {config.lr:g} (docs/distributed.md)")
         best_epoch = fit(learn, config, resume=resume)
     if not is_main_process():
-        return TrainResult(learn=learn, df=df, card={})
+        return TrainResult(learn=learn, df=df, card=None)
     processes = world_size()
     with alone():
         result = finish(learn, config, df, best_epoch, processes)

@@ -17,6 +17,7 @@ from conftest import ROOT
 from PIL import Image
 
 from skincancer.app import analyse, analyse_lesion, markdown_text, side_by_side, verdict
+from skincancer.card import ModelCard
 from skincancer.cli import build_parser
 from skincancer import DISCLAIMER
 from skincancer.predict import load
@@ -138,8 +139,13 @@ def test_one_unusable_photo_of_a_lesion_stops_the_call_and_is_named(client, trai
     assert "3 photos is over this app's limit of 2" in text and call is None and data is None
 
 
+def _card(classes: list[str], threshold: float) -> ModelCard:
+    return ModelCard(task="binary" if len(classes) == 2 else "dx", classes=classes, arch="resnet18", size=64,
+                     presize=96, threshold=threshold)
+
+
 def test_a_file_name_is_shown_as_it_is_and_cannot_break_the_table():
-    clf = Predictor(card={"classes": ["benign", "malignant"], "threshold": 0.3}, path=Path("m.pkl"))
+    clf = Predictor(card=_card(["benign", "malignant"], 0.3), path=Path("m.pkl"))
     photos = [{"malignant_probability": 0.2, "call": "benign"}, {"malignant_probability": 0.6, "call": "malignant"}]
     result = {"label": "malignant", "call": "malignant", "malignant_probability": 0.4, "photos": photos}
     text = verdict(clf, result, ["left|right.jpg", "**<b>bold</b>**.png"])
@@ -208,7 +214,7 @@ def test_the_page_takes_images_only_never_a_path_on_the_server(client, app_url, 
 
 
 def test_the_verdict_of_a_seven_class_model_gives_the_call_at_the_threshold_and_names_the_diagnosis():
-    clf = Predictor(card={"classes": ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], "threshold": 0.3},
+    clf = Predictor(card=_card(["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"], 0.3),
                     path=Path("dx.pkl"))
     # nv is the most likely diagnosis, but mel + bcc + akiec (0.35) pass the threshold: the call is malignant
     result = {"label": "nv", "call": "malignant", "malignant_probability": 0.35, "probabilities": {"nv": 0.6}}
@@ -220,11 +226,11 @@ def test_the_verdict_of_a_seven_class_model_gives_the_call_at_the_threshold_and_
     assert benign.startswith("### Benign by this model's threshold") and "**nv**" in benign
     # calibrated, the probability of malignancy says so, and the diagnosis keeps the network's score
     assert clf.scores_title == "class probabilities"
-    clf.card["calibration"] = {"method": "platt", "slope": 0.5, "intercept": -1.0}
+    clf.card.calibration = {"method": "platt", "slope": 0.5, "intercept": -1.0}
     calibrated = verdict(clf, result)
     assert "(mel + bcc + akiec, calibrated) **0.35**" in calibrated
     assert "(melanocytic nevus, network score 0.60)" in calibrated
-    clf.card["calibration"] = {**clf.calibration, "n": 1442, "n_malignant": 286}
+    clf.card.calibration = {**clf.calibration, "n": 1442, "n_malignant": 286}
     assert "Calibrated on 1,442 validation photos of which 20% were malignant" in verdict(clf, result)
     assert clf.scores_title == "diagnosis scores (not calibrated)"
 

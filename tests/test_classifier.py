@@ -164,6 +164,7 @@ def test_fastai_learn_predict_gives_the_models_call(trained, clf, original_image
 def test_the_default_batch_size_follows_the_input_size_on_a_cpu(clf):
     from dataclasses import replace
 
-    assert [replace(clf, card={**clf.card, "size": size}).batch_size for size in (64, 128, 224, 448)] == [64, 24, 8, 2]
+    assert [replace(clf, card=replace(clf.card, size=size)).batch_size for size in (64, 128, 224, 448)] == \
+        [64, 24, 8, 2]
 
 

@@ -73,7 +73,28 @@ def pickled_names(path) -> set[str]:
 
 def test_every_name_an_export_pickles_resolves_and_so_do_those_of_0_1_exports(trained):
     names = pickled_names(trained)
-    assert "skincancer.losses.OperatingPointLoss" in names
+    # ours: only the loss that decodes the call, which fastai's learn.predict needs; fastai's own augmentation and no
+    # metrics otherwise, so no class of ours built on a fastai private one (fa._WarpCoord) is pickled
+    assert names == {"skincancer.losses.OperatingPointLoss"}
     for name in sorted(names | set(NAMES_0_1)):
         module, _, attribute = name.rpartition(".")
         assert getattr(importlib.import_module(module), attribute, None) is not None, name
+
+
+def test_the_export_pickles_fastais_transforms_and_gives_training_its_own_back(small_dls, tmp_path):
+    from fastai.vision import augment as fa
+
+    from skincancer.augment import SyncFreeAffineCoordTfm
+    from skincancer.export import as_fastai_export
+    from skincancer.model import make_learner
+
+    learn = make_learner(small_dls, "binary", "resnet18", pretrained=False)
+    ours = [t for t in learn.dls.train.after_batch.fs if isinstance(t, fa.AffineCoordTfm)]
+    assert ours and all(isinstance(t, SyncFreeAffineCoordTfm) for t in ours)
+    with as_fastai_export(learn):
+        inside = [t for t in learn.dls.train.after_batch.fs if isinstance(t, fa.AffineCoordTfm)]
+        assert [type(t) for t in inside] == [fa.AffineCoordTfm] and not learn.metrics
+        assert any(type(c) is fa._WarpCoord for t in inside for c in t.coord_fs)
+        learn.export(tmp_path / "m.pkl")
+    assert learn.dls.train.after_batch.fs.filter(lambda t: isinstance(t, fa.AffineCoordTfm)) == ours and learn.metrics
+    assert not {n for n in pickled_names(tmp_path / "m.pkl") if n != "skincancer.losses.OperatingPointLoss"}

@@ -188,9 +188,9 @@ def test_gradcam_and_the_inference_copy_work_on_efficientnet_lite0(trained_lite0
     result, heat, overlay = clf.explain(photo)
     assert heat.shape == (450, 600) and overlay.size == (600, 450) and 0 <= heat.min() <= heat.max() <= 1
     assert result["malignant_probability"] == pytest.approx(clf.predict(photo)["malignant_probability"], abs=1e-5)
-    assert clf.card["normalize"] == {"mean": [0.5] * 3, "std": [0.5] * 3}  # the weights' own, not ImageNet's
-    assert clf.card["pretrained_weights"] == {"file": "efficientnet-lite0-57934424.pth",
-                                              "sha256": sha256_file(lite0_weights)}
+    assert clf.card.normalize == {"mean": [0.5] * 3, "std": [0.5] * 3}  # the weights' own, not ImageNet's
+    assert clf.card.pretrained_weights == {"file": "efficientnet-lite0-57934424.pth",
+                                           "sha256": sha256_file(lite0_weights)}
     x = clf.learn.dls.test_dl([open_image(photo)], bs=1, num_workers=0).one_batch()[0]
     cam, _ = class_activation(clf.model, x, clf.classes)
     assert cam.shape == (2, 2)  # the body's last feature map: 64 px over 32

@@ -17,15 +17,15 @@ LAYERS = {
     "data": ["images", "calibration", "card", "data", "download"],
     "numbers and serving": ["metrics", "subgroups", "predictor", "runtime"],
     "the fastai pipeline": ["presize", "augment", "datablock", "losses"],
-    "the model": ["model"],
+    "the model": ["arch", "pretrained", "model", "rebuild", "inference"],
     "prediction": ["gradcam", "classifier", "predict"],
     "reporting": ["tables", "plotting"],
-    "training and evaluation": ["distributed", "callbacks", "export", "train", "evaluate"],
+    "training and evaluation": ["distributed", "callbacks", "export", "onnx_export", "train", "evaluate"],
     "front ends": ["app", "cli", "__main__"],
 }
 ORDER = [m for modules in LAYERS.values() for m in modules]
 PACKAGE = ROOT / "skincancer"
-TRAINING = {"train", "callbacks", "distributed", "export", "evaluate"}
+TRAINING = {"train", "callbacks", "distributed", "export", "onnx_export", "evaluate"}
 
 
 def imports(module: str) -> list[tuple[int, str, bool]]:

@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-import skincancer.model as M
+import skincancer.pretrained as M
 from skincancer import SkinCancerError
-from skincancer.predict import load
+from skincancer.arch import normalization
 from skincancer.files import sha256_file
-from skincancer.model import (efficientnet_pytorch_to_timm, ensure_pretrained_weights, fused_adamw, make_learner,
-                              metrics_for, normalization, pretrained_weights_file, read_checkpoint, unpickle_learner)
+from skincancer.model import fused_adamw, make_learner, metrics_for
+from skincancer.predict import load
+from skincancer.pretrained import (efficientnet_pytorch_to_timm, ensure_pretrained_weights, pretrained_weights_file,
+                                   read_checkpoint)
+from skincancer.rebuild import unpickle_learner
 
 
 def test_pretrained_learner_loads_the_cached_imagenet_checkpoint(tmp_path, monkeypatch, small_dls):
@@ -125,7 +128,7 @@ def test_weights_that_do_not_fit_the_architecture_are_refused(export_copy, chang
 
 def test_buffers_no_file_holds_are_built_for_real(trained, export_copy, original_images, monkeypatch):
     """Models are built without memory and filled from the file; a buffer made at init (not saved) still works."""
-    from skincancer import model
+    from skincancer import rebuild as model
 
     real = model.vision_learner
 

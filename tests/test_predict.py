@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from skincancer import SkinCancerError, cli
-from skincancer.model import save_weights
+from skincancer.rebuild import save_weights
 from skincancer.predict import load
 from skincancer.files import model_files, sha256_file
 

@@ -16,14 +16,14 @@ from fastai.vision.all import Resize, ResizeMethod
 
 from conftest import ROOT
 from skincancer import SkinCancerError, cli
-from skincancer import export as X
+from skincancer import onnx_export as X
 from skincancer import runtime
 from skincancer.app import NO_MAP, analyse
 from skincancer.data import read_metadata, read_split
-from skincancer.export import OnnxGraph, export_onnx
+from skincancer.onnx_export import OnnxGraph, export_onnx
 from skincancer.files import model_files, sha256_file
 from skincancer.images import open_image
-from skincancer.model import card_stats
+from skincancer.rebuild import card_stats
 from skincancer.predict import load
 
 
@@ -47,7 +47,7 @@ def onnx_export(trained, ham_dir, tmp_path_factory):
 def test_the_graph_prepares_photos_as_fastais_validation_pipeline(trained, original_images):
     clf = load(trained)
     photos = [open_image(p) for p in original_images[:4]]
-    presize, size = int(clf.card["presize"]), int(clf.card["size"])
+    presize, size = clf.card.presize, clf.card.size
     ours = runtime.presized(photos, presize)
     fastai = np.stack([np.asarray(Resize(presize, method=ResizeMethod.Squish)(p, split_idx=1)) for p in photos])
     assert np.array_equal(ours, fastai)  # the squish: Pillow's, exactly

@@ -18,7 +18,7 @@ from skincancer.config import TrainConfig
 from skincancer.data import prepare
 from skincancer.metrics import choose_confident_threshold, choose_threshold
 from skincancer.predict import load
-from skincancer.model import pretrained_weights_file
+from skincancer.pretrained import pretrained_weights_file
 from skincancer import train as T
 
 
@@ -47,11 +47,13 @@ def test_dx_task_trains_with_seven_classes(tmp_path, ham_dir, original_images):
     summed = sum(res["probabilities"][d] for d in ("mel", "bcc", "akiec"))
     assert p == pytest.approx(float(calibrate(summed, card["calibration"])), abs=1e-6)
     cal = {"method": "platt", "slope": 0.7, "intercept": -0.5}  # as training fits one where valid ranks rightly
-    recalibrated = dataclasses.replace(clf, card={**clf.card, "calibration": cal}).predict(original_images[0])
+    recalibrated = dataclasses.replace(clf, card=dataclasses.replace(clf.card, calibration=cal)).predict(
+        original_images[0])
     assert recalibrated["probabilities"] == res["probabilities"] and recalibrated["label"] == res["label"]
     assert recalibrated["malignant_probability"] == pytest.approx(float(calibrate(summed, cal)), abs=1e-6)
     for threshold, call in ((p - 1e-6, "malignant"), (p + 1e-6, "benign")):
-        moved = dataclasses.replace(clf, card={**clf.card, "threshold": threshold}).predict(original_images[0])
+        moved = dataclasses.replace(clf, card=dataclasses.replace(clf.card, threshold=threshold)).predict(
+            original_images[0])
         assert moved["call"] == call and moved["label"] == res["label"]
     # several photos of one lesion: the mean of each diagnosis's score names the label, the mean probability calls
     lesion = clf.predict_lesion(original_images[:3])
@@ -262,8 +264,10 @@ def test_an_existing_export_is_refused_before_training_unless_overwrite(tmp_path
 
     out = tmp_path / "skincancer.pkl"
     out.write_bytes(b"the real model")
-    out.with_suffix(".json").write_text(json.dumps({"recipe": "cpu", "created": "2026-11-30T10:00:00+00:00",
-                                                    "metrics": {"test": {"auroc": 0.9391}}}))
+    out.with_suffix(".json").write_text(json.dumps({
+        "task": "binary", "classes": ["benign", "malignant"], "arch": "tf_efficientnet_lite0", "size": 160,
+        "presize": 240, "recipe": "cpu", "created": "2026-11-30T10:00:00+00:00",
+        "metrics": {"test": {"auroc": 0.9391}}}))
     config = TrainConfig(data=str(ROOT / "data" / "sample"), out=str(out), pretrained=False, size=32, epochs=1,
                          bs=16, cache=False, num_workers=0)
     with pytest.raises(SkinCancerError, match=r"skincancer.pkl: a model is already exported there \(recipe cpu, "
