@@ -19,13 +19,13 @@ from typing import Any
 from PIL import Image
 
 from . import DISCLAIMER
+from .config import APP_HOST, APP_PORT, MAX_UPLOAD_MB
 from .errors import SkinCancerError
 from .images import open_image
 from .labels import DX_NAMES, task_of
 from .predict import load
 from .predictor import Predictor
 
-MAX_UPLOAD_MB = 10.0  # a dermoscopy JPEG is a few MB; the limit is enforced by Gradio before a file is stored
 Outputs = tuple[str, Any, Any, Any]  # the page's outputs: verdict, call, result as data, Grad-CAM
 MAX_LESION_PHOTOS = 8  # HAM10000 has at most 6 photos of a lesion; each costs a Grad-CAM pass on the CPU
 
@@ -214,9 +214,11 @@ def build_app(clf: Predictor, max_upload_mb: float = MAX_UPLOAD_MB):
     return demo
 
 
-def serve(model: str | Path, host: str = "127.0.0.1", port: int = 7860, max_upload_mb: float = MAX_UPLOAD_MB,
+def serve(model: str | Path, host: str = APP_HOST, port: int = APP_PORT, max_upload_mb: float = MAX_UPLOAD_MB,
           trusted: bool = False) -> None:
-    """Load the model and serve the app until interrupted; binds to 127.0.0.1 unless told otherwise."""
+    """Load the model and serve the app until interrupted; binds to APP_HOST (this machine) unless told otherwise.
+
+    Gradio enforces `max_upload_mb` before an upload is stored."""
     gr = _gradio()
     if max_upload_mb <= 0:
         raise SkinCancerError(f"max_upload_mb: {max_upload_mb} must be positive")

@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 from fastprogress.fastprogress import progress_bar
 
+from .config import MAX_BATCH
 from .console import on_terminal
 from .data import add_labels
 from .gradcam import class_activation, heat_overlay
@@ -41,8 +42,8 @@ class Classifier(Predictor):
 
     @property
     def batch_size(self) -> int:
-        """The default batch size: on a CPU, about eight 224 px images' worth of pixels; 64 on a GPU."""
-        return 64 if next(self.learn.model.parameters()).device.type != "cpu" else super().batch_size
+        """The default batch size: on a CPU, `Predictor.batch_size`; MAX_BATCH on a GPU."""
+        return MAX_BATCH if next(self.learn.model.parameters()).device.type != "cpu" else super().batch_size
 
     def probabilities(self, images: list, bs: int | None = None) -> np.ndarray:
         """Class probabilities of opened images, through fastai's test DataLoader and the inference copy."""

@@ -14,12 +14,14 @@ import sys
 import time
 
 from . import DISCLAIMER
-from .config import N_BOOT, add_config_arguments, config_from_arguments
+from .config import (APP_HOST, APP_PORT, CPU_BATCH_PIXELS, MAX_BATCH, MAX_UPLOAD_MB, N_BOOT, add_config_arguments,
+                     config_from_arguments)
 from .errors import SkinCancerError
 from .images import image_files
 
 PREDICT_CHUNK = 128  # images decoded and predicted before their results are written (a few seconds on a CPU)
-BS_HELP = "batch size (default: on a CPU by the model's input size, 8 images at 224 px and 64 at 64 px; 64 on a GPU)"
+BS_HELP = (f"batch size (default: on a CPU, {CPU_BATCH_PIXELS:,} pixels' worth of the model's input, at most "
+           f"{MAX_BATCH}; {MAX_BATCH} on a GPU)")
 TRUST_HELP = "unpickle the .pkl (runs code in it) instead of loading the safetensors weights"
 
 
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     _labelled_images_args(c, "compare on the test split both models recorded (train B with --split-from A's)",
                           "comparison.json, comparison.png and comparison_subgroups.png")
 
+    u = sub.add_parser("duplicates", help="photos of one lesion filed under two lesion ids, as a CSV of pairs")
+    u.add_argument("--data", required=True, help="data folder (any layout train reads)")
+    u.add_argument("--out", help="CSV file to write (default: print it)")
     d = sub.add_parser("download", help="download, verify and extract HAM10000 (the ISIC 2018 Task 3 files)")
     d.add_argument("--dest", required=True, help="folder to put the data in (e.g. data/HAM10000)")
     d.add_argument("--mirror", help="base URL that replaces the ISIC bucket; the file names stay the same")
@@ -78,10 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("app", help="serve a local web page (Gradio) to predict uploaded or camera photos")
     a.add_argument("--model", required=True, help="exported model (.pkl, or .onnx without torch)")
-    a.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to others)")
-    a.add_argument("--port", type=_positive_int, default=7860)
-    a.add_argument("--max-upload-mb", type=float, default=10.0, help="largest upload accepted, in MB")
+    a.add_argument("--host", default=APP_HOST,
+                   help=f"address to listen on (default {APP_HOST}: this machine only; 0.0.0.0 opens it to others)")
+    a.add_argument("--port", type=_positive_int, default=APP_PORT)
+    a.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="largest upload accepted, in MB")
     a.add_argument("--trust-pickle", action="store_true", help=TRUST_HELP)
     return p
 
@@ -98,6 +103,24 @@ def _labelled_images_args(parser: argparse.ArgumentParser, data_help: str, write
     parser.add_argument("--bootstrap", type=int, default=N_BOOT,
                         help="bootstrap resamples for the intervals (of lesions where lesion ids are known)")
     parser.add_argument("--out", required=True, help=f"folder for {writes}")
+
+
+def cmd_duplicates(args) -> int:
+    """Run `duplicates`: every pair of photos under two lesion ids that shows one scene."""
+    # start-up time
+    from .data import read_metadata
+    from .duplicates import find_duplicates
+    from .files import write_text_atomic
+
+    df = read_metadata(args.data)
+    pairs = find_duplicates(df)
+    text = pairs.to_csv(index=False)
+    if args.out:
+        write_text_atomic(args.out, text)
+        print(f"{len(pairs)} pair(s) of photos under two lesion ids among {len(df):,} photos: wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
 
 
 def cmd_download(args) -> int:
@@ -289,7 +312,8 @@ def cmd_app(args) -> int:
     return 0
 
 
-COMMANDS = {"download": cmd_download, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
+COMMANDS = {"duplicates": cmd_duplicates,
+            "download": cmd_download, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
             "predict": cmd_predict, "export": cmd_export, "app": cmd_app}
 
 

@@ -24,6 +24,11 @@ TARGET_SENSITIVITY = 0.90  # of malignant, on valid: where the operating thresho
 N_BOOT = 1000  # bootstrap replicates behind every interval a user reads
 # the operating threshold keeps the target on this share of resampled validation sets: a margin for new photos
 THRESHOLD_CONFIDENCE = 0.95
+# predicting: a CPU convolves a large batch slower per image (its activations leave the cache), so by pixels
+CPU_BATCH_PIXELS = 8 * 224 * 224
+MAX_BATCH = 64
+# the web app: this machine only unless told otherwise; a dermoscopy JPEG is a few MB
+APP_HOST, APP_PORT, MAX_UPLOAD_MB = "127.0.0.1", 7860, 10.0
 # Each recipe fills the fields it names wherever a run leaves them unset; docs/training.md has their measurements.
 RECIPES: dict[str, dict[str, Any]] = {
     "resnet50": dict(arch="resnet50", pretrained=True, epochs=10, size=224, bs=64, lr=2e-3, lr_mult=100,

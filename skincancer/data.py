@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .config import SEED, TEST_PCT, VALID_PCT
+from .duplicates import shipped_duplicates, split_groups
 from .errors import SkinCancerError, first_few
 from .images import IMAGE_SUFFIXES
 from .labels import DX_CLASSES, DX_NAMES, label_of
@@ -289,11 +290,12 @@ def read_split(split_csv: str | Path, df: pd.DataFrame) -> pd.Series:
 
 
 def split_by_source(df: pd.DataFrame, source: str, valid_pct: float = VALID_PCT, test_pct: float = TEST_PCT,
-                    seed: int = SEED) -> pd.Series:
+                    seed: int = SEED, groups: pd.Series | None = None) -> pd.Series:
     """Every lesion with a photo from `source` in test; the other lesions split by lesion into train and valid.
 
-    A lesion photographed at two sources goes wholly to test. Valid takes the share of the other lesions that it
-    takes of the non-test lesions in a random split (valid_pct / (1 - test_pct)), so train and valid keep their ratio.
+    A lesion photographed at two sources goes wholly to test, and so does every lesion `groups` joins to one there.
+    Valid takes the share of the other lesions that it takes of the non-test lesions in a random split
+    (valid_pct / (1 - test_pct)), so train and valid keep their ratio.
     """
     if SOURCE_COLUMN not in df.columns:
         raise SkinCancerError(f"test_source: {source!r}, but the metadata has no {SOURCE_COLUMN!r} column naming each "
@@ -302,15 +304,15 @@ def split_by_source(df: pd.DataFrame, source: str, valid_pct: float = VALID_PCT,
     if source not in sources:
         raise SkinCancerError(f"test_source: {source!r} is not a source of this data set; its {SOURCE_COLUMN!r} column "
                               f"holds {', '.join(sources)}")
-    held = set(df.loc[df[SOURCE_COLUMN] == source, "lesion_id"])
-    is_test = df["lesion_id"].isin(held)
+    groups = df["lesion_id"] if groups is None else groups
+    is_test = groups.isin(set(groups[df[SOURCE_COLUMN] == source]))
     absent = sorted(set(df["label"]) - set(df.loc[is_test, "label"]))
     if absent:
         raise SkinCancerError(f"test_source: {source!r} has no photo of {', '.join(absent)}, so its test split could "
                               "not measure the task; hold out another source")
     rest = df.loc[~is_test]
     split = pd.Series("test", index=df.index, name="split")
-    split[~is_test] = split_by_lesion(rest, valid_pct / (1 - test_pct), 0.0, seed)
+    split[~is_test] = keep_together(split_by_lesion(rest, valid_pct / (1 - test_pct), 0.0, seed), groups[~is_test])
     return split
 
 
@@ -336,11 +338,19 @@ def prepare(root: str | Path, task: str = "binary", valid_pct: float = VALID_PCT
         return df
     if limit:
         df = sample_by_label(df, limit, seed=seed)
-    if test_source is not None:
-        return df.assign(split=split_by_source(df, test_source, valid_pct, test_pct, seed=seed))
     if SET_SPLIT in df.columns and (df[SET_SPLIT] == "test").any():
         return df.assign(split=split_by_set(df, valid_pct, test_pct, seed=seed))
-    return df.assign(split=split_by_lesion(df, valid_pct, test_pct, seed=seed))
+    # photos of one lesion filed under two ids (duplicates.py) go where the first of them goes: every other lesion
+    # keeps the split it had without them
+    groups = split_groups(df, shipped_duplicates())
+    if test_source is not None:
+        return df.assign(split=split_by_source(df, test_source, valid_pct, test_pct, seed=seed, groups=groups))
+    return df.assign(split=keep_together(split_by_lesion(df, valid_pct, test_pct, seed=seed), groups))
+
+
+def keep_together(split: pd.Series, groups: pd.Series) -> pd.Series:
+    """`split` with every photo of a group (lesions joined by `split_groups`) in its group's first photo's split."""
+    return split.groupby(groups).transform("first").rename("split")
 
 
 def split_by_set(df: pd.DataFrame, valid_pct: float = VALID_PCT, test_pct: float = TEST_PCT,

@@ -11,11 +11,11 @@ import numpy as np
 
 from .calibration import calibrate
 from .card import ModelCard
+from .config import CPU_BATCH_PIXELS, MAX_BATCH
 from .errors import SkinCancerError
 from .images import ImageInput, describe, open_image
 from .labels import is_malignant_class, malignant_probability, task_of
 
-CPU_BATCH_PIXELS = 8 * 224 * 224  # a CPU convolves a large batch slower per image: its activations leave the cache
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Predictor:
     @property
     def batch_size(self) -> int:
         """Images predicted together by default: on a CPU, about eight 224 px images' worth of pixels."""
-        return max(1, min(64, CPU_BATCH_PIXELS // self.card.size ** 2))
+        return max(1, min(MAX_BATCH, CPU_BATCH_PIXELS // self.card.size ** 2))
 
     can_explain = False  # whether `explain` can draw a Grad-CAM map
 

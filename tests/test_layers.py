@@ -14,7 +14,7 @@ from conftest import ROOT
 # never one after it. docs/design.md describes each layer.
 LAYERS = {
     "base": ["errors", "files", "console", "labels", "config"],
-    "data": ["images", "calibration", "card", "data", "download"],
+    "data": ["images", "calibration", "card", "duplicates", "data", "download"],
     "numbers and serving": ["metrics", "subgroups", "predictor", "runtime"],
     "the fastai pipeline": ["presize", "augment", "datablock", "losses"],
     "the model": ["arch", "pretrained", "model", "rebuild", "inference"],
