@@ -5,7 +5,7 @@ A third tab takes several photos of one lesion and calls it on the mean of their
 `Predictor.predict_lesion` and `evaluate`'s lesion-by-lesion figures do.
 
 `python -m skincancer app --model models/skincancer.pkl` serves it on http://127.0.0.1:7860. The model is fixed
-when the app starts; the page only sends images. Uploads are decoded by `predict.open_image`, so a corrupt or
+when the app starts; the page only sends images. Uploads are decoded by `images.open_photo`, so a corrupt or
 non-image file, or one too large, gets a message on the page and the app goes on serving.
 """
 
@@ -21,7 +21,7 @@ from PIL import Image
 from . import DISCLAIMER
 from .config import APP_HOST, APP_PORT, MAX_UPLOAD_MB
 from .errors import SkinCancerError
-from .images import open_image
+from .images import open_photo
 from .labels import DX_NAMES, task_of
 from .predict import load
 from .predictor import Predictor
@@ -147,7 +147,7 @@ def _open_upload(path: str, max_bytes: int):
         raise SkinCancerError(f"**{name}** is {size / 1e6:.1f} MB, over this app's limit of {max_bytes / 1e6:.0f} MB. "
                               "Upload a smaller photo.")
     try:
-        return open_image(file)
+        return open_photo(file)
     except SkinCancerError as e:
         reason = str(e).replace(str(file), name)  # the user knows the file by its name, not Gradio's temporary path
         raise SkinCancerError(f"Could not use this upload: {reason}. Upload a JPEG or PNG photo of one lesion.") \
@@ -187,7 +187,7 @@ def build_app(clf: Predictor, max_upload_mb: float = MAX_UPLOAD_MB):
                     upload = gr.File(label=f"Lesion photo (JPEG or PNG, up to {max_upload_mb:g} MB)",
                                      file_types=["image"], type="filepath", elem_id="upload")
                 with gr.Tab("Camera"):
-                    # image_mode=None: the snapshot's path is passed on as it is, decoded only by open_image
+                    # image_mode=None: the snapshot's path is passed on as it is, decoded only by open_photo
                     camera = gr.Image(label="Camera", sources=["webcam"], type="filepath", image_mode=None,
                                       elem_id="camera")
                 with gr.Tab("Several photos of one lesion"):

@@ -17,7 +17,7 @@ from .config import MAX_BATCH
 from .console import on_terminal
 from .data import add_labels
 from .gradcam import class_activation, heat_overlay
-from .images import ImageInput, describe, open_image
+from .images import ImageInput, describe, open_photo
 from .labels import task_of
 from .inference import inference_model
 from .predictor import Predictor
@@ -60,7 +60,7 @@ class Classifier(Predictor):
         The probabilities are `predict`'s (the same network, input and activation); the map is of `target`
         (default: malignant).
         """
-        img = open_image(image)
+        img = open_photo(image)
         x = self.learn.dls.test_dl([img], bs=1, num_workers=0).one_batch()[0]
         x = x.contiguous(memory_format=torch.channels_last)  # as batch_preds feeds the network
         cam, probs = class_activation(self.model, x, self.classes, target)

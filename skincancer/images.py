@@ -15,6 +15,8 @@ from .errors import SkinCancerError
 ImageInput = Union[str, Path, bytes, Image.Image]
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 TRANSPARENT_BACKGROUND = (255, 255, 255, 255)  # what a photo's transparent pixels are shown to the model as
+MIN_SIDE = 64  # pixels on the shorter side below which no lesion detail is left to judge (the sample's are 100x75)
+MIN_CONTRAST = 2.0  # grey-level standard deviation (0-255) of one flat colour; HAM10000's faintest photo has 4.8
 MAX_PIXELS = 64_000_000  # a dermoscopy photo is a few megapixels; far beyond this is a decompression bomb
 
 
@@ -74,6 +76,17 @@ def open_image(src: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         raise
     except Exception as e:  # untrusted bytes: whatever the decoder raises means "not a readable image"
         raise SkinCancerError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def open_photo(src: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """`open_image`, then refused if too small or too flat for a model to judge (SkinCancerError saying which)."""
+    img, name = open_image(src, max_pixels), describe(src)
+    if min(img.size) < MIN_SIDE:
+        raise SkinCancerError(f"{name}: {img.width}x{img.height} pixels is too small to judge; a photo needs at least "
+                              f"{MIN_SIDE} pixels on its shorter side")
+    if float(np.asarray(img.convert("L"), dtype=np.float64).std()) < MIN_CONTRAST:
+        raise SkinCancerError(f"{name}: a single flat colour, with nothing in it to judge")
+    return img
 
 
 def image_files(paths) -> list[str]:

@@ -13,7 +13,7 @@ from .calibration import calibrate
 from .card import ModelCard
 from .config import CPU_BATCH_PIXELS, MAX_BATCH
 from .errors import SkinCancerError
-from .images import ImageInput, describe, open_image
+from .images import ImageInput, describe, open_photo
 from .labels import is_malignant_class, malignant_probability, task_of
 
 
@@ -59,7 +59,7 @@ class Predictor:
     can_explain = False  # whether `explain` can draw a Grad-CAM map
 
     def probabilities(self, images: list, bs: int | None = None) -> np.ndarray:
-        """Class probabilities (n, classes) of opened images (`open_image`'s), `bs` (or `batch_size`) at a time."""
+        """Class probabilities (n, classes) of opened images (`open_photo`'s), `bs` (or `batch_size`) at a time."""
         raise NotImplementedError
 
     def explain(self, image: ImageInput, target: str | int | None = None) -> tuple[dict, np.ndarray, Any]:
@@ -76,7 +76,7 @@ class Predictor:
 
     def predict(self, image: ImageInput) -> dict:
         """Call, label, probability of malignancy, threshold and every class probability for one image."""
-        return self._result(describe(image), self.probabilities([open_image(image)], bs=1)[0])
+        return self._result(describe(image), self.probabilities([open_photo(image)], bs=1)[0])
 
     def predict_batch(self, images: Iterable[ImageInput], bs: int | None = None, chunk: int = 512) -> list[dict]:
         """Predict many images in batches (`batch_size` by default); an unreadable one yields {'image', 'error'}."""
@@ -95,7 +95,7 @@ class Predictor:
             good, where = [], []
             for i, image in enumerate(part):
                 try:
-                    good.append(open_image(image))
+                    good.append(open_photo(image))
                     where.append(i)
                 except SkinCancerError as e:
                     results[i] = {"image": describe(image), "error": str(e)}
@@ -120,7 +120,7 @@ class Predictor:
         images = list(images)
         if not images:
             raise SkinCancerError(f"{caller}: no photos given")
-        return images, [open_image(image) for image in images]  # raises on the first unreadable one, naming it
+        return images, [open_photo(image) for image in images]  # raises on the first unusable one, naming it
 
     def _result(self, name: str, probs: np.ndarray) -> dict:
         classes = self.classes

@@ -146,3 +146,19 @@ def test_a_batch_of_hostile_inputs_still_predicts_the_good_images(trained, origi
     inputs = [original_images[0], *hostile, original_images[1]]
     results = load(trained).predict_batch(inputs)
     assert ["error" in r for r in results] == [False, True, True, True, True, True, False]
+
+
+def test_photos_too_small_or_flat_to_judge_are_refused_and_the_smallest_accepted_is_stated(original_images):
+    from skincancer.images import MIN_SIDE, open_photo
+
+    assert MIN_SIDE == 64
+    for size in ((1, 1), (8, 8), (MIN_SIDE - 1, 200)):
+        with pytest.raises(SkinCancerError, match=rf"{size[0]}x{size[1]} pixels is too small to judge; a photo needs "
+                                                  rf"at least {MIN_SIDE} pixels on its shorter side"):
+            open_photo(_png(Image.effect_noise(size, 64).convert("RGB")))
+    assert open_photo(_png(Image.effect_noise((MIN_SIDE, MIN_SIDE), 64).convert("RGB"))).size == (64, 64)
+    for colour in ("white", (120, 80, 60)):
+        with pytest.raises(SkinCancerError, match="a single flat colour, with nothing in it to judge"):
+            open_photo(_png(Image.new("RGB", (600, 450), colour)))
+    small = Image.open(original_images[0]).resize((100, 75))  # the demo sample's size passes
+    assert open_photo(_png(small)).size == (100, 75)

@@ -252,3 +252,16 @@ def test_cli_predicts_one_lesion_from_its_photos(trained, original_images, capsy
     assert result["lesion"] == [str(p) for p in original_images[:2]] and len(result["photos"]) == 2
     assert set(result) == {"lesion", "label", "call", "malignant_probability", "threshold", "target_sensitivity",
                            "probabilities", "photos"}
+
+
+def test_a_photo_too_small_or_flat_gets_no_call_in_a_batch_or_a_lesion(trained, original_images, tmp_path):
+    tiny, flat = tmp_path / "tiny.jpg", tmp_path / "white.png"
+    Image.new("RGB", (1, 1), (90, 60, 40)).save(tiny)
+    Image.new("RGB", (600, 450), "white").save(flat)
+    clf = load(trained)
+    results = clf.predict_batch([tiny, original_images[0], flat])
+    assert "too small to judge" in results[0]["error"] and "call" not in results[0]
+    assert results[1]["call"] in ("benign", "malignant")
+    assert "single flat colour" in results[2]["error"] and "call" not in results[2]
+    with pytest.raises(SkinCancerError, match=r"tiny.jpg: 1x1 pixels is too small to judge"):
+        clf.predict_lesion([original_images[0], tiny])
