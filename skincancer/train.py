@@ -23,6 +23,7 @@ from .calibration import calibrate, fit_calibration
 from .card import ModelCard, describe_export
 from .callbacks import BestEpochTracker, Checkpoint, CompileModel, StopOnNaN, epoch_lines
 from .classifier import predict_frame
+from .inference import inference_model
 from .config import N_BOOT, THRESHOLD_CONFIDENCE, TrainConfig
 from .data import SPLITS, check_no_lesion_leak, lesion_groups, prepare, split_table
 from .datablock import make_dataloaders
@@ -196,7 +197,10 @@ def evaluate_splits(learn, df: pd.DataFrame, target_sensitivity: float,
     """
     classes = [str(c) for c in learn.dls.vocab]
     parts = {s: df[df["split"] == s] for s in ("valid", "test") if (df["split"] == s).any()}
-    preds = {s: predict_frame(learn, part) for s, part in parts.items()}
+    # through the fp32 inference copy, outside fastai's mixed precision: the scores the export serves, so the
+    # threshold and calibration fitted on valid are those `evaluate` and `predict` reproduce
+    model = inference_model(learn.model)
+    preds = {s: predict_frame(learn, part, model=model) for s, part in parts.items()}
     probs, targets = preds["valid"]
     truth, scores = malignant_scores(probs, targets, classes)
     calibration = fit_calibration(scores, truth)

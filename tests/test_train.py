@@ -114,8 +114,9 @@ def test_training_calibrates_on_valid_and_puts_the_threshold_on_that_scale(monke
                        "label": np.where(truth, "malignant", "benign")})
     predictions = {s: (np.stack([1 - scores[split == s], scores[split == s]], axis=1), truth[split == s].astype(int))
                    for s in ("valid", "test")}
-    monkeypatch.setattr(T, "predict_frame", lambda learn, part: predictions[part["split"].iloc[0]])
-    learn = SimpleNamespace(dls=SimpleNamespace(vocab=["benign", "malignant"]))
+    monkeypatch.setattr(T, "predict_frame", lambda learn, part, model: predictions[part["split"].iloc[0]])
+    monkeypatch.setattr(T, "inference_model", lambda model: model)
+    learn = SimpleNamespace(dls=SimpleNamespace(vocab=["benign", "malignant"]), model=None)
     metrics, card, _ = evaluate_splits(learn, df, target_sensitivity=0.9, confidence=0)
     valid = split == "valid"
     assert card["calibration"] == fit_calibration(scores[valid], truth[valid])
@@ -278,3 +279,27 @@ def test_an_existing_export_is_refused_before_training_unless_overwrite(tmp_path
     assert config_from_arguments(args).overwrite is True
     _, df, learn = T.setup(dataclasses.replace(config, overwrite=True))  # past the check: the data and learner
     assert len(df) == 408 and learn.dls.bs == 16
+
+
+def test_the_cards_figures_come_from_the_fp32_copy_even_under_mixed_precision(ham_dir, monkeypatch):
+    from skincancer.classifier import batch_preds
+    from skincancer.datablock import make_dataloaders
+    from skincancer.inference import inference_model
+    from skincancer.model import make_learner
+
+    df = prepare(ham_dir, limit=120, seed=0)
+    learn = make_learner(make_dataloaders(df, "binary", size=32, bs=16, num_workers=0), "binary", "resnet18",
+                         pretrained=False).to_bf16()  # as a GPU run trains: fastai's autocast on
+    with learn.no_bar():
+        learn.fit(1, 1e-3)
+    used = []
+    real = T.predict_frame
+    monkeypatch.setattr(T, "predict_frame", lambda learn, part, **kw: used.append(kw.get("model")) or
+                        real(learn, part, **kw))
+    _, card, scores = T.evaluate_splits(learn, df, 0.9, confidence=0)
+    # predicted through a plain loop over the inference copy, which fastai's mixed precision never touches
+    assert len(used) == 2 and all(m is not None and m is not learn.model for m in used)
+    assert not any(p.dtype != torch.float32 for p in used[0].parameters())
+    valid = df[df["split"] == "valid"]
+    served = batch_preds(learn, learn.dls.test_dl(valid, bs=16, num_workers=0), inference_model(learn.model))[0]
+    assert scores["valid"][1] == pytest.approx(calibrate(served[:, 1].numpy(), card["calibration"]), abs=1e-5)
