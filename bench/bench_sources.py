@@ -26,7 +26,7 @@ import numpy as np
 from common import ROOT, SHARED
 
 from skincancer.config import N_BOOT, TARGET_SENSITIVITY, TEST_PCT, VALID_PCT, TrainConfig
-from skincancer.data import SOURCE_COLUMN, read_metadata
+from skincancer.data import SOURCE_COLUMN, add_labels, read_metadata, sample_by_label
 from skincancer.files import write_text_atomic
 from skincancer.metrics import bootstrap_intervals, choose_confident_threshold, choose_threshold
 
@@ -39,9 +39,12 @@ COLUMNS = ("run", "recipe", "seed", "split", "source", "rule", "threshold", "tra
            "train_minutes")
 
 
-def lesion_share(data: str, source: str) -> float:
-    """The share of the data set's lesions with a photo from `source`: the test share of its random counterpart."""
+def lesion_share(data: str, source: str, limit: int | None = None, seed: int = 42) -> float:
+    """The share of the lesions trained on (all, or `limit`'s sample) with a photo from `source`: the test share of
+    its random counterpart."""
     df = read_metadata(data)
+    if limit:
+        df = sample_by_label(add_labels(df, "binary"), limit, seed=seed)
     return df.loc[df[SOURCE_COLUMN] == source, "lesion_id"].nunique() / df["lesion_id"].nunique()
 
 
@@ -51,7 +54,7 @@ def run_config(kind: str, source: str, data: str, overrides: dict, workdir: Path
     if kind == "heldout":
         split = dict(test_source=source)
     else:  # valid keeps its share of the non-test lesions, as with a held-out source
-        share = lesion_share(data, source)
+        share = lesion_share(data, source, overrides.get("limit"), overrides.get("seed", 42))
         split = dict(test_pct=share, valid_pct=VALID_PCT / (1 - TEST_PCT) * (1 - share))
     return TrainConfig(data=data, out=out, **{**overrides, **split})
 

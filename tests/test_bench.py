@@ -183,3 +183,24 @@ def test_ensemble_benchmark_smoke_reproduces_each_card_and_pairs_the_average(ham
             assert r["paired"][name]["auroc"]["difference"] == pytest.approx(average["auroc"] - row["auroc"], abs=1e-9)
     assert result["splits"]["valid"]["rows"][2]["sensitivity"] >= 0.9  # its threshold was chosen on valid for 90%
     assert not list(tmp_path.rglob("*.pkl"))  # the throwaway models went with their temporary folder
+
+
+def test_sources_benchmark_smoke_writes_each_runs_rows_from_its_records(ham_dir, tmp_path):
+    import csv
+    import json
+
+    stdout = smoke("bench_sources.py", "--sources", "rosendahl", tmpdir=tmp_path)
+    written = re.search(r"wrote (\S+\.csv) from (\S+\.jsonl)", stdout)
+    rows = list(csv.DictReader(open(written.group(1))))
+    assert [(r["split"], r["rule"]) for r in rows] == [("heldout", "plain"), ("heldout", "confident"),
+                                                      ("random", "plain"), ("random", "confident")]
+    records = [json.loads(line) for line in open(written.group(2))]
+    assert [r["run"] for r in records] == ["heldout:rosendahl:seed42", "random:rosendahl:seed42"]
+    held, rand = records
+    assert int(rows[0]["test_images"]) == len(held["test"]["truth"])
+    assert rows[0]["test_lesions"] == rows[1]["test_lesions"]
+    # the random split's test holds as many lesions as the held-out source's, give or take the stratification
+    assert abs(len(set(rand["test"]["lesion"])) - len(set(held["test"]["lesion"]))) <= 3
+    for r in rows:
+        assert float(r["test_auroc_lo"]) <= float(r["test_auroc"]) <= float(r["test_auroc_hi"])
+    assert float(rows[1]["threshold"]) <= float(rows[0]["threshold"])  # the margin lowers the threshold
