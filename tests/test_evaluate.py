@@ -263,5 +263,6 @@ def test_a_fine_tuned_efficientnet_evaluates_with_tta_and_serves_in_the_app(trai
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["tta"] and 0 <= metrics["auroc"] <= 1 and "gradcam.png" in metrics["plots"]
     assert "threshold " in capsys.readouterr().out
-    text, probs, overlay = analyse(load(trained_lite0), str(originals_dir / "images" / "ISIC_0024306.jpg"))
-    assert "Probability of malignancy" in text and set(probs) == {"benign", "malignant"} and overlay is not None
+    text, call, data, overlay = analyse(load(trained_lite0), str(originals_dir / "images" / "ISIC_0024306.jpg"))
+    assert "Probability of malignancy" in text and call == data["call"] and overlay is not None
+    assert set(data["probabilities"]) == {"benign", "malignant"}

@@ -157,8 +157,9 @@ def test_a_bad_onnx_file_is_one_clear_error_and_onnxruntime_never_sees_unverifie
 def test_the_app_on_an_onnx_model_calls_and_says_the_map_needs_the_fastai_model(onnx_export, original_images):
     model, _ = onnx_export
     served = load(model_files(model)["int8"])
-    text, probs, overlay = analyse(served, str(original_images[0]))
-    assert NO_MAP in text and set(probs) == {"benign", "malignant"} and overlay is None
+    text, call, data, overlay = analyse(served, str(original_images[0]))
+    assert NO_MAP in text and call == data["call"] and set(data["probabilities"]) == {"benign", "malignant"}
+    assert overlay is None
     with pytest.raises(SkinCancerError, match="Grad-CAM needs"):
         served.explain(original_images[0])
 
