@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 from common import ROOT, SHARED
+from sklearn.metrics import roc_auc_score
 
 from skincancer.config import N_BOOT, TARGET_SENSITIVITY, TEST_PCT, VALID_PCT, TrainConfig
 from skincancer.data import SOURCE_COLUMN, add_labels, read_metadata, sample_by_label
@@ -88,15 +89,12 @@ def rows(record: dict, target: float, n_boot: int = N_BOOT) -> list[dict]:
     """The CSV rows of one recorded run: one per threshold rule."""
     valid, test = record["valid"], record["test"]
     y, p = np.asarray(test["truth"], dtype=bool), np.asarray(test["p"])
-    from skincancer.metrics import weighted_aurocs
-
-    valid_auroc = float(weighted_aurocs(np.asarray(valid["truth"], bool), valid["p"], np.ones(len(valid["p"])))[0])
+    valid_auroc, auroc = float(roc_auc_score(valid["truth"], valid["p"])), float(roc_auc_score(y, p))
     out = []
     for rule in RULES:
         t = rule_threshold(rule, valid, target)
         said = p >= t
         ci = bootstrap_intervals(y, p, t, n_boot, groups=test["lesion"])
-        auroc = float(weighted_aurocs(y, p, np.ones(len(p)))[0])
         out.append({"run": record["run"], "recipe": record["recipe"], "seed": record["seed"],
                     "split": record["run"].split(":")[0], "source": record["run"].split(":")[1], "rule": rule,
                     "threshold": round(t, 5),

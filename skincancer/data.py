@@ -310,9 +310,16 @@ def split_by_source(df: pd.DataFrame, source: str, valid_pct: float = VALID_PCT,
     if absent:
         raise SkinCancerError(f"test_source: {source!r} has no photo of {', '.join(absent)}, so its test split could "
                               "not measure the task; hold out another source")
-    rest = df.loc[~is_test]
+    return split_off_test(df, is_test, valid_pct, test_pct, seed, groups)
+
+
+def split_off_test(df: pd.DataFrame, is_test: pd.Series, valid_pct: float, test_pct: float, seed: int,
+                      groups: pd.Series | None = None) -> pd.Series:
+    """`is_test` as the test split; the rest split by lesion into train and valid at a random split's ratio, the
+    lesions `groups` joins kept together."""
     split = pd.Series("test", index=df.index, name="split")
-    split[~is_test] = keep_together(split_by_lesion(rest, valid_pct / (1 - test_pct), 0.0, seed), groups[~is_test])
+    rest = split_by_lesion(df.loc[~is_test], valid_pct / (1 - test_pct), 0.0, seed)
+    split[~is_test] = rest if groups is None else keep_together(rest, groups[~is_test])
     return split
 
 
@@ -356,10 +363,7 @@ def keep_together(split: pd.Series, groups: pd.Series) -> pd.Series:
 def split_by_set(df: pd.DataFrame, valid_pct: float = VALID_PCT, test_pct: float = TEST_PCT,
                  seed: int = SEED) -> pd.Series:
     """A set's own test folder as the test split; the rest split into train and valid as `split_by_source` does."""
-    is_test = df[SET_SPLIT] == "test"
-    split = pd.Series("test", index=df.index, name="split")
-    split[~is_test] = split_by_lesion(df.loc[~is_test], valid_pct / (1 - test_pct), 0.0, seed)
-    return split
+    return split_off_test(df, df[SET_SPLIT] == "test", valid_pct, test_pct, seed)
 
 
 def split_table(df: pd.DataFrame) -> pd.DataFrame:

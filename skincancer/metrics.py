@@ -45,12 +45,18 @@ def choose_threshold(p_malignant, is_malignant, target_sensitivity: float = TARG
     score: the calls on these images are the same, and predicting them again, through the inference copy or on
     another machine (scores that differ in the sixth decimal), does not drop that image below the threshold.
     """
+    p, y = _threshold_inputs(p_malignant, is_malignant, target_sensitivity)
+    return _halfway_below(p, _last_caught(p, y, target_sensitivity))
+
+
+def _threshold_inputs(p_malignant, is_malignant, target_sensitivity: float) -> tuple[np.ndarray, np.ndarray]:
+    """The scores and truths a threshold is chosen on, checked: a target in (0, 1] and at least one malignant case."""
     p, y = np.asarray(p_malignant, dtype=np.float64), np.asarray(is_malignant, dtype=bool)
     if not 0 < target_sensitivity <= 1:
         raise SkinCancerError(f"target_sensitivity: {target_sensitivity} must be in (0, 1]")
     if not y.any():
         raise SkinCancerError("cannot choose an operating threshold: the validation images hold no malignant case")
-    return _halfway_below(p, _last_caught(p, y, target_sensitivity))
+    return p, y
 
 
 def _last_caught(p: np.ndarray, y: np.ndarray, target_sensitivity: float) -> float:
@@ -94,10 +100,9 @@ def choose_confident_threshold(p_malignant, is_malignant, target_sensitivity: fl
     like them fall short; this one leaves the margin that the validation split's own sampling error calls for.
     The threshold lies halfway to the next score below, as `choose_threshold`'s does.
     """
-    p, y = np.asarray(p_malignant, dtype=np.float64), np.asarray(is_malignant, dtype=bool)
     if not 0 < confidence < 1:
         raise SkinCancerError(f"confidence: {confidence} must be in (0, 1)")
-    choose_threshold(p, y, target_sensitivity)  # checks the target and that valid holds a malignant case
+    p, y = _threshold_inputs(p_malignant, is_malignant, target_sensitivity)
     last = _last_caught(p, y, target_sensitivity)
     reps = replicate_thresholds(p, y, target_sensitivity, n_boot, seed, groups)
     reps = reps[np.isfinite(reps)]
@@ -117,8 +122,11 @@ def target_met(is_malignant, p_malignant, threshold: float, target_sensitivity: 
         return out
     sens = float((p[y] >= threshold).mean())
     out.update(sensitivity=sens, met=bool(sens >= target_sensitivity - 1e-12))
-    if n_boot > 0:
-        reps = _bootstrap_statistics(y, [(p, threshold)], n_boot, seed, groups)[0]["sensitivity"]
+    if n_boot > 0:  # the replicates' sensitivity alone: their AUROCs are not needed here
+        caught = (p >= threshold)[y]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            reps = np.concatenate([w[:, y] @ caught / w[:, y].sum(axis=1)
+                                   for w in bootstrap_weights(len(y), n_boot, seed, groups)])
         reps = reps[np.isfinite(reps)]
         if len(reps):
             out.update(share_of_replicates_met=float((reps >= target_sensitivity - 1e-12).mean()), replicates=len(reps))

@@ -84,8 +84,8 @@ def export_onnx(model_path: str | Path, int8: bool = False, data: str | Path | N
 
     The graph is checked against the fastai model on random photos. `int8` quantizes Conv and MatMul weights per
     channel and their activations (QDQ), calibrated on photos of the model's own training split in the HAM10000 folder
-    `data`, then measures fp32 against int8 on the validation split; the card records both AUROCs and the largest
-    change of a probability, and a drop of more than 0.005 AUROC is reported.
+    `data`, then measures fp32 against int8 on the validation split (`int8_check`): the card records both AUROCs,
+    the calls flipped at the threshold, each copy's sensitivity and whether int8 `holds`.
     """
     if int8 and data is None:
         raise SkinCancerError("int8 needs data (--data): the HAM10000 folder the model was trained on, whose training "
@@ -118,7 +118,7 @@ def export_onnx(model_path: str | Path, int8: bool = False, data: str | Path | N
                               "the export was removed")
     card.preprocess = preprocess_record(card)
     card.onnx["onnx"] = {"file": files["onnx"].name, "sha256": hashlib.sha256(fp32).hexdigest(),
-                                           "largest_difference_from_fastai": gap}
+                         "largest_difference_from_fastai": gap}
     if int8:
         assert data is not None  # checked above
         df = read_metadata(data).assign(split=lambda d: read_split(files["split"], d)).dropna(subset=["split"])

@@ -249,6 +249,7 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
     """The JSON written beside an exported model; `decision` is evaluate_splits' threshold, rule and calibration."""
     assert config.arch is not None  # the config is resolved
     counts = split_table(df)
+    lesions_known = lesion_groups(df) is not None  # a folder-per-class set has photos only: no lesion counts
     mean, std = normalization(config.arch)
     start: dict | None
     if config.weights:
@@ -273,10 +274,9 @@ def model_card(config: TrainConfig, df: pd.DataFrame, metrics: dict, best_epoch:
         "best_epoch": best_epoch,
         "split_counts": {s: {lbl: int(n) for lbl, n in counts.loc[s].items()} for s in SPLITS if s in counts.index},
         "split_images": {s: int((df["split"] == s).sum()) for s in SPLITS},
-        # a set without lesion ids (folder-per-class) has photos only: no lesion counts to give
-        "lesion_ids": lesion_groups(df) is not None,
+        "lesion_ids": lesions_known,
         "split_lesions": ({s: int(df.loc[df["split"] == s, "lesion_id"].nunique()) for s in SPLITS}
-                          if lesion_groups(df) is not None else None),
+                          if lesions_known else None),
         "metrics": metrics,
         "config": dataclasses.asdict(config),
         "versions": library_versions(),
