@@ -3,6 +3,7 @@ lesion split with a test split of the same share of lesions, trained alike; the 
 
     python bench/bench_sources.py --data DIR --weights LITE0_FILE          # cpu recipe: rosendahl, vidir_modern
     python bench/bench_sources.py --data DIR --weights FILE --sources rosendahl --runs heldout
+    python bench/bench_sources.py --data DIR --weights FILE --seeds 42 1 2 # the recipe as is, once per seed
     python bench/bench_sources.py --report runs.jsonl                      # the CSV again from recorded runs
     python bench/bench_sources.py --smoke                                  # seconds on a CPU; CI runs it
 
@@ -33,6 +34,7 @@ from skincancer.metrics import bootstrap_intervals, choose_confident_threshold, 
 
 SOURCES = ("rosendahl", "vidir_modern")  # the two sources that hold every diagnosis
 KINDS = ("heldout", "random")
+STANDARD = "standard"  # the recipe as the README trains it (a random lesion split, no source held out): --seeds
 RULES = ("plain", "confident")
 COLUMNS = ("run", "recipe", "seed", "split", "source", "rule", "threshold", "train_images", "test_images",
            "test_lesions", "test_malignant", "valid_auroc", "test_auroc", "test_auroc_lo", "test_auroc_hi",
@@ -52,7 +54,9 @@ def lesion_share(data: str, source: str, limit: int | None = None, seed: int = 4
 def run_config(kind: str, source: str, data: str, overrides: dict, workdir: Path) -> TrainConfig:
     """The TrainConfig of one run: `source` held out, or a random lesion split whose test takes as many lesions."""
     out = str(Path(tempfile.mkdtemp(dir=workdir)) / f"{kind}_{source}.pkl")
-    if kind == "heldout":
+    if kind == STANDARD:
+        split: dict = {}
+    elif kind == "heldout":
         split = dict(test_source=source)
     else:  # valid keeps its share of the non-test lesions, as with a held-out source
         share = lesion_share(data, source, overrides.get("limit"), overrides.get("seed", 42))
@@ -126,13 +130,17 @@ def write_csv(records: list[dict], path: Path, target: float, n_boot: int = N_BO
 
 
 def print_table(table: list[dict]) -> None:
-    """The CSV's rows as aligned lines."""
+    """The CSV's rows as aligned lines, and the standard recipe's test AUROC over its seeds."""
     print(f"{'run':<30}{'rule':<11}{'test AUROC (95% CI)':<24}{'sensitivity (95% CI)':<24}{'specificity':>12}")
     for r in table:
         print(f"{r['run']:<30}{r['rule']:<11}"
               f"{r['test_auroc']:.3f} ({r['test_auroc_lo']:.3f}-{r['test_auroc_hi']:.3f})    "
               f"{r['sensitivity']:.3f} ({r['sensitivity_lo']:.3f}-{r['sensitivity_hi']:.3f})    "
               f"{r['specificity']:>8.3f}")
+    standard = [r["test_auroc"] for r in table if r["split"] == STANDARD and r["rule"] == RULES[0]]
+    if len(standard) > 1:
+        print(f"standard recipe over {len(standard)} seeds: test AUROC {np.mean(standard):.3f} ± "
+              f"{np.std(standard, ddof=1):.3f} (mean ± SD)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--runs", default=",".join(KINDS), help="heldout, random or both")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="train the standard recipe once per seed instead (its spread across trainings)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="TrainConfig overrides (JSON values)")
     parser.add_argument("--jsonl", default=str(ROOT / "reports" / "bench_sources.jsonl"))
     parser.add_argument("--csv", default=str(ROOT / "docs" / "results" / "source_heldout_cpu.csv"))
@@ -172,16 +182,17 @@ def main(argv: list[str] | None = None) -> None:
     jsonl = Path(args.jsonl)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     done = {r["run"] for r in read_records(jsonl)}
-    for source in args.sources.split(","):
-        for kind in args.runs.split(","):
-            name = f"{kind}:{source}:seed{args.seed}"
-            if name in done:
-                print(f"{name}: recorded in {jsonl}, not trained again")
-                continue
-            print(f"== {name}", flush=True)
-            record = train_run(name, run_config(kind, source, args.data, overrides, workdir))
-            with open(jsonl, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+    runs = [(STANDARD, "all", seed) for seed in args.seeds] if args.seeds else \
+        [(kind, source, args.seed) for source in args.sources.split(",") for kind in args.runs.split(",")]
+    for kind, source, seed in runs:
+        name = f"{kind}:{source}:seed{seed}"
+        if name in done:
+            print(f"{name}: recorded in {jsonl}, not trained again")
+            continue
+        print(f"== {name}", flush=True)
+        record = train_run(name, run_config(kind, source, args.data, {**overrides, "seed": seed}, workdir))
+        with open(jsonl, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
     table = write_csv(read_records(jsonl), Path(args.csv), target, n_boot)
     print_table(table)
     print(f"wrote {args.csv} from {jsonl}")

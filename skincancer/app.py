@@ -35,8 +35,8 @@ INTRO = f"""# skincancer: a dermoscopy classifier
 > silently on other cameras, skin tones and populations. See a dermatologist about any lesion that worries you.
 
 Upload a dermoscopy photo of one lesion, or take one with the camera; several photos of the same lesion are called
-together in the third tab. Images are processed on this computer only; Gradio keeps uploads in its temporary folder
-for at most an hour.
+together in the third tab. A photo that does not look like dermoscopy (a face, a room, a screenshot) gets no call.
+Images are processed on this computer only; Gradio keeps uploads in its temporary folder for at most an hour.
 """
 
 
@@ -90,6 +90,20 @@ def verdict(clf: Predictor, result: dict, photos: list[str] | None = None, note:
     return f"{text}\n\n*{DISCLAIMER}*"
 
 
+def refusal(result: dict, photos: list[str] | None = None) -> str:
+    """Markdown for a photo (or a lesion's photos) the dermoscopy check refused: what was found, and no call."""
+    failed = [name for name, r in zip(photos, result["photos"]) if r.get("dermoscopy") is False] if photos else []
+    which = (f"{len(failed)} of the {len(photos)} photos ({', '.join(markdown_text(n) for n in failed)}) do"
+             if photos else "This photo does")
+    score = max(r["check_score"] for r in result["photos"] if r.get("dermoscopy") is False) if photos \
+        else result["check_score"]
+    threshold = result["photos"][0]["check_threshold"] if photos else result["check_threshold"]
+    return (f"### Not judged: not a dermoscopy photo\n\n{which} not look like the dermoscopy photos this model was "
+            f"trained on (check score {score:.2f}, above {threshold:.2f}), so it makes no call. It judges "
+            "dermoscopy photos of one skin lesion only: upload one of those."
+            f"\n\n*{DISCLAIMER}*")
+
+
 def markdown_text(text: str) -> str:
     """`text` (an uploaded file's name) shown as it is in Markdown: its punctuation escaped, so `|` keeps a table."""
     return re.sub(r"([\\`*_\[\]|<>~])", r"\\\1", text)
@@ -97,7 +111,8 @@ def markdown_text(text: str) -> str:
 
 def result_data(result: dict) -> dict:
     """What an API client reads of a result: the call, the calibrated probability and threshold, the class scores."""
-    keys = ("call", "label", "malignant_probability", "threshold", "probabilities", "lesion", "photos")
+    keys = ("call", "label", "malignant_probability", "threshold", "probabilities", "dermoscopy", "check_score",
+            "check_threshold", "reason", "lesion", "photos")
     return {k: result[k] for k in keys if k in result}
 
 
@@ -111,8 +126,12 @@ def analyse(clf: Predictor, path: str | None, max_bytes: int = int(MAX_UPLOAD_MB
         return str(e), None, None, None
     if not clf.can_explain:
         result = clf.predict(image)
+        if "reason" in result:
+            return refusal(result), None, result_data(result), None
         return verdict(clf, result, note=NO_MAP), result["call"], result_data(result), None
     result, heat, overlay = clf.explain(image)
+    if "reason" in result:  # no call, so no map of where it looked for one
+        return refusal(result), None, result_data(result), None
     note = "" if heat.max() > 0 else EMPTY_MAP
     return verdict(clf, result, note=note), result["call"], result_data(result), overlay
 
@@ -134,8 +153,12 @@ def analyse_lesion(clf: Predictor, paths: list[str] | None, max_bytes: int = int
     names = [Path(p).name for p in paths]
     if not clf.can_explain:
         result = clf.predict_lesion(images)
+        if "reason" in result:
+            return refusal(result, names), None, result_data(result), None
         return verdict(clf, result, names, note=NO_MAP), result["call"], result_data(result), None
     result, overlays = clf.explain_lesion(images)
+    if "reason" in result:
+        return refusal(result, names), None, result_data(result), None
     return verdict(clf, result, names), result["call"], result_data(result), side_by_side(overlays)
 
 

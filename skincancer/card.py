@@ -62,6 +62,7 @@ class ModelCard:
     files: dict | None = None
     preprocess: dict | None = None
     onnx: dict = field(default_factory=dict)
+    check: dict | None = None  # the dermoscopy check: its file, sha256, layers and threshold (check.py)
     card_version: int = CARD_VERSION
     extra: dict = field(default_factory=dict)  # keys this version does not know, written back as read
     # the keys the JSON held, so that writing it back keeps those that were null
@@ -106,9 +107,11 @@ class ModelCard:
         return float(rule["target_sensitivity"]) if isinstance(rule, dict) and "target_sensitivity" in rule else None
 
     def file_sha256(self, role: str) -> str | None:
-        """The sha256 the card records for an export's `role` file ('model', 'weights', 'onnx' or 'int8')."""
+        """The sha256 the card records for an export's `role` file ('model', 'weights', 'check', 'onnx', 'int8')."""
         if role in SHA256_KEYS:
             return getattr(self, SHA256_KEYS[role])
+        if role == "check":
+            return (self.check or {}).get("sha256")
         return self.onnx.get(role, {}).get("sha256")
 
 

@@ -20,6 +20,7 @@ from .gradcam import class_activation, heat_overlay
 from .images import ImageInput, describe, open_photo
 from .labels import task_of
 from .inference import inference_model
+from .activations import Taps
 from .predictor import Predictor
 
 
@@ -45,34 +46,56 @@ class Classifier(Predictor):
         """The default batch size: on a CPU, `Predictor.batch_size`; MAX_BATCH on a GPU."""
         return MAX_BATCH if next(self.learn.model.parameters()).device.type != "cpu" else super().batch_size
 
-    def probabilities(self, images: list, bs: int | None = None) -> np.ndarray:
-        """Class probabilities of opened images, through fastai's test DataLoader and the inference copy."""
+    def outputs(self, images: list, bs: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities and dermoscopy check scores (None without a check) of opened images, in one pass
+        through fastai's test DataLoader and the inference copy."""
         dl = self.learn.dls.test_dl(images, bs=bs or self.batch_size, num_workers=0)
-        return batch_preds(self.learn, dl, self.model)[0].numpy()
+        with self._taps() as taps:
+            probs = batch_preds(self.learn, dl, self.model, taps=taps)[0].numpy()
+            return probs, self._check_scores(taps)
 
     def predict_frame(self, df: pd.DataFrame, tta: bool = False, bs: int | None = None) -> tuple:
         """Class probabilities and targets of a labelled frame (`path`, `dx`) through the inference copy."""
-        return predict_frame(self.learn, df, tta=tta, bs=bs or self.batch_size, model=self.model)
+        return self.predict_checked(df, tta=tta, bs=bs)[:2]
 
-    def explain(self, image: ImageInput, target: str | int | None = None) -> tuple[dict, np.ndarray, Any]:
+    def predict_checked(self, df: pd.DataFrame, tta: bool = False, bs: int | None = None) -> tuple:
+        """`predict_frame`'s probabilities and targets, and each photo's dermoscopy check score (None without a
+        check), from the same pass (with `tta`, the plain pass that scores the check is one more)."""
+        with self._taps() as taps:
+            probs, targets = predict_frame(self.learn, df, tta=tta, bs=bs or self.batch_size, model=self.model,
+                                           taps=taps)
+            return probs, targets, self._check_scores(taps)
+
+    def _taps(self) -> contextlib.AbstractContextManager:
+        return Taps(self.model, self.check.taps) if self.check else contextlib.nullcontext()
+
+    def _check_scores(self, taps: Taps | None) -> np.ndarray | None:
+        return None if taps is None or self.check is None else self.check.scores(taps.collected())
+
+    def explain(self, image: ImageInput, target: str | int | None = None,
+                check: bool = True) -> tuple[dict, np.ndarray, Any]:
         """`predict`'s result for one image, with its Grad-CAM heat map and overlay, from one pass.
 
-        The probabilities are `predict`'s (the same network, input and activation); the map is of `target`
-        (default: malignant).
+        The probabilities and the dermoscopy check are `predict`'s (the same network, input and activation); the
+        map is of `target` (default: malignant).
         """
         img = open_photo(image)
         x = self.learn.dls.test_dl([img], bs=1, num_workers=0).one_batch()[0]
         x = x.contiguous(memory_format=torch.channels_last)  # as batch_preds feeds the network
-        cam, probs = class_activation(self.model, x, self.classes, target)
+        with self._taps() as taps:
+            cam, probs = class_activation(self.model, x, self.classes, target)
+            if taps is not None:
+                taps.keep()
+            scores = self._check_scores(taps)
         heat, overlay = heat_overlay(img, cam, self.model[0], tuple(x.shape[-2:]))
-        return self._result(describe(image), probs), heat, overlay
+        return self._result(describe(image), probs, None if scores is None else scores[0], check), heat, overlay
 
-    def explain_lesion(self, images, target: str | int | None = None) -> tuple[dict, list]:
+    def explain_lesion(self, images, target: str | int | None = None, check: bool = True) -> tuple[dict, list]:
         """`predict_lesion`'s result and each photo's Grad-CAM overlay, one pass a photo (`explain`)."""
         images, opened = self._open_lesion(images, "explain_lesion")
-        explained = [self.explain(image, target) for image in opened]
+        explained = [self.explain(image, target, check) for image in opened]
         photos = [{**result, "image": describe(image)} for (result, _, _), image in zip(explained, images)]
-        return self._lesion(photos), [overlay for _, _, overlay in explained]
+        return self._lesion(photos, check), [overlay for _, _, overlay in explained]
 
 
 @contextlib.contextmanager
@@ -85,8 +108,9 @@ def lent_model(learn, model):
         learn.model = own
 
 
-def batch_preds(learn, dl, model, show_progress: bool = False) -> tuple:
-    """(probabilities, targets or None) of every batch of `dl` through `model`, with `learn`'s loss activation."""
+def batch_preds(learn, dl, model, show_progress: bool = False, taps: Taps | None = None) -> tuple:
+    """(probabilities, targets or None) of every batch of `dl` through `model`, with `learn`'s loss activation;
+    `taps` (entered on `model`) keeps each batch's activation statistics."""
     activation = getattr(learn.loss_func, "activation", lambda x: x)
     probs: list = []
     targets: list = []
@@ -98,16 +122,19 @@ def batch_preds(learn, dl, model, show_progress: bool = False) -> tuple:
         for batch in batches:
             x = batch[0].contiguous(memory_format=torch.channels_last)
             probs.append(activation(model(x)).float().cpu())
+            if taps is not None:
+                taps.keep()
             targets.extend(t.cpu() for t in batch[dl.n_inp:dl.n_inp + 1])
     return torch.cat(probs), (torch.cat(targets) if targets else None)
 
 
-def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64,
-                  model=None) -> tuple[np.ndarray, np.ndarray]:
+def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64, model=None,
+                  taps: Taps | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Class probabilities and targets for a frame with `path` and `dx`, through the learner's validation pipeline.
 
     With `model` (a loaded model's `Classifier.model`), the batches go through it, not `learn.model`; with `tta`,
-    fastai's `learn.tta` does (its augmented passes and their mix with the plain one).
+    fastai's `learn.tta` does (its augmented passes and their mix with the plain one). `taps`, entered on `model`,
+    keeps the plain pass's activation statistics.
     """
     dl = learn.dls.test_dl(add_labels(df, task_of(learn.dls.vocab)), with_labels=True, bs=bs)
     metrics, learn.metrics = learn.metrics, []  # computed here from the predictions, not by fastai per pass
@@ -115,8 +142,10 @@ def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64,
         if tta:
             with lent_model(learn, learn.model if model is None else model):
                 probs, targets = learn.tta(dl=dl)
+            if taps is not None:  # fastai's passes keep no statistics: the plain one again, for the check
+                batch_preds(learn, dl, learn.model if model is None else model, taps=taps)
         elif model is not None:
-            probs, targets = batch_preds(learn, dl, model, show_progress=True)
+            probs, targets = batch_preds(learn, dl, model, show_progress=True, taps=taps)
         else:
             with learn.no_bar():
                 probs, targets = learn.get_preds(dl=dl)

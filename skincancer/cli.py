@@ -1,4 +1,4 @@
-"""Command line: `python -m skincancer download|train|evaluate|compare|predict|export|app ...`.
+"""Command line: `python -m skincancer download|train|evaluate|compare|predict|fit-check|export|app ...`.
 
 Each command imports what it needs when it runs (start-up time): `predict` on an .onnx model needs no torch.
 """
@@ -17,6 +17,7 @@ from . import DISCLAIMER
 from .config import (APP_HOST, APP_PORT, CPU_BATCH_PIXELS, MAX_BATCH, MAX_UPLOAD_MB, N_BOOT, add_config_arguments,
                      config_from_arguments)
 from .errors import SkinCancerError
+from .files import model_files
 from .images import image_files
 
 PREDICT_CHUNK = 128  # images decoded and predicted before their results are written (a few seconds on a CPU)
@@ -71,7 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=("jsonl", "csv"), default="jsonl",
                    help="jsonl (default): one JSON object per image; csv: a header, then one row per image, a column "
                         "per class probability (with --lesion, one row for the lesion, its photos joined by ';')")
+    r.add_argument("--no-check", action="store_true",
+                   help="call photos that fail the dermoscopy check too (still flagged \"dermoscopy\": false)")
     r.add_argument("images", nargs="+", help="image files, or folders: every image under a folder, in sorted order")
+
+    k = sub.add_parser("fit-check", help="fit the dermoscopy check of an export made without one (docs/predicting.md)")
+    k.add_argument("--model", required=True, help="exported learner (.pkl)")
+    k.add_argument("--data", required=True, help="the HAM10000 folder it was trained on (its split is beside it)")
 
     x = sub.add_parser("export", help="the model as ONNX beside it, to predict without torch (docs/serving.md)")
     x.add_argument("--model", required=True, help="exported learner (.pkl)")
@@ -179,6 +186,11 @@ def cmd_evaluate(args) -> int:
     print(threshold_rule_line(metrics["threshold_rule"], clf.threshold))
     if metrics.get("target"):
         print(target_line(metrics["target"], "these images"))
+    if metrics.get("dermoscopy_check"):
+        dc = metrics["dermoscopy_check"]
+        auroc = "" if dc["auroc_of_passed"] is None else f"; AUROC of those {dc['auroc_of_passed']:.3f}"
+        print(f"dermoscopy check: {dc['passed']:.1%} of the {dc['n']:,} photos pass{auroc} (the metrics above count "
+              f"every photo; the {len(dc['refused'])} refused are in metrics.json)")
     if metrics.get("net_benefit"):
         nb = metrics["net_benefit"]
         print(f"net benefit at the threshold (finding a malignancy worth {nb['benign_per_malignancy']:.1f} benign "
@@ -226,15 +238,15 @@ def result_writer(classes: list[str], fmt: str):
     """A function that prints one `predict` result to stdout as a JSON line, or as a CSV row after a header."""
     if fmt == "jsonl":
         return lambda result: print(json.dumps(result))
-    columns = ["image", "call", "label", "malignant_probability", "threshold", "target_sensitivity",
-               *(f"probability_{c}" for c in classes), "error"]
+    fields = ("call", "label", "malignant_probability", "threshold", "target_sensitivity", "dermoscopy",
+              "check_score", "check_threshold", "reason", "error")
+    columns = ["image", *fields[:5], *(f"probability_{c}" for c in classes), *fields[5:]]
     writer = csv.DictWriter(sys.stdout, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
 
     def write(result: dict) -> None:
         image = result.get("image", ";".join(result.get("lesion", [])))
-        row = {k: result.get(k, "") for k in ("call", "label", "malignant_probability", "threshold",
-                                              "target_sensitivity", "error")}
+        row = {k: "" if result.get(k) is None else result[k] for k in fields}
         row.update({f"probability_{c}": p for c, p in result.get("probabilities", {}).items()})
         writer.writerow({**row, "image": image})
 
@@ -247,20 +259,31 @@ def cmd_predict(args) -> int:
     from .predict import load
 
     clf = load(args.model, trusted=args.trust_pickle)
+    if clf.check is None:
+        print(f"note: {clf.path.name} has no dermoscopy check, so any picture gets a call"
+              + (" (an .onnx exported before the check: export it again)" if clf.card.check else
+                 f"; add one: python -m skincancer fit-check --model {model_files(clf.path)['model']} --data DIR"),
+              file=sys.stderr)
     write = result_writer(clf.classes, args.format)
     images = image_files(args.images)
+    check = not args.no_check
     if args.lesion:
-        write(clf.predict_lesion(images, bs=args.bs))
+        result = clf.predict_lesion(images, bs=args.bs, check=check)
+        write(result)
         sys.stdout.flush()
+        if "reason" in result:
+            print(f"no call: {result['reason']}", file=sys.stderr)
+            return 1
         return 0
     # results are written as each chunk is predicted, so a long run shows them (and keeps them if interrupted);
     # progress goes to a terminal's stderr only, never into the results or a log
     progress = sys.stderr.isatty() and len(images) > PREDICT_CHUNK
-    failed, done, start = False, 0, time.monotonic()
-    for results in clf.predict_chunks(images, bs=args.bs, chunk=PREDICT_CHUNK):
+    failed, refused, done, start = False, 0, 0, time.monotonic()
+    for results in clf.predict_chunks(images, bs=args.bs, chunk=PREDICT_CHUNK, check=check):
         for res in results:
             write(res)
             failed |= "error" in res
+            refused += "reason" in res
         sys.stdout.flush()
         done += len(results)
         if progress:
@@ -269,14 +292,30 @@ def cmd_predict(args) -> int:
                   flush=True)
     if progress:
         print(file=sys.stderr)
-    return 1 if failed else 0
+    if refused:
+        print(f"{refused} of {len(images)} photo(s) do not look like dermoscopy photos and got no call (see each "
+              "one's \"reason\"); --no-check calls them anyway", file=sys.stderr)
+    return 1 if failed or refused else 0
+
+
+def cmd_fit_check(args) -> int:
+    """Run `fit-check`: fit the dermoscopy check of an export from its training photos; rewrite its card."""
+    # start-up time
+    from .dermoscopy import add_check
+
+    card, path = add_check(args.model, args.data)
+    assert card.check is not None  # just fitted
+    passed = ", ".join(f"{share:.1%} of {split}" for split, share in card.check["passed"].items())
+    print(f"wrote {path} and recorded it in {model_files(args.model)['card'].name}: the check passes {passed} photos")
+    if card.onnx:
+        print(f"export the .onnx copies again for them to check too: python -m skincancer export --model {args.model}")
+    return 0
 
 
 def cmd_export(args) -> int:
     """Run `export`: write NAME.onnx (and NAME.int8.onnx) beside the model and record them in its card."""
     # start-up time
     from .onnx_export import export_onnx
-    from .files import model_files
     from .card import read_card
 
     written = export_onnx(args.model, int8=args.int8, data=args.data)
@@ -314,7 +353,7 @@ def cmd_app(args) -> int:
 
 COMMANDS = {"duplicates": cmd_duplicates,
             "download": cmd_download, "train": cmd_train, "evaluate": cmd_evaluate, "compare": cmd_compare,
-            "predict": cmd_predict, "export": cmd_export, "app": cmd_app}
+            "predict": cmd_predict, "fit-check": cmd_fit_check, "export": cmd_export, "app": cmd_app}
 
 
 def main(argv: list[str] | None = None) -> int:

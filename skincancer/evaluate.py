@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from sklearn.metrics import roc_auc_score
 
 from .calibration import calibrate
 from .data import attach_paths, index_files, is_onehot, lesion_groups, onehot_to_dx, read_metadata, read_table, \
@@ -79,6 +80,16 @@ def _net_benefit_at(y: np.ndarray, p: np.ndarray, threshold: float) -> dict | No
             "biopsy_all": float(net_benefit(y, np.ones(len(y)), [threshold])[0])}
 
 
+def check_metrics(check, scores: np.ndarray, truth: np.ndarray, p_mal: np.ndarray, image_ids) -> dict:
+    """The dermoscopy check on labelled photos: the share that pass, the AUROC of those, and the ones refused."""
+    passed = check.passes(scores)
+    both = passed.any() and 0 < truth[passed].sum() < passed.sum()
+    return {"threshold": check.threshold, "n": int(len(scores)), "passed": float(passed.mean()),
+            "auroc_of_passed": float(roc_auc_score(truth[passed], p_mal[passed])) if both else None,
+            "refused": [{"image_id": str(i), "check_score": float(s)}
+                        for i, s in zip(np.asarray(image_ids)[~passed], scores[~passed])]}
+
+
 @dataclass
 class Scored:
     """A model's predictions of a labelled frame, and what the figures draw from them."""
@@ -94,7 +105,7 @@ def score(clf, df: pd.DataFrame, tta: bool = False, bs: int | None = None, n_boo
           prevalences=()) -> tuple[dict, Scored]:
     """Predict a labelled frame with a loaded model and measure it: (metrics, predictions)."""
     prevalences = check_prevalences(prevalences)  # before the long prediction
-    probs, targets = clf.predict_frame(df, tta=tta, bs=bs)
+    probs, targets, check_scores = clf.predict_checked(df, tta=tta, bs=bs)
     calibration, threshold, groups = clf.calibration, clf.threshold, lesion_groups(df)
     metrics = classification_metrics(probs, targets, clf.classes, threshold, dx=df["dx"].to_numpy(), n_boot=n_boot,
                                      groups=groups, calibration=calibration)
@@ -111,6 +122,8 @@ def score(clf, df: pd.DataFrame, tta: bool = False, bs: int | None = None, n_boo
         metrics["by_lesion"] = lesion_metrics(groups, truth, p_mal, threshold, n_boot)
     if prevalences:
         metrics["at_prevalence"] = at_prevalence(truth, p_mal, threshold, prevalences, n_boot, groups=groups)
+    if check_scores is not None:
+        metrics["dermoscopy_check"] = check_metrics(clf.check, check_scores, truth, p_mal, df["image_id"])
     subgroups = subgroup_metrics(df, truth, p_mal, threshold, n_boot=n_boot, groups=groups)
     if subgroups:
         metrics["subgroups"] = subgroups

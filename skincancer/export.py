@@ -5,7 +5,7 @@ onnx_export.py's."""
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +13,8 @@ from fastcore.foundation import L
 
 from .augment import with_fastai_classes
 from .card import ModelCard
+from .check import CHECK_FIT_PHOTOS, DermoscopyCheck
+from .dermoscopy import check_record, write_check
 from .files import atomic_path, model_files, sha256_file, write_json_atomic
 from .rebuild import save_weights
 
@@ -34,19 +36,29 @@ def as_fastai_export(learn):
         learn.metrics = saved_metrics
 
 
-def export(learn, out: str | Path, card: ModelCard, df: pd.DataFrame) -> dict[str, Path]:
-    """Write the learner, weights, split and then the card naming their sha256; return the paths written."""
+def export(learn, out: str | Path, card: ModelCard, df: pd.DataFrame,
+           check: tuple[DermoscopyCheck, dict] | None = None) -> tuple[dict[str, Path], ModelCard]:
+    """Write the learner, weights, split, the dermoscopy check (`fit_dermoscopy_check`'s, if given) and then the card
+    naming their sha256; return the paths written and the card as written."""
     paths = model_files(out)
+    roles = ["model", "weights", "card", "split", *(["check"] if check else [])]
     learn = learn.to_fp32() if hasattr(learn, "to_fp32") else learn
-    with atomic_path(paths["model"]) as tmp_model, atomic_path(paths["weights"]) as tmp_weights, \
-            atomic_path(paths["split"]) as tmp_split:
+    with ExitStack() as files:
+        tmp = {role: files.enter_context(atomic_path(paths[role])) for role in roles if role != "card"}
         with as_fastai_export(learn):
-            learn.export(tmp_model.resolve())
-        save_weights(learn.model, tmp_weights)
-        df[["image_id", "lesion_id", "split"]].to_csv(tmp_split, index=False)
-        card = dataclasses.replace(card, sha256=sha256_file(tmp_model), weights_sha256=sha256_file(tmp_weights),
-                                   split_sha256=sha256_file(tmp_split),
-                                   files={k: paths[k].name for k in ("model", "weights", "card", "split")})
+            learn.export(tmp["model"].resolve())
+        save_weights(learn.model, tmp["weights"])
+        df[["image_id", "lesion_id", "split"]].to_csv(tmp["split"], index=False)
+        record = None
+        if check:
+            write_check(check[0], tmp["check"])
+            n_fit = min(CHECK_FIT_PHOTOS, int((df["split"] == "train").sum()))
+            record = {**check_record(*check, n_fit, tmp["check"]), "file": paths["check"].name}
+        card = dataclasses.replace(card, sha256=sha256_file(tmp["model"]), weights_sha256=sha256_file(tmp["weights"]),
+                                   split_sha256=sha256_file(tmp["split"]), check=record,
+                                   files={k: paths[k].name for k in roles})
         # the card is written last and names the sha256 of the files beside it: a mismatch exposes a torn export
+    if not check:  # a check left by an earlier export beside it is not this model's
+        paths["check"].unlink(missing_ok=True)
     write_json_atomic(paths["card"], card.to_dict())
-    return {k: paths[k] for k in ("model", "weights", "card", "split")}
+    return {k: paths[k] for k in roles}, card

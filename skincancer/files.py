@@ -49,9 +49,10 @@ def write_json_atomic(dest: str | Path, obj) -> Path:
 def model_files(model_path: str | Path) -> dict[str, Path]:
     """The files of one export, from any of them: NAME.pkl, .safetensors, .json (card), .split.csv, .onnx, ..."""
     p = Path(model_path)
-    if p.name.endswith((".split.csv", ".report.txt", ".int8.onnx")):
+    if p.name.endswith((".split.csv", ".report.txt", ".int8.onnx", ".check.safetensors")):
         p = p.with_suffix("")
     return {"model": p.with_suffix(".pkl"), "weights": p.with_suffix(".safetensors"), "card": p.with_suffix(".json"),
+            "check": p.with_suffix(".check.safetensors"),
             "split": p.with_suffix(".split.csv"), "report": p.with_suffix(".report.txt"),
             "onnx": p.with_suffix(".onnx"), "int8": p.with_suffix(".int8.onnx")}
 

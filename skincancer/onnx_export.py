@@ -28,23 +28,26 @@ from .files import atomic_path, model_files, write_json_atomic
 from .images import open_image
 from .labels import label_of
 from .rebuild import card_stats
+from .activations import Taps
 from .predict import load
 from .predictor import Predictor
-from .runtime import INPUT, OUTPUT, load_onnx, presized
+from .runtime import FEATURES, INPUT, OUTPUT, load_onnx, presized
 
 
 class OnnxGraph(torch.nn.Module):
     """What an .onnx export computes: photos squished to the presize (uint8 NHWC), scaled to 0-1, resized to the
-    model's size as fastai's validation transforms do (bilinear, corners aligned), normalised, classified: softmax."""
+    model's size as fastai's validation transforms do (bilinear, corners aligned), normalised, classified: softmax;
+    with `taps` (a dermoscopy check's), also the statistics the check scores."""
 
     mean: torch.Tensor
     std: torch.Tensor
 
-    def __init__(self, model: torch.nn.Module, size: int, stats: Stats):
+    def __init__(self, model: torch.nn.Module, size: int, stats: Stats, taps: list[str] | None = None):
         super().__init__()
         self.model, self.size = model, size
         self.register_buffer("mean", torch.tensor(stats[0], dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(stats[1], dtype=torch.float32).view(1, 3, 1, 1))
+        self.taps = Taps(model, taps).__enter__() if taps else None  # hooked for the graph's life
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """The network's input: what fastai's validation transforms make of the presized photos."""
@@ -52,8 +55,11 @@ class OnnxGraph(torch.nn.Module):
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=True)
         return (x - self.mean) / self.std
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(self.prepare(image)).float(), dim=1)
+    def forward(self, image: torch.Tensor):
+        probs = torch.softmax(self.model(self.prepare(image)).float(), dim=1)
+        if self.taps is None:
+            return probs
+        return probs, self.taps.statistics()
 
 
 def preprocess_record(card: ModelCard) -> dict:
@@ -94,13 +100,15 @@ def export_onnx(model_path: str | Path, int8: bool = False, data: str | Path | N
     if not isinstance(clf, Classifier):
         raise SkinCancerError(f"{model_path}: export reads the fastai model (NAME.pkl), not an ONNX one")
     card, files = copy.deepcopy(clf.card), model_files(model_path)
-    graph = OnnxGraph(copy.deepcopy(clf.learn.model).float().cpu().eval(), card.size, card_stats(card)).eval()
+    taps = clf.check.taps if clf.check else None  # the graph then also gives what the dermoscopy check scores
+    graph = OnnxGraph(copy.deepcopy(clf.learn.model).float().cpu().eval(), card.size, card_stats(card), taps).eval()
+    names = [OUTPUT, FEATURES] if taps else [OUTPUT]
     presize = card.presize
     example = torch.randint(0, 256, (4, presize, presize, 3), dtype=torch.uint8,
                             generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")  # the exporter's notes on its own progress
-        program = torch.onnx.export(graph, (example,), input_names=[INPUT], output_names=[OUTPUT], dynamo=True,
+        program = torch.onnx.export(graph, (example,), input_names=[INPUT], output_names=names, dynamo=True,
                                     dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
     assert program is not None  # the dynamo exporter returns the program it saves
     with atomic_path(files["onnx"]) as tmp:
@@ -108,17 +116,21 @@ def export_onnx(model_path: str | Path, int8: bool = False, data: str | Path | N
         fp32 = tmp.read_bytes()
     written = {"onnx": files["onnx"]}
     with torch.inference_mode():
-        expected = graph(example).numpy()
-    served = load_onnx(files["onnx"], card, fp32)
-    got = served.session.run([OUTPUT], {INPUT: example.numpy()})[0]
-    gap = float(np.abs(got - expected).max())
-    if not gap < 1e-4:
+        expected = graph(example)
+    expected = [t.numpy() for t in (expected if taps else [expected])]
+    served = load_onnx(files["onnx"], card, fp32, clf.check)
+    got = served.session.run(names, {INPUT: example.numpy()})
+    gap = float(np.abs(got[0] - expected[0]).max())
+    # the check's scores, relative: photos of noise score far out, where float rounding moves them most
+    score_gap = float(np.max(np.abs(clf.check.scores(got[1]) / clf.check.scores(expected[1]) - 1))) if clf.check \
+        else 0.0
+    if not (gap < 1e-4 and score_gap < 1e-3):
         files["onnx"].unlink()
-        raise SkinCancerError(f"{files['onnx']}: its probabilities differ from the fastai model's by {gap:.1e}; "
-                              "the export was removed")
+        raise SkinCancerError(f"{files['onnx']}: its probabilities differ from the fastai model's by {gap:.1e} and "
+                              f"its dermoscopy check scores by {score_gap:.1%}; the export was removed")
     card.preprocess = preprocess_record(card)
     card.onnx["onnx"] = {"file": files["onnx"].name, "sha256": hashlib.sha256(fp32).hexdigest(),
-                         "largest_difference_from_fastai": gap}
+                         "largest_difference_from_fastai": gap, "dermoscopy_check": bool(taps)}
     if int8:
         assert data is not None  # checked above
         df = read_metadata(data).assign(split=lambda d: read_split(files["split"], d)).dropna(subset=["split"])
@@ -137,7 +149,7 @@ def export_onnx(model_path: str | Path, int8: bool = False, data: str | Path | N
                 quantized = tmp.read_bytes()
         written["int8"] = files["int8"]
         valid = df[df["split"] == "valid"]
-        check = int8_check(served, load_onnx(files["int8"], card, quantized), valid)
+        check = int8_check(served, load_onnx(files["int8"], card, quantized, clf.check), valid)
         card.onnx["int8"] = {"file": files["int8"].name, "sha256": hashlib.sha256(quantized).hexdigest(),
                                 "calibrated_on": f"{len(train_photos)} photos of the training split", **check}
     write_json_atomic(files["card"], card.to_dict())
@@ -155,7 +167,7 @@ def int8_check(fp32: Predictor, int8: Predictor, valid: pd.DataFrame) -> dict:
     INT8_MAX_CALLS_FLIPPED."""
     truth = np.asarray([label_of(dx, "binary") == "malignant" for dx in valid["dx"]])
     photos = [open_image(p) for p in valid["path"]]
-    results = {name: clf.predict_batch(photos) for name, clf in (("onnx", fp32), ("int8", int8))}
+    results = {name: clf.predict_batch(photos, check=False) for name, clf in (("onnx", fp32), ("int8", int8))}
     p_mal = {name: np.array([r["malignant_probability"] for r in rs]) for name, rs in results.items()}
     said = {name: np.array([r["call"] == "malignant" for r in rs]) for name, rs in results.items()}
     change = np.abs(p_mal["int8"] - p_mal["onnx"])
@@ -169,5 +181,7 @@ def int8_check(fp32: Predictor, int8: Predictor, valid: pd.DataFrame) -> dict:
             "mean_probability_change": float(change.mean()), "calls_flipped": flipped,
             "valid_sensitivity_fp32": float(said["onnx"][truth].mean()),
             "valid_sensitivity_int8": float(said["int8"][truth].mean()),
+            **{f"valid_check_pass_{name}": float(np.mean([r["dermoscopy"] for r in rs]))
+               for name, rs in zip(("fp32", "int8"), results.values()) if fp32.check and int8.check},
             "tolerance": {"auroc_drop": INT8_MAX_AUROC_DROP, "calls_flipped": INT8_MAX_CALLS_FLIPPED},
             "holds": bool(drop <= INT8_MAX_AUROC_DROP and flipped <= INT8_MAX_CALLS_FLIPPED)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .card import read_card, verify_file
+from .check import read_check
 from .errors import SkinCancerError
 from .files import model_files
 from .predictor import Predictor
@@ -32,7 +33,7 @@ def load(path: str | Path, trusted: bool = False, cpu: bool = True) -> Predictor
     files = model_files(path)
     use_pickle = path.suffix != ".onnx" and (trusted or not files["weights"].is_file())
     read = path if path.suffix == ".onnx" else files["model" if use_pickle else "weights"]
-    key = (_file_key(path, files["card"], read), cpu, use_pickle)
+    key = (_file_key(path, files["card"], read, files["check"]), cpu, use_pickle)
     if key not in _CACHE:
         _CACHE[key] = _load(path, files, use_pickle, trusted, cpu)
     return _CACHE[key]
@@ -40,11 +41,13 @@ def load(path: str | Path, trusted: bool = False, cpu: bool = True) -> Predictor
 
 def _load(path: Path, files: dict[str, Path], use_pickle: bool, trusted: bool, cpu: bool) -> Predictor:
     card = read_card(path)
+    check = read_check(path, card)
     if path.suffix == ".onnx":
         # onnxruntime alone: a server of .onnx models needs neither torch nor fastai
         from .runtime import load_onnx
 
-        return load_onnx(path, card, verify_file(path, card, "int8" if path.name.endswith(".int8.onnx") else "onnx"))
+        role = "int8" if path.name.endswith(".int8.onnx") else "onnx"
+        return load_onnx(path, card, verify_file(path, card, role), check)
     # torch and fastai are imported only to load a fastai model: start-up time
     from .classifier import Classifier
     from .rebuild import rebuild_learner, unpickle_learner
@@ -61,4 +64,4 @@ def _load(path: Path, files: dict[str, Path], use_pickle: bool, trusted: bool, c
         weights = files["weights"]
         data = named if weights == path else verify_file(weights, card, "weights")
         learn = rebuild_learner(card, data, weights, cpu=cpu)
-    return Classifier(card=card, path=path, learn=learn)
+    return Classifier(card=card, path=path, learn=learn, check=check)

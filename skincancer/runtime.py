@@ -16,10 +16,12 @@ import onnxruntime as ort
 from PIL import Image
 
 from .card import ModelCard
+from .check import DermoscopyCheck
 from .errors import SkinCancerError
 from .predictor import Predictor
 
 INPUT, OUTPUT = "image", "probabilities"  # the names an export gives the graph's input and output
+FEATURES = "check_features"  # the graph's second output where the model has a dermoscopy check (check.py)
 
 
 def presized(images: list, presize: int) -> np.ndarray:
@@ -34,13 +36,18 @@ class OnnxPredictor(Predictor):
 
     session: Any = None
 
-    def probabilities(self, images: list, bs: int | None = None) -> np.ndarray:
-        """Class probabilities (n, classes) of opened images, `bs` (or `batch_size`) at a time."""
+    def outputs(self, images: list, bs: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities (n, classes) of opened images, `bs` (or `batch_size`) at a time, and their dermoscopy
+        check scores (None where the model or its graph has no check)."""
         bs = bs or self.batch_size
         presize = self.card.presize
-        out = [self.session.run([OUTPUT], {INPUT: presized(images[i:i + bs], presize)})[0]
-               for i in range(0, len(images), bs)]
-        return np.concatenate(out).astype(np.float64)
+        names = [OUTPUT] if self.check is None else [OUTPUT, FEATURES]  # load_onnx: a check has its output
+        runs = [self.session.run(names, {INPUT: presized(images[i:i + bs], presize)})
+                for i in range(0, len(images), bs)]
+        probs = np.concatenate([r[0] for r in runs]).astype(np.float64)
+        if self.check is None:
+            return probs, None
+        return probs, self.check.scores(np.concatenate([r[1] for r in runs]))
 
 
 def onnx_session(data: bytes, source: Path, card: ModelCard) -> ort.InferenceSession:
@@ -58,12 +65,16 @@ def onnx_session(data: bytes, source: Path, card: ModelCard) -> ort.InferenceSes
         shape = ", ".join(f"{i.name} {i.type} {i.shape}" for i in inputs)
         raise SkinCancerError(f"{source}: its input ({shape}) is not the photos this model card describes "
                               f"(image, uint8, [batch, {presize}, {presize}, 3])")
-    if len(outputs) != 1 or outputs[0].name != OUTPUT or list(outputs[0].shape)[1:] != [len(card.classes)]:
+    if (outputs[0].name != OUTPUT or list(outputs[0].shape)[1:] != [len(card.classes)]
+            or [o.name for o in outputs[1:]] not in ([], [FEATURES])):
         raise SkinCancerError(f"{source}: its output is not the {len(card.classes)} class probabilities "
                               "this model card describes")
     return session
 
 
-def load_onnx(path: Path, card: ModelCard, data: bytes) -> OnnxPredictor:
-    """An OnnxPredictor of the verified bytes `data` of `path`."""
-    return OnnxPredictor(card=card, path=path, session=onnx_session(data, path, card))
+def load_onnx(path: Path, card: ModelCard, data: bytes, check: DermoscopyCheck | None = None) -> OnnxPredictor:
+    """An OnnxPredictor of the verified bytes `data` of `path`, with the export's dermoscopy check if it has one."""
+    session = onnx_session(data, path, card)
+    if FEATURES not in {o.name for o in session.get_outputs()}:
+        check = None  # a graph exported before the check: it cannot give the features
+    return OnnxPredictor(card=card, path=path, session=session, check=check)

@@ -30,6 +30,7 @@ from .datablock import make_dataloaders
 from .distributed import (alone, distributed_fit, from_main_process, is_main_process, local_main_process_first,
                           process_state, quiet_unless_main, world_size)
 from .errors import SkinCancerError
+from .dermoscopy import fit_dermoscopy_check
 from .export import export
 from .files import model_files, write_text_atomic
 from .labels import classes_for
@@ -314,12 +315,18 @@ def summary(config: TrainConfig, card: ModelCard, files: dict[str, Path], report
         lines.append("  " + target_line(card.metrics["test"]["target"])
                      + (f" (every lesion from {config.test_source}, a source training never saw)"
                         if config.test_source else ""))
+    if card.check:
+        lines.append("  dermoscopy check (photos unlike the training photos get no call): passes "
+                     + ", ".join(f"{share:.1%} of {split}" for split, share in card.check["passed"].items())
+                     + (f" (from {config.test_source})" if config.test_source else ""))
     by_lesion = card.metrics.get("test", {}).get("by_lesion")
     if by_lesion and by_lesion["all_photos"]["auroc"] is not None:
         lines.append(f"  test, lesion by lesion ({by_lesion['n_lesions']:,} lesions, each on the mean of its photos): "
                      f"AUROC {interval(by_lesion['all_photos']['auroc'], by_lesion['all_photos']['auroc_ci95'])}")
     lines += [f"wrote {files['model']} (the fastai learner), {files['weights'].name} (its weights: what loading "
-              f"reads), {files['card'].name} (the model card) and {files['split'].name}; every table: {report}",
+              f"reads), {files['card'].name} (the model card), {files['split'].name}"
+              + (f" and {files['check'].name} (the dermoscopy check)" if "check" in files else "")
+              + f"; every table: {report}",
               f"next: python -m skincancer evaluate --model {files['model']} --data {config.data} "
               f"--out reports/{files['model'].stem}",
               f"      python -m skincancer predict --model {files['model']} PHOTO.jpg",
@@ -344,7 +351,7 @@ def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None 
     if hasattr(learn.loss_func, "set_operating_point"):  # fastai's learn.predict then calls as skincancer's does
         learn.loss_func.set_operating_point(learn.dls.vocab, decision["threshold"], decision["calibration"])
     card = model_card(config, df, metrics, best_epoch, decision, learn, processes)
-    files = export(learn, config.out, card, df)
+    files, card = export(learn, config.out, card, df, fit_dermoscopy_check(learn, df, config.size))
     report_file = write_text_atomic(model_files(config.out)["report"], report(card))
     print(summary(config, card, files, report_file))
     return TrainResult(learn=learn, df=df, card=card, files=files, scores=scores)

@@ -179,8 +179,8 @@ def calibrated_copy(model, folder, cal):
 
 @pytest.fixture
 def export_copy(trained, tmp_path):
-    """A copy of the trained export (pkl, safetensors, card, split) that a test may tamper with."""
-    for suffix in (".pkl", ".safetensors", ".json", ".split.csv"):
+    """A copy of the trained export (pkl, safetensors, card, split, check) that a test may tamper with."""
+    for suffix in (".pkl", ".safetensors", ".json", ".split.csv", ".check.safetensors"):
         shutil.copy(trained.with_suffix(suffix), tmp_path / f"model{suffix}")
     return tmp_path / "model.pkl"
 

@@ -239,7 +239,7 @@ def test_compare_two_models_on_the_test_split_they_share(trained, ham_dir, tmp_p
 def test_compare_refuses_models_tested_on_different_images(trained, ham_dir, tmp_path, capsys):
     import shutil
 
-    for suffix in (".pkl", ".safetensors", ".json", ".split.csv"):
+    for suffix in (".pkl", ".safetensors", ".json", ".split.csv", ".check.safetensors"):
         shutil.copy(trained.with_suffix(suffix), tmp_path / f"other{suffix}")
     split = pd.read_csv(tmp_path / "other.split.csv")
     split.loc[split.index[split["split"] == "test"][0], "split"] = "train"  # one test image trained the other
@@ -262,7 +262,11 @@ def test_a_fine_tuned_efficientnet_evaluates_with_tta_and_serves_in_the_app(trai
                      "--out", str(tmp_path / "report")]) == 0
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["tta"] and 0 <= metrics["auroc"] <= 1 and "gradcam.png" in metrics["plots"]
-    assert "threshold " in capsys.readouterr().out
+    # dermoscopy photos from a camera at full size: the check, fitted on the 200x150 copies, lets them through
+    assert metrics["dermoscopy_check"]["n"] == len(originals_meta)
+    assert metrics["dermoscopy_check"]["passed"] >= 12 / 14, metrics["dermoscopy_check"]["refused"]
+    out = capsys.readouterr().out
+    assert "threshold " in out and "dermoscopy check: " in out
     text, call, data, overlay = analyse(load(trained_lite0), str(originals_dir / "images" / "ISIC_0024306.jpg"))
     assert "Probability of malignancy" in text and call == data["call"] and overlay is not None
     assert set(data["probabilities"]) == {"benign", "malignant"}

@@ -14,18 +14,18 @@ from conftest import ROOT
 # never one after it. docs/design.md describes each layer.
 LAYERS = {
     "base": ["errors", "files", "console", "labels", "config"],
-    "data": ["images", "calibration", "card", "duplicates", "data", "download"],
+    "data": ["images", "calibration", "card", "check", "duplicates", "data", "download"],
     "numbers and serving": ["metrics", "subgroups", "predictor", "runtime"],
     "the fastai pipeline": ["presize", "augment", "datablock", "losses"],
-    "the model": ["arch", "pretrained", "model", "rebuild", "inference"],
+    "the model": ["arch", "pretrained", "model", "rebuild", "inference", "activations"],
     "prediction": ["gradcam", "classifier", "predict"],
     "reporting": ["tables", "plotting"],
-    "training and evaluation": ["distributed", "callbacks", "export", "onnx_export", "train", "evaluate"],
+    "training and evaluation": ["distributed", "callbacks", "dermoscopy", "export", "onnx_export", "train", "evaluate"],
     "front ends": ["app", "cli", "__main__"],
 }
 ORDER = [m for modules in LAYERS.values() for m in modules]
 PACKAGE = ROOT / "skincancer"
-TRAINING = {"train", "callbacks", "distributed", "export", "onnx_export", "evaluate"}
+TRAINING = {"train", "callbacks", "distributed", "dermoscopy", "export", "onnx_export", "evaluate"}
 
 
 def imports(module: str) -> list[tuple[int, str, bool]]:
