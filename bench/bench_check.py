@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import ROOT, SHARED
+from common import ROOT, SHARED, write_csv
 from PIL import Image, ImageDraw, ImageFilter, ImageOps
 from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
@@ -33,7 +33,7 @@ from skincancer.check import CHECK_FIT_PHOTOS, CHECK_PASS, fit_check
 from skincancer.classifier import Classifier, batch_preds
 from skincancer.data import read_metadata, read_split
 from skincancer.errors import SkinCancerError
-from skincancer.files import model_files, write_text_atomic
+from skincancer.files import model_files
 from skincancer.images import open_image, open_photo
 from skincancer.predict import load
 
@@ -102,6 +102,14 @@ def others(which: str, dermoscopy: list[str]) -> list:
     return shipped + drawn(SEEDS[which], dermoscopy)
 
 
+def others_labels(which: str, n: int = 6) -> list[str]:
+    """What each photo of `others(which)` is, in its order: the file (and crop), or what was drawn."""
+    shipped = [f"{Path(p).name}{crop}" for p in SHIPPED[which] if (SITE / p).is_file()
+               for crop in ("", " (top-left half)", " (bottom-right 70%)")]
+    kinds = ("flat colour", "noise", "blurred noise", "gradient", "text screenshot", "shapes", "grey scan of a lesion")
+    return shipped + [f"drawn {kind} {k}" for k in range(n) for kind in kinds]
+
+
 def features(clf: Classifier, taps: Taps, images: list, bs: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tapped statistics, logits, whether open_photo let it through) of images; refused ones get no row."""
     kept, ok = [], []
@@ -150,8 +158,8 @@ def measure(model: str, data: str, originals: str, fit_photos: int) -> list[dict
     sets = {"train": train_df["path"].tolist(), "valid": df.loc[df["split"] == "valid", "path"].tolist(),
             "test": df.loc[df["split"] == "test", "path"].tolist(),
             "originals": sorted(str(p) for p in Path(originals).glob("*.jpg"))}
-    sets["choose"] = others("choose", sets["train"])
-    sets["measure"] = others("measure", sets["test"])
+    sets["choose"], labels = others("choose", sets["train"]), {}
+    sets["measure"], labels["measure"] = others("measure", sets["test"]), others_labels("measure")
     got = {name: features(clf, taps, images) for name, images in sets.items() if images}
     widths = np.cumsum([0, *taps.widths])
     columns = {s: slice(widths[i], widths[i + 1]) for i, s in enumerate(STRIDES)}
@@ -173,7 +181,8 @@ def measure(model: str, data: str, originals: str, fit_photos: int) -> list[dict
         return {k: -torch.softmax(torch.from_numpy(v[1]), 1).max(1).values.numpy() for k, v in got.items()}
 
     shipped = next(name for name, strides in CANDIDATES.items() if strides == TAP_STRIDES)
-    test_split = f"{clf.card.test_source} (held out)" if clf.card.test_source else "random lesion split"
+    held_out = clf.card.test_source or clf.card.config.get("test_source")  # cards before 0.3 keep it in config
+    test_split = f"{held_out} (held out)" if held_out else "random lesion split"
     rows = []
     for name in [*CANDIDATES, "final pooled features (Mahalanobis)", "energy", "softmax confidence"]:
         s = scored(name)
@@ -183,6 +192,10 @@ def measure(model: str, data: str, originals: str, fit_photos: int) -> list[dict
         auroc = roc_auc_score(np.r_[np.zeros(len(s["test"])), np.ones(len(measure_scores))],
                               np.r_[s["test"], np.minimum(measure_scores, 1e12)])
         share = {k: round(passed(got, s, threshold, k), 4) for k in got if k != "train"}
+        if name == shipped:
+            through = np.flatnonzero(got["measure"][2])[s["measure"] <= threshold]
+            print(f"{Path(model).stem}: measured photos that are not dermoscopy yet pass: "
+                  + (", ".join(labels["measure"][i] for i in through) or "none"))
         rows.append({"model": Path(model).stem, "test_split": test_split, "score": name, "shipped": name == shipped,
                      "auroc_test_vs_measure": round(float(auroc), 4),
                      "valid_pass": share["valid"], "test_pass": share["test"],
@@ -213,9 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.models:
         parser.error("--models (or --smoke) is required")
     rows = [row for model in args.models for row in measure(model, args.data, args.originals, fit_photos)]
-    lines = [",".join(COLUMNS)] + [",".join(f'"{r[c]}"' if c in ("score", "test_split") else str(r[c])
-                                            for c in COLUMNS) for r in rows]
-    write_text_atomic(args.csv, "\n".join(lines) + "\n")
+    write_csv(args.csv, [{c: r[c] for c in COLUMNS} for r in rows])
     print(f"{'model':<20}{'score':<42}{'AUROC':>8}{'test pass':>11}{'originals':>11}{'choose refused':>16}"
           f"{'measure refused':>17}")
     for r in rows:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import SHARED
+from common import SHARED, write_csv
 
 from skincancer.data import lesion_groups, read_metadata, read_split
 from skincancer.files import model_files, write_json_atomic
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bootstrap", type=int, default=1000, help="replicates for the paired intervals")
     p.add_argument("--smoke", action="store_true", help="two throwaway 32 px models, 100 bootstrap replicates")
     p.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    p.add_argument("--csv", type=Path, help="also write the table here (docs/results/ensemble_*.csv)")
     args = p.parse_args(argv)
     if not args.smoke and len(args.models or []) < 2:
         p.error("--models needs two or more exported models (or --smoke)")
@@ -130,7 +131,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         write_json_atomic(args.out, {"models": [str(m) for m in models], "cards": [clf.card.to_dict() for clf in clfs],
                                      "splits": result})
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, csv_rows(clfs, result))}")
     return 0
+
+
+def csv_rows(clfs: list, result: dict) -> list[dict]:
+    """One row a split and model (the average last), then one a split and difference: one number a cell."""
+    names = [clf.path.stem for clf in clfs] + [f"average of {len(clfs)}"]
+    out = []
+    for split, r in result.items():
+        for name, row in zip(names, r["rows"]):
+            out.append({"split": split, "row": name, **{k: round(row[k], 4) for k in STATISTICS},
+                        **{f"{k}_ci_{end}": "" for k in STATISTICS for end in ("low", "high")}})
+        for against, paired in r["paired"].items():
+            cells: dict = {}
+            for k in STATISTICS:
+                d = paired[k]
+                cells[k] = "" if d["difference"] is None else round(d["difference"], 4)
+                for end, i in (("low", 0), ("high", 1)):
+                    cells[f"{k}_ci_{end}"] = "" if d["ci"] is None else round(d["ci"][i], 4)
+            out.append({"split": split, "row": f"average - {against}", **cells})
+    return out
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from bench_predict import throwaway_model
-from common import ROOT, SHARED
+from common import ROOT, SHARED, write_csv
 from sklearn.metrics import roc_auc_score
 
 from skincancer.data import read_metadata, read_split
@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--serve-venv", type=Path, help="a serve-only environment (make install-serve): its size, its CLI")
     p.add_argument("--smoke", action="store_true", help="a 32 px throwaway model, 16 photos, one repeat")
     p.add_argument("--out", type=Path, help="also write the figures here as JSON")
+    p.add_argument("--csv", type=Path, help="also write the table here (docs/results/serving_*.csv)")
     args = p.parse_args(argv)
     if args.smoke:
         args.size, args.n, args.repeats = 32, 16, 1
@@ -141,7 +142,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  serve-only environment on disk: {result['serve_install_mb']:.0f} MB")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, csv_rows(result))}")
     return 0
+
+
+def csv_rows(result: dict) -> list[dict]:
+    """One row a model file: its speed against the .pkl's, its size, its AUROCs, one photo's time: one number a cell."""
+    rates, cli = result["images_per_s"], result["cli_s"]
+    one_photo = {"pkl": cli.get("pkl, this environment"), "onnx int8": cli.get("onnx int8, this environment")}
+    out = []
+    for name, rate in rates.items():
+        aurocs = {split: a.get(name) for split, a in result.get("auroc", {}).items()}
+        out.append({"file": name, "size": result["size"], "bs": result["bs"], "threads": result["threads"],
+                    "images_per_s": round(rate, 1), "vs_pkl": round(rate / rates["pkl"], 2),
+                    "file_mb": round(result["mb"][name], 1),
+                    "valid_auroc": "" if aurocs.get("valid") is None else round(aurocs["valid"], 4),
+                    "test_auroc": "" if aurocs.get("test") is None else round(aurocs["test"], 4),
+                    "predict_one_photo_s": "" if one_photo.get(name) is None else round(one_photo[name], 2),
+                    "predict_one_photo_serve_only_s": round(cli["onnx int8, serve-only environment"], 2)
+                    if name == "onnx int8" and "onnx int8, serve-only environment" in cli else ""})
+    return out
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from itertools import islice
 
 import pandas as pd
 import torch
-from common import SHARED
+from common import SHARED, write_csv
 from fastai.torch_core import set_seed
 
 from skincancer.classifier import lent_model
@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                    "size, in multiples of 8)")
     p.add_argument("--bs", type=int, default=64)
     p.add_argument("--bootstrap", type=int, default=1000, help="replicates for the paired intervals")
+    p.add_argument("--csv", type=Path, help="also write the table here (docs/results/test_time_*.csv)")
     p.add_argument("--smoke", action="store_true", help="a throwaway 32 px model, 100 bootstrap replicates")
     args = p.parse_args(argv)
     if not args.model and not args.smoke:
@@ -130,7 +131,25 @@ def main(argv: list[str] | None = None) -> int:
                 ci = "" if r["ci"] is None else f" ({r['ci'][0]:+.4f} to {r['ci'][1]:+.4f})"
                 paired = f"{r['difference']:+.4f}{ci}"
             print(f"  {r['choice']:<46} {r['auroc']:.4f}   {paired}")
+    if args.csv:
+        print(f"wrote {write_csv(args.csv, csv_rows(tables, size))}")
     return 0
+
+
+def csv_rows(tables: dict[str, list[dict]], size: int) -> list[dict]:
+    """One row a test-time choice: each split's AUROC and its paired difference from the plain prediction."""
+    out = []
+    for i, choice in enumerate(r["choice"] for r in tables["valid"]):
+        row = {"at_test_time": choice + (" (plain)" if choice == f"{size} px" else "")}
+        for split, rows in tables.items():
+            r = rows[i]
+            base = r["choice"] == f"{size} px" or r["ci"] is None
+            row.update({f"{split}_auroc": round(r["auroc"], 4),
+                        f"{split}_minus_plain": "" if base else round(r["difference"], 4),
+                        f"{split}_ci_low": "" if base else round(r["ci"][0], 4),
+                        f"{split}_ci_high": "" if base else round(r["ci"][1], 4)})
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

@@ -12,6 +12,20 @@ sys.path.insert(0, str(ROOT))  # this checkout's package, installed or not
 import skincancer  # noqa: E402, F401  (its warning filters, before a bench imports fastai)
 
 
+def write_csv(path: str | Path, rows: list[dict]) -> Path:
+    """A bench's measured rows as CSV, one value a cell, written atomically (the columns are the first row's keys)."""
+    import csv
+    import io
+
+    from skincancer.files import write_text_atomic
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return write_text_atomic(path, text.getvalue())
+
+
 def sync() -> None:
     """Wait for the GPU, so host clocks measure finished work."""
     import torch

@@ -42,7 +42,8 @@ class Taps:
         missing = [n for n in names if n not in modules]
         if missing:
             raise ValueError(f"the network has no module {missing[0]!r} to check photos at")
-        self.modules, self.names, self.outputs = [modules[n] for n in names], list(names), {}
+        self.modules, self.names = [modules[n] for n in names], list(names)
+        self.outputs: dict[str, torch.Tensor] = {}
         self.hooks: list = []
         self.kept: list[torch.Tensor] = []
         self.widths: list[int] = []  # features per tap (twice its channels), known after the first pass

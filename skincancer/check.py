@@ -52,7 +52,7 @@ class DermoscopyCheck:
             start += width
         return out
 
-    def passes(self, scores: np.ndarray) -> np.ndarray:
+    def passes(self, scores: np.ndarray | float) -> np.ndarray:
         """Whether each score is within the threshold: the photo looks like dermoscopy."""
         return np.asarray(scores) <= self.threshold
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from fastai.callback.core import Callback
 from fastprogress.fastprogress import progress_bar
 
 from .config import MAX_BATCH
@@ -60,7 +61,7 @@ class Classifier(Predictor):
 
     def predict_checked(self, df: pd.DataFrame, tta: bool = False, bs: int | None = None) -> tuple:
         """`predict_frame`'s probabilities and targets, and each photo's dermoscopy check score (None without a
-        check), from the same pass (with `tta`, the plain pass that scores the check is one more)."""
+        check), from the same passes (with `tta`, from its plain one)."""
         with self._taps() as taps:
             probs, targets = predict_frame(self.learn, df, tta=tta, bs=bs or self.batch_size, model=self.model,
                                            taps=taps)
@@ -96,6 +97,16 @@ class Classifier(Predictor):
         explained = [self.explain(image, target, check) for image in opened]
         photos = [{**result, "image": describe(image)} for (result, _, _), image in zip(explained, images)]
         return self._lesion(photos, check), [overlay for _, _, overlay in explained]
+
+
+class KeepTaps(Callback):
+    """Keeps the tapped activation statistics of each batch fastai's own loops predict (`learn.tta`'s passes)."""
+
+    def __init__(self, taps: Taps):
+        self.taps = taps
+
+    def after_pred(self):
+        self.taps.keep()
 
 
 @contextlib.contextmanager
@@ -140,10 +151,11 @@ def predict_frame(learn, df: pd.DataFrame, tta: bool = False, bs: int = 64, mode
     metrics, learn.metrics = learn.metrics, []  # computed here from the predictions, not by fastai per pass
     try:
         if tta:
-            with lent_model(learn, learn.model if model is None else model):
+            kept = learn.added_cbs(KeepTaps(taps)) if taps is not None else contextlib.nullcontext()
+            with lent_model(learn, learn.model if model is None else model), kept:
                 probs, targets = learn.tta(dl=dl)
-            if taps is not None:  # fastai's passes keep no statistics: the plain one again, for the check
-                batch_preds(learn, dl, learn.model if model is None else model, taps=taps)
+            if taps is not None:  # the check scores the plain pass, fastai's last
+                taps.kept = taps.kept[-len(dl):]
         elif model is not None:
             probs, targets = batch_preds(learn, dl, model, show_progress=True, taps=taps)
         else:

@@ -425,11 +425,20 @@ def plot_gradcam_grid(learn, images, titles=None, cols: int = 4, target: str | i
 
 
 def plot_prediction(clf, image, result: dict | None = None):
-    """The photo, its Grad-CAM overlay and the class probabilities, titled with the call and the disclaimer."""
+    """The photo, its Grad-CAM overlay and the class probabilities, titled with the call and the disclaimer; a photo
+    the dermoscopy check refused, titled with why it gets no call."""
     if result is None:
         result, heat, overlay = clf.explain(image)  # one pass for both
-    else:
+    elif "reason" not in result:
         heat, overlay = gradcam(clf.learn, image, model=clf.model)
+    if "reason" in result:  # the dermoscopy check refused it: the photo and why, no call and no map
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        ax.imshow(open_image(image))
+        ax.axis("off")
+        fig.suptitle(f"Not judged: does not look like a dermoscopy photo (check score {result['check_score']:.2f}, "
+                     f"above {result['check_threshold']:.2f})\n{DISCLAIMER}", fontsize=9)
+        fig.tight_layout()
+        return fig
     fig, axes = plt.subplots(1, 3, figsize=(14, 4), gridspec_kw={"width_ratios": [4, 4, 3]})
     axes[0].imshow(open_image(image))
     axes[1].imshow(overlay)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .card import read_card, verify_file
@@ -47,6 +48,9 @@ def _load(path: Path, files: dict[str, Path], use_pickle: bool, trusted: bool, c
         from .runtime import load_onnx
 
         role = "int8" if path.name.endswith(".int8.onnx") else "onnx"
+        threshold = card.onnx.get(role, {}).get("check_threshold")  # int8's own: its activations drift from fp32's
+        if check is not None and threshold is not None:
+            check = dataclasses.replace(check, threshold=float(threshold))
         return load_onnx(path, card, verify_file(path, card, role), check)
     # torch and fastai are imported only to load a fastai model: start-up time
     from .classifier import Classifier

@@ -351,6 +351,7 @@ def finish(learn, config: TrainConfig, df: pd.DataFrame, best_epoch: int | None 
     if hasattr(learn.loss_func, "set_operating_point"):  # fastai's learn.predict then calls as skincancer's does
         learn.loss_func.set_operating_point(learn.dls.vocab, decision["threshold"], decision["calibration"])
     card = model_card(config, df, metrics, best_epoch, decision, learn, processes)
+    assert config.size is not None  # the config is resolved
     files, card = export(learn, config.out, card, df, fit_dermoscopy_check(learn, df, config.size))
     report_file = write_text_atomic(model_files(config.out)["report"], report(card))
     print(summary(config, card, files, report_file))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+import numpy as np
 from PIL import Image
 
 from skincancer.app import analyse, analyse_lesion, markdown_text, side_by_side, verdict
@@ -316,11 +317,27 @@ def test_several_photos_of_a_lesion_in_chromium_are_called_together(chromium, ap
     expect(page.locator("#verdict table")).to_contain_text(original_images[8].name)
 
 
-def test_a_camera_snapshot_in_chromium_is_predicted(chromium, app_url):
+def _expect_refusal(page):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#verdict")).to_contain_text("Not judged: not a dermoscopy photo", timeout=120_000)
+    expect(page.locator("#verdict")).to_contain_text("check score")  # the photo went through the network
+    expect(page.locator("#verdict")).to_contain_text(DISCLAIMER)
+    expect(page.locator("#verdict")).not_to_contain_text("Probability of malignancy")
+
+
+def test_a_camera_snapshot_in_chromium_reaches_the_model_and_a_test_pattern_gets_no_call(chromium, app_url):
     page = _page(chromium, app_url)
     page.get_by_role("tab", name="Camera").click()
     page.locator("#camera button").filter(has_text="Webcam").click()  # Chromium's fake camera: a test pattern
     # capture only once the stream plays: a snapshot taken before is empty
     page.wait_for_function("document.querySelector('#camera video')?.readyState >= 2", timeout=60_000)
     page.locator("#camera button[aria-label='capture photo']").click(timeout=60_000)
-    _expect_result(page)
+    _expect_refusal(page)  # a test pattern is no dermoscopy photo: checked, and no call
+
+
+def test_a_portrait_upload_in_chromium_is_not_judged(chromium, app_url):
+    page = _page(chromium, app_url)
+    portrait = Path(np.__file__).resolve().parents[1] / "matplotlib" / "mpl-data" / "sample_data" / "grace_hopper.jpg"
+    page.locator("#upload input[type=file]").set_input_files(str(portrait))
+    _expect_refusal(page)

@@ -150,8 +150,13 @@ def test_augmentation_benchmark_smoke_times_both_pipelines(ham_dir, tmp_path):
 
 
 def test_views_benchmark_smoke_pairs_every_choice_with_the_models_own_evaluation(ham_dir, tmp_path):
+    import csv
 
-    stdout = smoke("bench_views.py", tmpdir=tmp_path)
+    stdout = smoke("bench_views.py", "--csv", str(tmp_path / "views.csv"), tmpdir=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "views.csv")))
+    assert sum(r["at_test_time"] == "32 px (plain)" for r in rows) == 1 and len(rows) == 5
+    for r in rows:  # one number a cell: each parses as a float, or is empty where the plain row has no difference
+        assert all(v == "" or float(v) == float(v) for k, v in r.items() if k != "at_test_time")
     for split in ("valid", "test"):
         block = stdout.split(f"\n{split} (")[1].split("\n\n")[0]
         recorded = float(re.search(r"AUROC in the model card: ([\d.]+)", block).group(1))
@@ -165,9 +170,17 @@ def test_views_benchmark_smoke_pairs_every_choice_with_the_models_own_evaluation
 def test_ensemble_benchmark_smoke_reproduces_each_card_and_pairs_the_average(ham_dir, tmp_path):
     import json
 
+    import csv
+
     out = tmp_path / "ensemble.json"
-    stdout = smoke("bench_ensemble.py", "--out", str(out), tmpdir=tmp_path)
+    stdout = smoke("bench_ensemble.py", "--out", str(out), "--csv", str(tmp_path / "ensemble.csv"), tmpdir=tmp_path)
     result = json.loads(out.read_text())
+    rows = list(csv.DictReader(open(tmp_path / "ensemble.csv")))
+    assert [r["row"] for r in rows[:5]][2:] == ["average of 2", "average - models' mean", rows[4]["row"]]
+    mean = rows[3]  # the CSV holds the JSON's figures, one number a cell
+    d = result["splits"]["valid"]["paired"]["models' mean"]["auroc"]
+    assert float(mean["auroc"]) == pytest.approx(d["difference"], abs=1e-4)
+    assert float(mean["auroc_ci_low"]) <= float(mean["auroc"]) <= float(mean["auroc_ci_high"])
     assert "average of 2" in stdout and "- models' mean" in stdout
     for split in ("valid", "test"):
         r = result["splits"][split]
@@ -204,3 +217,31 @@ def test_sources_benchmark_smoke_writes_each_runs_rows_from_its_records(ham_dir,
     for r in rows:
         assert float(r["test_auroc_lo"]) <= float(r["test_auroc"]) <= float(r["test_auroc_hi"])
     assert float(rows[1]["threshold"]) <= float(rows[0]["threshold"])  # the margin lowers the threshold
+
+
+def test_check_benchmark_smoke_scores_every_candidate_on_every_set(ham_dir, originals_dir, tmp_path):
+    import csv
+
+    stdout = smoke("bench_check.py", "--data", str(ham_dir), "--originals", str(originals_dir / "images"),
+                   tmpdir=tmp_path)
+    written = re.search(r"wrote (\S+\.csv)", stdout).group(1)
+    rows = list(csv.DictReader(open(written)))
+    assert len(rows) == 9 and sum(r["shipped"] == "True" for r in rows) == 1
+    for r in rows:
+        assert float(r["valid_pass"]) >= 0.97  # each threshold lets 99% of valid through, on a tiny valid split
+        assert 0 <= float(r["measure_refused"]) <= 1 and int(r["measure_photos"]) > 50
+        assert 0 <= float(r["originals_pass"]) <= 1 and int(r["test_photos"]) > 0
+    flat = [r for r in rows if r["score"] == "softmax confidence"][0]
+    # drawn flat colours never reach the network (open_photo refuses them): refused whatever the score
+    assert float(flat["measure_refused"]) >= 6 / int(flat["measure_photos"])
+
+
+def test_serving_benchmark_smoke_writes_one_row_a_model_file(ham_dir, tmp_path):
+    import csv
+
+    smoke("bench_serve.py", "--csv", str(tmp_path / "serve.csv"), tmpdir=tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "serve.csv")))
+    assert [r["file"] for r in rows] == ["pkl", "onnx fp32", "onnx int8"] and rows[0]["vs_pkl"] == "1.0"
+    for r in rows:
+        assert float(r["images_per_s"]) > 0 and float(r["file_mb"]) > 0
+        assert float(r["vs_pkl"]) == pytest.approx(float(r["images_per_s"]) / float(rows[0]["images_per_s"]), abs=0.01)

@@ -3,7 +3,6 @@ fails it gets no call."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -37,15 +36,15 @@ def screenshot(path: Path) -> Path:
     return path
 
 
-def gaussian_features(n: int, dims: int, shift: float = 0.0, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    mix = rng.normal(size=(dims, dims)) / np.sqrt(dims)  # correlated features, as channel statistics are
-    return (rng.normal(size=(n, dims)) + shift) @ (np.eye(dims) + mix)
+def gaussian_features(n: int, dims: int, seed: int = 0) -> np.ndarray:
+    """Correlated features (as channel statistics are), drawn alike for every seed but the rows."""
+    mix = np.random.default_rng(99).normal(size=(dims, dims)) / np.sqrt(dims)
+    return np.random.default_rng(seed).normal(size=(n, dims)) @ (np.eye(dims) + mix)
 
 
 def test_the_threshold_lets_the_validation_share_through_and_far_photos_fail():
     train, valid, new = (gaussian_features(n, 20, seed=s) for n, s in ((2000, 0), (1000, 1), (1000, 2)))
-    far = gaussian_features(200, 20, shift=1.5, seed=3)
+    far = gaussian_features(200, 20, seed=3) + 2.0  # every feature moved by about two of its SDs
     check = fit_check(train, valid, ["a", "b"], [12, 8])
     assert check.passes(check.scores(valid)).mean() == pytest.approx(CHECK_PASS, abs=0.002)
     assert 0.97 <= check.passes(check.scores(new)).mean() <= 1  # photos like the training ones, never seen
@@ -71,8 +70,9 @@ def test_the_taps_are_the_ends_of_the_early_stages_in_the_folded_copy_and_the_ne
     torch.manual_seed(0)
     net = torch.nn.Sequential(create_body(resnet18(), pretrained=False), create_head(512, 2)).eval()
     folded = inference_model(net)
-    names = tap_names(folded, 64)
-    assert names == ["0.4.1.relu", "0.5.1.relu"]  # layer1 and layer2's last blocks: strides 4 and 8
+    assert tap_names(folded, 64) == ["0.2"]  # the stem's ReLU, before the max-pool: stride 2
+    names = tap_names(folded, 64, (4, 8))
+    assert names == ["0.4.1.relu", "0.5.1.relu"]  # layer1's and layer2's last blocks, whose ReLU runs thrice
     x = torch.rand(3, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     stats = []
     for model in (folded, net):
@@ -82,6 +82,12 @@ def test_the_taps_are_the_ends_of_the_early_stages_in_the_folded_copy_and_the_ne
             stats.append(taps.collected())
         assert taps.widths == [128, 256]
     assert stats[0].shape == (3, 384) and np.allclose(stats[0], stats[1], atol=1e-4)
+    with torch.inference_mode():  # the block's output: after the residual sum, not the first ReLU's
+        block = net[0][4][1]
+        expected = block(net[0][4][0](net[0][3](net[0][2](net[0][1](net[0][0](x))))))
+    assert np.allclose(stats[1][:, :64], expected.mean((2, 3)).numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="no layer at stride 128"):
+        tap_names(folded, 64, (128,))
     with pytest.raises(ValueError, match="no module 'nope'"):
         Taps(net, ["nope"])
 
@@ -219,8 +225,21 @@ def test_an_older_onnx_graph_without_the_features_still_serves_unchecked(trained
     card = read_card(trained)
     graph = OnnxGraph(clf.learn.model.float().eval(), card.size, card_stats(card)).eval()  # no taps: as before
     path = tmp_path / "old.onnx"
-    torch.onnx.export(graph, (torch.zeros(1, card.presize, card.presize, 3, dtype=torch.uint8),), str(path),
-                      input_names=["image"], output_names=["probabilities"], dynamo=True,
-                      dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
-    served = load_onnx(path, dataclasses.replace(card), path.read_bytes(), clf.check)
+    program = torch.onnx.export(graph, (torch.zeros(2, card.presize, card.presize, 3, dtype=torch.uint8),),
+                                input_names=["image"], output_names=["probabilities"], dynamo=True,
+                                dynamic_shapes={"image": {0: torch.export.Dim("batch")}})
+    program.save(str(path))
+    served = load_onnx(path, card, path.read_bytes(), clf.check)
     assert served.check is None and served.predict(PORTRAIT)["dermoscopy"] is None
+
+
+def test_the_prediction_figure_of_a_refused_photo_says_why_and_shows_no_call(trained):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from skincancer.plotting import plot_prediction
+
+    fig = plot_prediction(load(trained), PORTRAIT)
+    title = fig._suptitle.get_text()
+    assert title.startswith("Not judged: does not look like a dermoscopy photo") and "not a medical device" in title
+    assert len(fig.axes) == 1  # the photo alone: no map, no probabilities

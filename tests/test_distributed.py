@@ -63,8 +63,8 @@ def test_two_processes_train_and_only_the_main_one_exports(tmp_path, ham_dir):
     assert run.stdout.count("split by lesion") == 1
     assert run.stdout.count("data-parallel on 2 processes: 32 images per process, 64 per step") == 1
     assert run.stdout.count("(the fastai learner)") == 1  # only the main process exports and says so
-    assert sorted(p.name for p in out.parent.iterdir()) == ["ddp.json", "ddp.pkl", "ddp.report.txt", "ddp.safetensors",
-                                                             "ddp.split.csv"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ddp.check.safetensors", "ddp.json", "ddp.pkl",
+                                                             "ddp.report.txt", "ddp.safetensors", "ddp.split.csv"]
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["processes"] == 2 and card["metrics"]["test"]["n"] > 0
 

@@ -148,6 +148,13 @@ def test_tta_through_the_inference_copy_is_fastais(trained, originals_dir, origi
     hook.remove()
     plain, _ = clf.predict_frame(df, bs=5)
     assert sum(batches) == 5 * len(df)  # four augmented passes and a plain one, all through the inference copy
+    # the dermoscopy check is scored on the plain pass of those five, no sixth pass for it
+    batches.clear()
+    hook = clf.model.register_forward_hook(lambda module, args, out: batches.append(len(out)))
+    _, _, tta_scores = clf.predict_checked(df, tta=True, bs=5)
+    hook.remove()
+    assert sum(batches) == 5 * len(df)
+    np.testing.assert_allclose(tta_scores, clf.predict_checked(df, bs=5)[2], rtol=1e-5)
     np.testing.assert_allclose(copy_tta, fastai_tta, atol=1e-5)  # the same augmented views, the same mix
     assert np.abs(copy_tta - plain).max() > 1e-3  # and they were augmented
     assert clf.learn.model is own and clf.model is not own  # the learner has its own network back, for Grad-CAM

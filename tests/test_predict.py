@@ -139,7 +139,8 @@ def test_cli_predict_prints_json_lines_and_fails_on_a_bad_image(trained, origina
     assert [x["image"] for x in lines] == [str(p) for p in original_images[:2]]
     card = json.loads(trained.with_suffix(".json").read_text())
     assert all(set(x) == {"image", "label", "call", "malignant_probability", "threshold", "target_sensitivity",
-                          "probabilities"} for x in lines)
+                          "probabilities", "dermoscopy", "check_score", "check_threshold"} for x in lines)
+    assert all(x["dermoscopy"] is True and x["check_score"] <= x["check_threshold"] for x in lines)
     # each line says where the call was made: the threshold, and the validation sensitivity it was chosen for
     assert all((x["threshold"], x["target_sensitivity"]) == (card["threshold"], 0.9) for x in lines)
     assert all(x["call"] == x["label"] for x in lines)  # binary: the label is the call at the threshold
@@ -188,7 +189,8 @@ def test_cli_predict_as_csv_has_the_json_lines_figures_a_column_per_class(traine
     assert cli.main(["predict", "--model", str(trained), "--format", "csv", *images]) == 1
     table = pd.read_csv(io.StringIO(capsys.readouterr().out), keep_default_na=False)
     assert list(table.columns) == ["image", "call", "label", "malignant_probability", "threshold", "target_sensitivity",
-                                   "probability_benign", "probability_malignant", "error"]
+                                   "probability_benign", "probability_malignant", "dermoscopy", "check_score",
+                                   "check_threshold", "reason", "error"]
     assert list(table["image"]) == images
     for (_, row), line in zip(table.iterrows(), lines):
         if "error" in line:
@@ -251,7 +253,7 @@ def test_cli_predicts_one_lesion_from_its_photos(trained, original_images, capsy
     result = json.loads(line)
     assert result["lesion"] == [str(p) for p in original_images[:2]] and len(result["photos"]) == 2
     assert set(result) == {"lesion", "label", "call", "malignant_probability", "threshold", "target_sensitivity",
-                           "probabilities", "photos"}
+                           "probabilities", "dermoscopy", "photos"}
 
 
 def test_a_photo_too_small_or_flat_gets_no_call_in_a_batch_or_a_lesion(trained, original_images, tmp_path):
