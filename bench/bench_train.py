@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
-from common import SHARED, sync
+from common import SHARED, sync, write_csv
 from fastai.callback.core import Callback
 from fastai.vision.all import (CategoryBlock, ColReader, ColSplitter, DataBlock, ImageBlock, Resize, aug_transforms,
                                resnet50, vision_learner)
@@ -329,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-dir", default=None,
                    help="presize cache, kept (default: a temporary folder, cold for the first run, then removed)")
     p.add_argument("--out", help="append one JSON line per run here")
+    p.add_argument("--csv", help="also write the table here, a row a run (docs/results/*.csv)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run: 200 images, 32 px, 1 epoch")
     p.add_argument("--recipes", nargs="+", metavar="JSONL",
                    help="train nothing: compare the recipes of the ours runs that earlier runs wrote with --out "
@@ -437,7 +438,17 @@ def run_all(args, overrides: dict, workdir: Path, cache_dir: str) -> int:
         summary = report_recipes(ours_runs, ours_preds, lesions)
         if args.out:
             append_line(args.out, {"name": "recipes", **summary})
+    if args.csv and rows:
+        print(f"wrote {write_csv(args.csv, [csv_row(r) for r in rows])}")
     return 0
+
+
+def csv_row(run: dict) -> dict:
+    """A run's table row: its settings and every figure that is one number, a column each."""
+    settings = {f"setting_{k}": v for k, v in run["settings"].items() if isinstance(v, (int, float, str, bool))}
+    figures = {k: round(v, 4) if isinstance(v, float) else v for k, v in run.items()
+               if isinstance(v, (int, float, str, bool)) and v is not None}
+    return {**figures, **settings}
 
 
 def recipes_from_files(files: list[str], data: str) -> int:

@@ -13,14 +13,16 @@ import skincancer  # noqa: E402, F401  (its warning filters, before a bench impo
 
 
 def write_csv(path: str | Path, rows: list[dict]) -> Path:
-    """A bench's measured rows as CSV, one value a cell, written atomically (the columns are the first row's keys)."""
+    """A bench's measured rows as CSV, one value a cell, written atomically (every row's keys, in order of first use;
+    a row without one leaves its cell empty)."""
     import csv
     import io
 
     from skincancer.files import write_text_atomic
 
+    columns = list(dict.fromkeys(k for row in rows for k in row))
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return write_text_atomic(path, text.getvalue())

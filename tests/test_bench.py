@@ -42,6 +42,7 @@ def test_predict_benchmark_smoke_prints_its_figures(ham_dir, tmp_path):
 
 
 def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir, tmp_path):
+    import csv
     import json
 
     import numpy as np
@@ -52,8 +53,14 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     runs = ["seed", "ours", variant, "ours+seed=7", f"{variant}+seed=8"]
     tmp = tmp_path / "tmp"
     tmp.mkdir()
-    stdout = smoke("bench_train.py", "--size", "40", "--runs", ",".join(runs), "--out", str(out), tmpdir=tmp)
+    table = tmp_path / "runs.csv"
+    stdout = smoke("bench_train.py", "--size", "40", "--runs", ",".join(runs), "--out", str(out), "--csv", str(table),
+                   tmpdir=tmp)
     assert not any(tmp.iterdir())  # the split, the cold presize cache and the runs' checkpoints are removed
+
+    written = list(csv.DictReader(open(table)))  # a row a run, one value a cell, as the JSON lines hold them
+    assert [r["name"] for r in written] == runs
+    assert [r["setting_size"] for r in written] == ["40", "40", "48", "40", "48"]
     assert "ratio ours / seed, images/s end to end" in stdout
     assert f"ratio {variant} / ours, images/s end to end" in stdout and "steady" in stdout
     lines = [json.loads(line) for line in out.read_text().splitlines()]
@@ -62,6 +69,8 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
     assert [r["settings"]["size"] for r in rows] == [40, 40, 48, 40, 48]  # --size is all runs', unless a run says
     assert [r["settings"]["wd"] for r in rows[1:]] == [None, 0.1, None, 0.1]
     assert [r["settings"]["seed"] for r in rows[1:]] == [42, 42, 7, 8]
+    for r, w in zip(rows, written):
+        assert float(w["valid_auroc"]) == pytest.approx(r["valid_auroc"], abs=1e-4)
     for r in rows:
         assert r["images_per_s"] > 0 and r["epochs"] == 1 and 0 <= r["valid_auroc"] <= 1
         assert 0 < r["valid_share"] < 1  # validation is timed as part of each epoch
