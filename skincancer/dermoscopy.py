@@ -30,9 +30,9 @@ def split_features(learn, model, taps: Taps, df: pd.DataFrame, bs: int = 64) -> 
 
 
 def fit_dermoscopy_check(learn, df: pd.DataFrame, size: int,
-                         fit_photos: int = CHECK_FIT_PHOTOS) -> tuple[DermoscopyCheck, dict[str, float]]:
-    """The check fitted on (at most `fit_photos` of) the training split, its threshold set on valid; and the share of
-    each held-out split's photos that pass."""
+                         fit_photos: int = CHECK_FIT_PHOTOS) -> tuple[DermoscopyCheck, dict]:
+    """The check fitted on (at most `fit_photos` of) the training split, its threshold set on valid; and what the
+    card says of the fit: the photos it was fitted on and the share of each held-out split's photos that pass."""
     model = inference_model(learn.model)  # the copy prediction runs: the same modules, so the same taps
     taps = Taps(model, tap_names(model, size))
     train = df[df["split"] == "train"]
@@ -46,13 +46,13 @@ def fit_dermoscopy_check(learn, df: pd.DataFrame, size: int,
         raise SkinCancerError("the dermoscopy check needs validation photos to set its threshold")
     check = fit_check(features["train"], features["valid"], taps.names, widths)
     passed = {s: float(check.passes(check.scores(f)).mean()) for s, f in features.items() if s != "train"}
-    return check, passed
+    return check, {"fitted_on": f"{len(train)} photos of the training split", "passed": passed}
 
 
-def check_record(check: DermoscopyCheck, passed: dict[str, float], fit_photos: int, file: Path) -> dict:
-    """The card's `check`: what is scored, the threshold, the photos it was fitted on, what passed, the file."""
-    return {**check.record(), "fitted_on": f"{fit_photos} photos of the training split", "passed": passed,
-            "file": file.name, "sha256": sha256_file(file)}
+def check_record(check: DermoscopyCheck, fit: dict, written: Path, name: str) -> dict:
+    """The card's `check`: what is scored, the threshold, `fit_dermoscopy_check`'s summary, the file `name` and the
+    sha256 of the bytes `written` (its temporary path, before the rename)."""
+    return {**check.record(), **fit, "file": name, "sha256": sha256_file(written)}
 
 
 def write_check(check: DermoscopyCheck, path: Path) -> None:
@@ -69,11 +69,9 @@ def add_check(model_path: str | Path, data: str | Path) -> tuple[ModelCard, Path
     files = model_files(model_path)
     df = read_metadata(data)
     df = df.assign(split=read_split(files["split"], df)).dropna(subset=["split"])
-    check, passed = fit_dermoscopy_check(clf.learn, df, clf.card.size)
-    n_fit = min(CHECK_FIT_PHOTOS, int((df["split"] == "train").sum()))
+    check, fit = fit_dermoscopy_check(clf.learn, df, clf.card.size)
     with atomic_path(files["check"]) as tmp:
         write_check(check, tmp)
-        card = dataclasses.replace(clf.card, check=check_record(check, passed, n_fit, tmp))
-    card.check = {**(card.check or {}), "file": files["check"].name}
+        card = dataclasses.replace(clf.card, check=check_record(check, fit, tmp, files["check"].name))
     write_json_atomic(files["card"], card.to_dict())
     return card, files["check"]

@@ -13,7 +13,7 @@ from fastcore.foundation import L
 
 from .augment import with_fastai_classes
 from .card import ModelCard
-from .check import CHECK_FIT_PHOTOS, DermoscopyCheck
+from .check import DermoscopyCheck
 from .dermoscopy import check_record, write_check
 from .files import atomic_path, model_files, sha256_file, write_json_atomic
 from .rebuild import save_weights
@@ -52,8 +52,7 @@ def export(learn, out: str | Path, card: ModelCard, df: pd.DataFrame,
         record = None
         if check:
             write_check(check[0], tmp["check"])
-            n_fit = min(CHECK_FIT_PHOTOS, int((df["split"] == "train").sum()))
-            record = {**check_record(*check, n_fit, tmp["check"]), "file": paths["check"].name}
+            record = check_record(*check, tmp["check"], paths["check"].name)
         card = dataclasses.replace(card, sha256=sha256_file(tmp["model"]), weights_sha256=sha256_file(tmp["weights"]),
                                    split_sha256=sha256_file(tmp["split"]), check=record,
                                    files={k: paths[k].name for k in roles})
