@@ -54,7 +54,8 @@ def constancy_copy(data: str, out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     (tmp / "images").mkdir()
     for image_id, path in zip(df["image_id"], df["path"]):
-        Image.fromarray(shades_of_gray(np.asarray(open_image(path).convert("RGB")))).save(tmp / "images" / f"{image_id}.png")
+        rgb = np.asarray(open_image(path).convert("RGB"))
+        Image.fromarray(shades_of_gray(rgb)).save(tmp / "images" / f"{image_id}.png")
     df.drop(columns="path").to_csv(tmp / "HAM10000_metadata.csv", index=False)
     (tmp / "COMPLETE").write_text(f"{len(df)} images\n")
     if out.exists():
@@ -82,7 +83,8 @@ def compare(plain: dict, constancy: dict, target: float, n_boot: int) -> list[di
             row.update({f"plain_{stat}": round(s["a"], 4), f"constancy_{stat}": round(s["b"], 4),
                         f"{stat}_difference": round(s["difference"], 4),
                         f"{stat}_difference_lo": round(s["ci"][0], 4), f"{stat}_difference_hi": round(s["ci"][1], 4)})
-        row.update(plain_minutes=round(plain["train_minutes"], 1), constancy_minutes=round(constancy["train_minutes"], 1))
+        row.update(plain_minutes=round(plain["train_minutes"], 1),
+                   constancy_minutes=round(constancy["train_minutes"], 1))
         rows.append(row)
     return rows
 
