@@ -29,7 +29,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from skincancer.config import N_BOOT, TARGET_SENSITIVITY
-from skincancer.data import read_metadata
+from skincancer.data import add_labels, read_metadata, sample_by_label
 from skincancer.images import open_image
 from skincancer.metrics import paired_bootstrap
 
@@ -45,12 +45,15 @@ def shades_of_gray(rgb: np.ndarray, p: int = NORM) -> np.ndarray:
     return np.clip(x / (illuminant * np.sqrt(3) + 1e-12), 0, 255).round().astype(np.uint8)
 
 
-def constancy_copy(data: str, out: Path) -> Path:
-    """The shades-of-gray copy of a data folder (its images as PNG, its metadata), written once, complete or absent."""
+def constancy_copy(data: str, out: Path, limit: int | None = None, seed: int = 42) -> Path:
+    """The shades-of-gray copy of a data folder (its images as PNG, its metadata), written once, complete or absent;
+    only the photos a `limit`-sized run trains on where one is given."""
     done = out / "COMPLETE"
     if done.is_file():
         return out
     df = read_metadata(data)
+    if limit:
+        df = sample_by_label(add_labels(df, "binary"), limit, seed=seed).drop(columns="label")
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     (tmp / "images").mkdir()
     for image_id, path in zip(df["image_id"], df["path"]):
@@ -112,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                          arch="resnet18", cache_dir=str(workdir / "cache"))
         args.jsonl, args.csv, args.copy, n_boot = (str(workdir / "runs.jsonl"), str(workdir / "runs.csv"),
                                                    str(workdir / "copy"), 50)
-    copy = constancy_copy(args.data, Path(args.copy))
+    copy = constancy_copy(args.data, Path(args.copy), overrides.get("limit"), args.seed)
     jsonl = Path(args.jsonl)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
     recorded = {r["run"]: r for r in read_records(jsonl)}

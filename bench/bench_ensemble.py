@@ -25,6 +25,7 @@ import numpy as np
 
 from common import SHARED, write_csv
 
+from skincancer.config import N_BOOT
 from skincancer.data import lesion_groups, read_metadata, read_split
 from skincancer.files import model_files, write_json_atomic
 from skincancer.metrics import call_statistics, choose_threshold, malignant_scores, paired_bootstrap
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", type=Path, nargs="+", help="two or more exported models trained on one split")
     p.add_argument("--data", default=str(SHARED / "ham10000_200x150"), help="the data set the models were trained on")
-    p.add_argument("--bootstrap", type=int, default=1000, help="replicates for the paired intervals")
+    p.add_argument("--bootstrap", type=int, default=N_BOOT, help="replicates for the paired intervals")
     p.add_argument("--smoke", action="store_true", help="two throwaway 32 px models, 100 bootstrap replicates")
     p.add_argument("--out", type=Path, help="also write the figures here as JSON")
     p.add_argument("--csv", type=Path, help="also write the table here (docs/results/ensemble_*.csv)")

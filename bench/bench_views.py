@@ -28,6 +28,7 @@ from common import SHARED, write_csv
 from fastai.torch_core import set_seed
 
 from skincancer.classifier import lent_model
+from skincancer.config import N_BOOT
 from skincancer.data import add_labels, lesion_groups, read_metadata, read_split
 from skincancer.datablock import make_datablock
 from skincancer.files import model_files
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", help="comma-separated test-time sizes (default: 7/8, 1, 9/8 and 5/4 of the training "
                    "size, in multiples of 8)")
     p.add_argument("--bs", type=int, default=64)
-    p.add_argument("--bootstrap", type=int, default=1000, help="replicates for the paired intervals")
+    p.add_argument("--bootstrap", type=int, default=N_BOOT, help="replicates for the paired intervals")
     p.add_argument("--csv", type=Path, help="also write the table here (docs/results/test_time_*.csv)")
     p.add_argument("--smoke", action="store_true", help="a throwaway 32 px model, 100 bootstrap replicates")
     args = p.parse_args(argv)

@@ -254,3 +254,70 @@ def test_serving_benchmark_smoke_writes_one_row_a_model_file(ham_dir, tmp_path):
     for r in rows:
         assert float(r["images_per_s"]) > 0 and float(r["file_mb"]) > 0
         assert float(r["vs_pkl"]) == pytest.approx(float(r["images_per_s"]) / float(rows[0]["images_per_s"]), abs=0.01)
+
+
+def _bench_module(name: str):
+    """A benchmark script imported in this process (its folder on the path for `common` and its siblings)."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
+def test_shades_of_gray_divides_out_a_colour_cast_and_copies_a_set_once(originals_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from skincancer.data import read_metadata
+
+    bench = _bench_module("bench_constancy")
+    rng = np.random.default_rng(0)
+    scene = rng.integers(40, 200, (30, 40, 1)).repeat(3, axis=2).astype(np.float64)
+    cast = (scene * [1.0, 0.7, 0.5]).astype(np.uint8)  # a warm lamp
+    fixed = bench.shades_of_gray(cast).astype(np.float64)
+    norms = np.power(np.mean(np.power(fixed, bench.NORM), axis=(0, 1)), 1 / bench.NORM)
+    assert norms.max() / norms.min() < 1.02 < (cast.astype(float)[..., 0].mean() / cast[..., 2].mean())
+    grey = scene.astype(np.uint8)
+    assert np.abs(bench.shades_of_gray(grey).astype(int) - grey).max() <= 1  # white light: nothing to divide out
+
+    out = bench.constancy_copy(str(originals_dir), tmp_path / "copy")
+    before, after = read_metadata(originals_dir), read_metadata(out)
+    assert after[["image_id", "lesion_id", "dx"]].equals(before[["image_id", "lesion_id", "dx"]])
+    first = Path(after["path"].iloc[0])
+    assert first.suffix == ".png" and Image.open(first).size == Image.open(before["path"].iloc[0]).size
+    stamp = first.stat().st_mtime_ns
+    assert bench.constancy_copy(str(originals_dir), out) == out and first.stat().st_mtime_ns == stamp  # written once
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no temporary folder left
+
+
+def test_constancy_comparison_pairs_the_arms_on_one_split():
+    import numpy as np
+
+    bench = _bench_module("bench_constancy")
+    rng = np.random.default_rng(1)
+    lesions = [f"L{i // 2}" for i in range(400)]
+    truth = [int(i // 2 % 5 == 0) for i in range(400)]
+
+    def record(arm: str, skill: float) -> dict:
+        def split() -> dict:
+            p = 1 / (1 + np.exp(-(skill * (np.array(truth) - 0.5) + rng.normal(0, 1, 400))))
+            return {"truth": truth, "p": p.tolist(), "lesion": lesions}
+        return {"run": f"{arm}:heldout:rosendahl:seed42", "seed": 42, "train_minutes": 1.0,
+                "valid": split(), "test": split()}
+
+    plain, constancy = record("plain", 1.0), record("constancy", 3.0)
+    rows = bench.compare(plain, constancy, 0.9, n_boot=200)
+    assert [r["rule"] for r in rows] == ["plain", "confident"] and rows[0]["source"] == "rosendahl"
+    for r in rows:
+        assert abs(r["auroc_difference"] - (r["constancy_auroc"] - r["plain_auroc"])) < 1e-3
+        assert r["auroc_difference_lo"] <= r["auroc_difference"] <= r["auroc_difference_hi"]
+    assert rows[0]["auroc_difference_lo"] > 0  # the sharper arm is better beyond its interval
+    constancy["test"] = {**constancy["test"], "lesion": lesions[::-1]}
+    with pytest.raises(SystemExit, match="different photos"):
+        bench.compare(plain, constancy, 0.9, n_boot=200)
