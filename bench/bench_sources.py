@@ -137,10 +137,25 @@ def print_table(table: list[dict]) -> None:
               f"{r['test_auroc']:.3f} ({r['test_auroc_lo']:.3f}-{r['test_auroc_hi']:.3f})    "
               f"{r['sensitivity']:.3f} ({r['sensitivity_lo']:.3f}-{r['sensitivity_hi']:.3f})    "
               f"{r['specificity']:>8.3f}")
-    standard = [r["test_auroc"] for r in table if r["split"] == STANDARD and r["rule"] == RULES[0]]
-    if len(standard) > 1:
-        print(f"standard recipe over {len(standard)} seeds: test AUROC {np.mean(standard):.3f} ± "
-              f"{np.std(standard, ddof=1):.3f} (mean ± SD)")
+    for rule, figures in spread(table).items():
+        trainings = figures.pop("trainings")
+        print(f"standard recipe over {trainings} seeds, {rule} threshold (mean ± SD): " + ", ".join(
+            f"{k.replace('_', ' ')} {m:.3f} ± {sd:.3f}" for k, (m, sd) in figures.items()))
+
+
+def spread(table: list[dict]) -> dict[str, dict]:
+    """Per threshold rule, the standard recipe's test figures as (mean, SD) over its seeds, where it has several."""
+    out = {}
+    for rule in RULES:
+        runs = [r for r in table if r["split"] == STANDARD and r["rule"] == rule]
+        if len(runs) < 2:
+            continue
+        figures: dict = {"trainings": len(runs)}
+        for key in ("test_auroc", "sensitivity", "specificity", "balanced_accuracy"):
+            values = [(r["sensitivity"] + r["specificity"]) / 2 if key == "balanced_accuracy" else r[key] for r in runs]
+            figures[key] = (float(np.mean(values)), float(np.std(values, ddof=1)))
+        out[rule] = figures
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -321,3 +321,34 @@ def test_constancy_comparison_pairs_the_arms_on_one_split():
     constancy["test"] = {**constancy["test"], "lesion": lesions[::-1]}
     with pytest.raises(SystemExit, match="different photos"):
         bench.compare(plain, constancy, 0.9, n_boot=200)
+
+
+def test_sources_report_gives_the_standard_recipes_spread_across_seeds(tmp_path, capsys):
+    import csv
+    import json
+
+    import numpy as np
+
+    bench = _bench_module("bench_sources")
+    rng = np.random.default_rng(2)
+    truth = [int(i % 4 == 0) for i in range(200)]
+    lesions = [f"L{i}" for i in range(200)]
+
+    def split(noise: float) -> dict:
+        p = 1 / (1 + np.exp(-(2 * (np.array(truth) - 0.5) + rng.normal(0, noise, 200))))
+        return {"truth": truth, "p": p.tolist(), "lesion": lesions}
+
+    runs = tmp_path / "runs.jsonl"
+    seeds = ((42, 0.8), (1, 1.0), (2, 1.4))  # each training its own test noise: three different figures
+    runs.write_text("".join(json.dumps({"run": f"standard:all:seed{seed}", "recipe": "cpu", "seed": seed,
+                                        "train_minutes": 28.0, "train_images": 7000, "valid": split(1.0),
+                                        "test": split(noise)}) + "\n" for seed, noise in seeds))
+    bench.main(["--report", str(runs), "--csv", str(tmp_path / "runs.csv")])
+    rows = list(csv.DictReader(open(tmp_path / "runs.csv")))
+    plain = [float(r["test_auroc"]) for r in rows if r["rule"] == "plain"]
+    assert len(plain) == 3 and len(set(plain)) == 3
+    printed = capsys.readouterr().out
+    expected = f"test auroc {np.mean(plain):.3f} ± {np.std(plain, ddof=1):.3f}"
+    assert f"standard recipe over 3 seeds, plain threshold (mean ± SD): {expected}" in printed
+    sens = [float(r["sensitivity"]) for r in rows if r["rule"] == "confident"]
+    assert f"sensitivity {np.mean(sens):.3f} ± {np.std(sens, ddof=1):.3f}" in printed.split("confident threshold")[1]
