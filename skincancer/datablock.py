@@ -54,8 +54,8 @@ def make_dataloaders(df: pd.DataFrame, task: str = "binary", size: int = 224, bs
                      stats: Stats = IMAGENET_STATS):
     """DataLoaders on the train and valid splits of `df`; with `sampler`, training batches are class-balanced.
 
-    With `cache` (True, or a folder), train and valid read a presized uint8 array (see skincancer.presize)
-    instead of decoding files, kept on the GPU when there is one; `test_dl` and exported learners read files.
+    With `cache` (True, or a folder), train and valid read a presized uint8 array of all of `df`'s images (see
+    skincancer.presize) instead of decoding files, kept on the GPU when there is one; `test_dl` and exported learners read files.
     """
     missing = [c for c in ("path", "label", "split") if c not in df.columns]
     if missing:
@@ -76,8 +76,9 @@ def make_dataloaders(df: pd.DataFrame, task: str = "binary", size: int = 224, bs
     else:
         dls = dblock.dataloaders(items, **kwargs)
     if cache:
-        # one cache for train and valid, in path order: another seed's split of the same images reuses it
-        paths = pd.Index(sorted(set(items["path"].astype(str))))
+        # one cache for every image of the frame, test included, in path order: another seed's split or another
+        # held-out source reuses it instead of writing one more copy of the data set
+        paths = pd.Index(sorted(set(df["path"].astype(str))))
         images = presized_images(paths, presize, None if cache is True else cache)
         rows = paths.get_indexer(items["path"].astype(str))
         targets = np.array([dls.vocab.o2i[lbl] for lbl in items["label"]])

@@ -52,6 +52,20 @@ def test_cached_batches_are_the_datablock_batches(small_df, tmp_path):
                           np.sort([int(y) for _, y in plain.train_ds]))
 
 
+def test_another_split_of_the_same_images_reuses_the_one_cache(small_df, tmp_path):
+    make_dataloaders(small_df, size=48, bs=16, cache=tmp_path)
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 1
+    # test and train trade places (as another seed or held-out source would): no second copy of the data
+    swapped = small_df.assign(split=small_df["split"].replace({"test": "train", "train": "test"}))
+    dls = make_dataloaders(swapped, size=48, bs=16, cache=tmp_path)
+    assert sorted(tmp_path.iterdir()) == files
+    assert len(dls.train.targets) == (swapped["split"] == "train").sum()
+    plain = make_dataloaders(swapped, size=48, bs=16, num_workers=0)
+    for (xp, _), (xc, _) in zip(plain.valid, dls.valid):
+        assert torch.allclose(xp, xc, atol=1e-6)
+
+
 def test_loaders_built_from_the_cache_read_files_and_pickle_without_it(small_df, tmp_path):
     dls = make_dataloaders(small_df, size=48, bs=16, cache=tmp_path)
     test_dl = dls.test_dl(list(small_df["path"][:3]))
