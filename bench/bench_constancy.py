@@ -2,16 +2,16 @@
 on the photos as they are and on their shades-of-gray copies, paired on the held-out source's photos.
 
     python bench/bench_constancy.py --data DIR --weights LITE0_FILE --baseline reports/bench_sources.jsonl
-    python bench/bench_constancy.py --smoke          # seconds on a CPU; CI runs it
+    python bench/bench_constancy.py --smoke          # a tiny pair of trainings: about a minute on a CPU
 
 Shades of gray (Finlayson and Trezzi, 2004; used by the ISIC 2018-2019 winners) estimates each photo's illuminant as
 the Minkowski p-norm (p = 6) of each colour channel and divides it out, so that every photo looks lit by white light:
 a different lamp or camera white balance at a new clinic then matters less. The copy is written once (PNG, no second
 JPEG loss) beside the metadata; each arm is the recipe trained alike on the same lesion split (the split depends on
 the metadata alone). `--baseline` reuses a held-out run bench_sources already recorded instead of training it again.
-The CSV holds, per threshold rule, each arm's held-out AUROC, sensitivity and specificity at the threshold the rule
-chose on valid, and constancy minus plain with its 95% interval over resampled lesions (`paired_bootstrap`). Valid
-chooses; the held-out source only measures.
+The CSV holds, per source recorded in both arms and per threshold rule, each arm's held-out AUROC, sensitivity and
+specificity at the threshold the rule chose on valid, and constancy minus plain with its 95% interval over resampled
+lesions (`paired_bootstrap`). Valid chooses; the held-out source only measures.
 """
 
 from __future__ import annotations
@@ -92,6 +92,13 @@ def compare(plain: dict, constancy: dict, target: float, n_boot: int) -> list[di
     return rows
 
 
+def paired_rows(recorded: dict[str, dict], target: float, n_boot: int) -> list[dict]:
+    """`compare` for every held-out run recorded in both arms, in the order they were recorded."""
+    pairs = [run.partition(":")[2] for run in recorded if run.startswith("plain:")]
+    return [row for key in pairs if f"constancy:{key}" in recorded
+            for row in compare(recorded[f"plain:{key}"], recorded[f"constancy:{key}"], target, n_boot)]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Write the copy, train the arms not yet recorded, then write and print the paired comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -137,10 +144,10 @@ def main(argv: list[str] | None = None) -> None:
         recorded[name] = {**record, "run": name}
         with open(jsonl, "a", encoding="utf-8") as f:
             f.write(json.dumps(recorded[name]) + "\n")
-    rows = compare(*(recorded[f"{arm}:{heldout}"] for arm in ARMS), TARGET_SENSITIVITY, n_boot)
+    rows = paired_rows(recorded, TARGET_SENSITIVITY, n_boot)
     write_csv(args.csv, rows)
     for r in rows:
-        print(f"{r['rule']:<10} AUROC {r['plain_auroc']:.3f} -> {r['constancy_auroc']:.3f} "
+        print(f"{r['source']:<13} {r['rule']:<10} AUROC {r['plain_auroc']:.3f} -> {r['constancy_auroc']:.3f} "
               f"({r['auroc_difference']:+.3f}, {r['auroc_difference_lo']:+.3f} to {r['auroc_difference_hi']:+.3f})  "
               f"sensitivity {r['plain_sensitivity']:.3f} -> {r['constancy_sensitivity']:.3f}  "
               f"specificity {r['plain_specificity']:.3f} -> {r['constancy_specificity']:.3f}")

@@ -318,6 +318,14 @@ def test_constancy_comparison_pairs_the_arms_on_one_split():
         assert abs(r["auroc_difference"] - (r["constancy_auroc"] - r["plain_auroc"])) < 1e-3
         assert r["auroc_difference_lo"] <= r["auroc_difference"] <= r["auroc_difference_hi"]
     assert rows[0]["auroc_difference_lo"] > 0  # the sharper arm is better beyond its interval
+    # the CSV pairs every source recorded in both arms, and leaves out one trained in a single arm
+    other = {r["run"].replace("rosendahl", "vidir_modern"): {**r, "run": r["run"].replace("rosendahl", "vidir_modern")}
+             for r in (plain, constancy)}
+    lone = {**plain, "run": "plain:heldout:vienna_dias:seed42"}
+    recorded = {r["run"]: r for r in (plain, constancy, *other.values(), lone)}
+    paired = bench.paired_rows(recorded, 0.9, n_boot=50)
+    assert [(r["source"], r["rule"]) for r in paired] == [(s, rule) for s in ("rosendahl", "vidir_modern")
+                                                          for rule in ("plain", "confident")]
     constancy["test"] = {**constancy["test"], "lesion": lesions[::-1]}
     with pytest.raises(SystemExit, match="different photos"):
         bench.compare(plain, constancy, 0.9, n_boot=200)
