@@ -55,7 +55,8 @@ def make_dataloaders(df: pd.DataFrame, task: str = "binary", size: int = 224, bs
     """DataLoaders on the train and valid splits of `df`; with `sampler`, training batches are class-balanced.
 
     With `cache` (True, or a folder), train and valid read a presized uint8 array of all of `df`'s images (see
-    skincancer.presize) instead of decoding files, kept on the GPU when there is one; `test_dl` and exported learners read files.
+    skincancer.presize) instead of decoding files, kept on the GPU when there is one; `test_dl` and exported learners
+    read files.
     """
     missing = [c for c in ("path", "label", "split") if c not in df.columns]
     if missing:
