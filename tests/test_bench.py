@@ -131,23 +131,30 @@ def test_training_benchmark_smoke_runs_both_recipes_and_prints_the_ratio(ham_dir
         recipes_cli("--data", str(ham_dir), "--recipes", str(first))
 
 
+def _bench_module(name: str):
+    """A benchmark script imported in this process (its folder on the path for `common` and its siblings)."""
+    import importlib.util
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return module
+
+
 def recipes_cli(*args: str) -> dict:
     """bench_train.py --recipes in this process: the summary it printed as JSON."""
     import contextlib
-    import importlib.util
     import io
     import json
 
-    spec = importlib.util.spec_from_file_location("bench_train", ROOT / "bench" / "bench_train.py")
-    bench = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(ROOT / "bench"))  # for its `common`
-    try:
-        spec.loader.exec_module(bench)
-        stdout = io.StringIO()
-        with contextlib.redirect_stdout(stdout):
-            assert bench.main(list(args)) == 0
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
+    bench = _bench_module("bench_train")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert bench.main(list(args)) == 0
     return json.loads(stdout.getvalue().splitlines()[-1])["recipes"]
 
 
@@ -254,20 +261,6 @@ def test_serving_benchmark_smoke_writes_one_row_a_model_file(ham_dir, tmp_path):
     for r in rows:
         assert float(r["images_per_s"]) > 0 and float(r["file_mb"]) > 0
         assert float(r["vs_pkl"]) == pytest.approx(float(r["images_per_s"]) / float(rows[0]["images_per_s"]), abs=0.01)
-
-
-def _bench_module(name: str):
-    """A benchmark script imported in this process (its folder on the path for `common` and its siblings)."""
-    import importlib.util
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return module
 
 
 def test_shades_of_gray_divides_out_a_colour_cast_and_copies_a_set_once(originals_dir, tmp_path):
